@@ -1,0 +1,1 @@
+"""Tandem: a pipeline- and tensor-parallel LLM inference engine."""
