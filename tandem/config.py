@@ -1,0 +1,212 @@
+"""Configuration: `ModelConfig` (the text model's shape, read from a checkpoint's config.json through
+transformers) and `EngineArgs` (every engine setting in one dataclass; CLI flags are derived from it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tandem.errors import CheckpointError, ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder-only text model, normalised across families."""
+
+    architecture: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    hidden_act: str
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_parameters: dict
+    partial_rotary_factor: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    attn_output_gate: bool
+    layer_types: tuple[str, ...]
+    # Gated DeltaNet (Qwen3.5 linear attention)
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    # Mixture of experts
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[bool, ...] = ()
+    # checkpoint layout
+    weight_prefix: str = "model."
+    multimodal: bool = False
+    mtp_num_hidden_layers: int = 0
+    checkpoint_dtype: torch.dtype = torch.float32
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    hf_config: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer_idx]
+
+    @classmethod
+    def from_hf(cls, model_path: str | os.PathLike) -> "ModelConfig":
+        path = Path(model_path)
+        config_file = path / "config.json" if path.is_dir() else path
+        if not config_file.is_file():
+            raise CheckpointError(f"no config.json found at {path}: expected a Hugging Face checkpoint directory")
+        raw = json.loads(config_file.read_text())
+        architectures = raw.get("architectures") or []
+        if not architectures:
+            raise ConfigError(f"{config_file} has no 'architectures' entry; cannot tell which model to build")
+        from tandem.models.registry import check_supported
+
+        architecture = check_supported(architectures[0])
+        from transformers import AutoConfig
+
+        hf_full = AutoConfig.from_pretrained(str(config_file.parent), trust_remote_code=False)
+        multimodal = "text_config" in raw
+        hf = hf_full.get_text_config() if multimodal else hf_full
+        return cls._from_text_config(architecture, hf, raw, multimodal)
+
+    @classmethod
+    def _from_text_config(cls, architecture: str, hf: Any, raw: dict, multimodal: bool) -> "ModelConfig":
+        get = lambda key, default=None: getattr(hf, key, default) if getattr(hf, key, None) is not None else default
+        num_layers = hf.num_hidden_layers
+        num_heads = hf.num_attention_heads
+        head_dim = get("head_dim") or hf.hidden_size // num_heads
+        rope = dict(get("rope_parameters") or {})
+        rope.setdefault("rope_type", "default")
+        rope.setdefault("rope_theta", get("rope_theta", 10000.0))
+        partial = rope.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))
+        model_type = hf.model_type
+        is_qwen35 = model_type.startswith("qwen3_5")
+        layer_types = tuple(get("layer_types") or ["full_attention"] * num_layers)
+        if len(layer_types) != num_layers:
+            raise ConfigError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+        num_experts = get("num_experts", 0) or 0
+        moe_layers: tuple[bool, ...] = ()
+        if num_experts:
+            step = get("decoder_sparse_step", 1) or 1
+            mlp_only = set(get("mlp_only_layers", []) or [])
+            moe_layers = tuple(i not in mlp_only and (i + 1) % step == 0 for i in range(num_layers))
+        eos = get("eos_token_id")
+        eos_ids = tuple(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+        text_raw = raw.get("text_config", raw)
+        dtype_name = text_raw.get("dtype") or text_raw.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
+        return cls(
+            architecture=architecture,
+            model_type=model_type,
+            hidden_size=hf.hidden_size,
+            num_layers=num_layers,
+            vocab_size=hf.vocab_size,
+            num_heads=num_heads,
+            num_kv_heads=get("num_key_value_heads", num_heads),
+            head_dim=head_dim,
+            intermediate_size=get("intermediate_size", 0),
+            rms_norm_eps=get("rms_norm_eps", 1e-6),
+            hidden_act=get("hidden_act", "silu"),
+            max_position_embeddings=get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", get("tie_word_embeddings", False))),
+            rope_parameters=rope,
+            partial_rotary_factor=float(partial),
+            qkv_bias=bool(get("attention_bias", False) or get("qkv_bias", False) or model_type == "qwen2"),
+            o_bias=bool(get("attention_bias", False)) and model_type in ("llama",),
+            mlp_bias=bool(get("mlp_bias", False)),
+            qk_norm=model_type in ("qwen3", "qwen3_moe") or is_qwen35,
+            attn_output_gate=is_qwen35 and bool(get("attn_output_gate", True)),
+            layer_types=layer_types,
+            linear_num_key_heads=get("linear_num_key_heads", 0),
+            linear_num_value_heads=get("linear_num_value_heads", 0),
+            linear_key_head_dim=get("linear_key_head_dim", 0),
+            linear_value_head_dim=get("linear_value_head_dim", 0),
+            linear_conv_kernel_dim=get("linear_conv_kernel_dim", 0),
+            num_experts=num_experts,
+            num_experts_per_tok=get("num_experts_per_tok", 0) or 0,
+            moe_intermediate_size=get("moe_intermediate_size", 0) or 0,
+            shared_expert_intermediate_size=get("shared_expert_intermediate_size", 0) or 0,
+            # Qwen3.5-MoE always renormalises the top-k weights (it has no such flag).
+            norm_topk_prob=bool(get("norm_topk_prob", True)) if not is_qwen35 else True,
+            moe_layers=moe_layers,
+            weight_prefix="model.language_model." if multimodal else "model.",
+            multimodal=multimodal,
+            mtp_num_hidden_layers=get("mtp_num_hidden_layers", 0) or 0,
+            checkpoint_dtype=parse_dtype(str(dtype_name)) if dtype_name else torch.float32,
+            eos_token_ids=eos_ids,
+            bos_token_id=get("bos_token_id"),
+            hf_config=hf,
+        )
+
+
+@dataclass
+class EngineArgs:
+    """Every engine setting. `tandem serve/generate` flags are generated from these fields."""
+
+    model_path: str
+    tp_size: int = 1
+    pp_size: int = 1
+    dtype: str = "auto"
+    device: str = "cpu"
+    pp_layer_partition: str | list[int] | None = None
+    context_length: int | None = None
+    max_running_requests: int = 16
+    chunked_prefill_size: int = 512
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
+    seed: int = 0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("tp_size", "pp_size", "nnodes", "max_running_requests", "chunked_prefill_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if self.world_size % self.nnodes:
+            raise ConfigError(f"tp_size*pp_size={self.world_size} is not divisible by nnodes={self.nnodes}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
+        return model_config.checkpoint_dtype if self.dtype == "auto" else parse_dtype(self.dtype)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

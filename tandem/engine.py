@@ -1,0 +1,149 @@
+"""`Engine`: the offline API. It validates the model and the partition, starts the ranks (in-process for
+one rank, one process per rank otherwise), tokenizes, schedules and runs requests to completion."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tandem.config import EngineArgs, ModelConfig
+from tandem.errors import ConfigError
+from tandem.loader import checkpoint_weight_map
+from tandem.parallel.partition import resolve_partition
+from tandem.runtime.sampler import SamplingParams
+from tandem.runtime.scheduler import Request, Scheduler
+
+logger = logging.getLogger("tandem")
+
+
+def load_tokenizer(model_path: str):
+    path = Path(model_path)
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def resolve_engine_partition(args: EngineArgs, model_config: ModelConfig) -> list[int]:
+    def auto(kind: str) -> list[int]:
+        from tandem.planner import auto_partition
+
+        return auto_partition(model_config, args, kind)
+
+    return resolve_partition(args.pp_layer_partition, model_config.num_layers, args.pp_size, auto)
+
+
+class Engine:
+    def __init__(self, model_path, tp_size: int = 1, pp_size: int = 1, dtype: str = "auto", device: str = "cpu",
+                 pp_layer_partition=None, progress: bool = True, **kwargs):
+        self.args = EngineArgs(model_path=str(model_path), tp_size=tp_size, pp_size=pp_size, dtype=dtype,
+                               device=device, pp_layer_partition=pp_layer_partition, **kwargs)
+        self.model_config = ModelConfig.from_hf(model_path)
+        self.partition = resolve_engine_partition(self.args, self.model_config)
+        checkpoint_weight_map(model_path)  # fail before starting anything if there is no checkpoint
+        self.tokenizer = load_tokenizer(self.args.model_path)
+        self.executor = None
+        if self.args.world_size == 1:
+            from tandem.executor import LocalExecutor
+
+            self.executor = LocalExecutor(self.args, self.model_config, self.partition, progress)
+        else:
+            from tandem.distributed import ProcessExecutor
+
+            self.executor = ProcessExecutor(self.args, self.model_config, self.partition)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+        self.scheduler = Scheduler(self.executor.num_slots, self.executor.max_len, self.args.chunked_prefill_size,
+                                   self.eos_token_ids, self.decode if self.tokenizer is not None else None)
+
+    # ---- public API ----------------------------------------------------------------------------
+    def generate(self, prompt=None, input_ids=None, sampling_params=None, return_logprob: bool = False,
+                 logprob_start_len: int = -1) -> list[dict]:
+        """Generate for one or many prompts (text or token ids). Returns one dict per prompt."""
+        prompts = self._prompt_ids(prompt, input_ids)
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ConfigError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params = [SamplingParams.from_dict(p) for p in sampling_params]
+        else:
+            params = [SamplingParams.from_dict(sampling_params)] * len(prompts)
+        reqs = [Request(ids, p, return_logprob=return_logprob, input_logprobs_wanted=return_logprob and logprob_start_len >= 0)
+                for ids, p in zip(prompts, params)]
+        for req in reqs:
+            self.scheduler.validate(req)
+        for req in reqs:
+            self.scheduler.add(req)
+        self.run_until_idle()
+        return [self._result(req, return_logprob, logprob_start_len) for req in reqs]
+
+    def run_until_idle(self) -> None:
+        while self.scheduler.has_work:
+            planned = self.scheduler.next_step()
+            if planned is None:
+                break
+            step, reqs = planned
+            self.scheduler.process(step, reqs, self.executor.execute(step))
+
+    def stage_report(self) -> list[dict]:
+        return self.executor.reports()
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt, input_ids) -> list[list[int]]:
+        if (prompt is None) == (input_ids is None):
+            raise ConfigError("pass exactly one of prompt= or input_ids=")
+        if input_ids is not None:
+            if input_ids and isinstance(input_ids[0], int):
+                input_ids = [input_ids]
+            vocab = self.model_config.vocab_size
+            for ids in input_ids:
+                bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+                if bad:
+                    raise ConfigError(f"input_ids contain {bad[0]!r}, which is not a token id in [0, {vocab})")
+            return [list(ids) for ids in input_ids]
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.args.model_path} has no tokenizer: pass input_ids instead of prompt")
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return [self.tokenizer.encode(text) for text in texts]
+
+    def _result(self, req: Request, return_logprob: bool, logprob_start_len: int) -> dict:
+        meta = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
+                "finish_reason": req.finish_reason}
+        if return_logprob:
+            meta["output_token_logprobs"] = list(zip(req.output_logprobs, req.output_ids))
+            if logprob_start_len >= 0:
+                start = max(logprob_start_len, 1)
+                meta["input_token_logprobs"] = list(zip(req.input_logprobs[start - 1:], req.prompt_ids[start:]))
+        out = {"output_ids": list(req.output_ids), "meta_info": meta}
+        if self.tokenizer is not None:
+            out["text"] = self.text_of(req)
+        return out
+
+    def text_of(self, req: Request) -> str:
+        text = self.decode(req.output_ids)
+        reason = req.finish_reason or {}
+        if isinstance(reason.get("matched"), str):
+            text = text[: text.find(reason["matched"])]
+        return text

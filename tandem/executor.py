@@ -1,0 +1,26 @@
+"""Executors run steps on the ranks. `LocalExecutor` is the single-process world (tp=pp=1, in the
+caller's process); `tandem.distributed.ProcessExecutor` starts one process per rank."""
+
+from __future__ import annotations
+
+from tandem.config import EngineArgs, ModelConfig
+from tandem.parallel.state import set_partition, set_single_process
+from tandem.runtime.model_runner import ModelRunner, StepInput, StepOutput
+
+
+class LocalExecutor:
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, partition: list[int], progress: bool = True):
+        set_single_process()
+        set_partition(partition)
+        self.runner = ModelRunner(args, model_config, progress=progress)
+        self.num_slots = self.runner.num_slots
+        self.max_len = self.runner.max_len
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.runner.execute(step)
+
+    def reports(self) -> list[dict]:
+        return [self.runner.report()]
+
+    def shutdown(self) -> None:
+        self.runner = None

@@ -1,0 +1,108 @@
+"""Qwen3.5's Gated DeltaNet layer (linear attention), tensor-parallel by heads.
+
+q/k/v channels of `in_proj_qkv` and of the depthwise `conv1d` are split per part (q, k, v) so that every
+rank keeps whole key heads and the value heads they serve; `A_log`, `dt_bias`, `in_proj_a/b` and `in_proj_z`
+split by value heads; `out_proj` is row-parallel. Per-request conv and recurrent states live in the stage's
+state pool (float32 recurrent state)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tandem.layers.gated_delta_rule import (causal_conv1d_decode, causal_conv1d_prefill, chunk_gated_delta_rule,
+                                            recurrent_gated_delta_rule_step)
+from tandem.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear, divide
+from tandem.layers.norm import GatedRMSNorm
+from tandem.layers.weights import new_param, sharded_loader
+from tandem.parallel.state import get_tp
+from tandem.runtime.batch import ForwardBatch
+
+
+class ParallelDepthwiseConv1d(MergedColumnParallelLinear):
+    """conv1d.weight [channels, 1, K] whose channels are the q, k, v parts, each split across TP ranks."""
+
+    def __init__(self, part_sizes: list[int], kernel_size: int):
+        nn.Module.__init__(self)
+        tp = get_tp()
+        self.full_sizes = list(part_sizes)
+        self.local_sizes = [divide(size, tp.size, "conv channels") for size in part_sizes]
+        self.weight = new_param(sum(self.local_sizes), 1, kernel_size, weight_loader=self._load,
+                                shard_ids=tuple(range(len(part_sizes))))
+        self.bias = None
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        tp = get_tp()
+        self.layer_idx = layer_idx
+        hidden = config.hidden_size
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.num_k_heads = divide(config.linear_num_key_heads, tp.size, "linear-attention key heads")
+        self.num_v_heads = divide(config.linear_num_value_heads, tp.size, "linear-attention value heads")
+        key_dim = config.linear_num_key_heads * self.head_k_dim
+        value_dim = config.linear_num_value_heads * self.head_v_dim
+        self.local_key_dim = self.num_k_heads * self.head_k_dim
+        self.local_value_dim = self.num_v_heads * self.head_v_dim
+        self.in_proj_qkv = MergedColumnParallelLinear(hidden, [key_dim, key_dim, value_dim])
+        self.in_proj_z = ColumnParallelLinear(hidden, value_dim)
+        self.in_proj_b = ColumnParallelLinear(hidden, config.linear_num_value_heads)
+        self.in_proj_a = ColumnParallelLinear(hidden, config.linear_num_value_heads)
+        self.conv1d = ParallelDepthwiseConv1d([key_dim, key_dim, value_dim], config.linear_conv_kernel_dim)
+        self.A_log = new_param(self.num_v_heads, weight_loader=sharded_loader(0))
+        self.dt_bias = new_param(self.num_v_heads, weight_loader=sharded_loader(0))
+        self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.out_proj = RowParallelLinear(value_dim, hidden)
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.local_key_dim + self.local_value_dim
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        mixed = self.in_proj_qkv(x)  # [T, conv_channels]
+        z = self.in_proj_z(x).view(num_tokens, self.num_v_heads, self.head_v_dim)
+        beta = self.in_proj_b(x).sigmoid()  # [T, Hv]
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)  # [T, Hv]
+        conv_state, ssm_state = batch.state_cache.layer(self.layer_idx)
+        weight = self.conv1d.weight.squeeze(1)  # [C, K]
+        if batch.is_decode:
+            core = self._decode(mixed, g, beta, weight, conv_state, ssm_state, batch.slots)
+        else:
+            core = torch.empty(num_tokens, self.num_v_heads, self.head_v_dim, dtype=x.dtype, device=x.device)
+            for offset, span in zip(batch.offsets, batch.spans):
+                rows = slice(offset, offset + span.num_tokens)
+                core[rows] = self._prefill(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state, span.slot)
+        out = self.norm(core, z).reshape(num_tokens, self.local_value_dim)
+        return self.out_proj(out)
+
+    def _split_heads(self, mixed: torch.Tensor):
+        q, k, v = torch.split(mixed, [self.local_key_dim, self.local_key_dim, self.local_value_dim], dim=-1)
+        lead = mixed.shape[:-1]
+        q = q.reshape(*lead, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(*lead, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(*lead, self.num_v_heads, self.head_v_dim)
+        repeat = self.num_v_heads // self.num_k_heads
+        if repeat > 1:  # each key head serves `repeat` consecutive value heads
+            q = q.repeat_interleave(repeat, dim=-2)
+            k = k.repeat_interleave(repeat, dim=-2)
+        return q, k, v
+
+    def _prefill(self, mixed, g, beta, weight, conv_state, ssm_state, slot: int) -> torch.Tensor:
+        mixed, conv_state[slot] = causal_conv1d_prefill(mixed, weight, None, conv_state[slot])
+        q, k, v = self._split_heads(mixed)  # [n, Hv, D]
+        out, ssm_state[slot] = chunk_gated_delta_rule(q, k, v, g, beta, ssm_state[slot])
+        return out
+
+    def _decode(self, mixed, g, beta, weight, conv_state, ssm_state, slots) -> torch.Tensor:
+        conv = conv_state[slots]  # [B, C, K-1] (a copy, written back below)
+        mixed = causal_conv1d_decode(mixed, weight, None, conv)
+        conv_state[slots] = conv
+        q, k, v = self._split_heads(mixed)  # [B, Hv, D]
+        state = ssm_state[slots]
+        out = recurrent_gated_delta_rule_step(q, k, v, g, beta, state)
+        ssm_state[slots] = state
+        return out

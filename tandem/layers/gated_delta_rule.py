@@ -1,0 +1,183 @@
+"""Pure-torch kernels for Gated DeltaNet (Qwen3.5 linear attention): short causal conv and the gated delta rule.
+
+Everything here is a stateless function on tensors.  Prefill functions take the tokens of ONE sequence
+(no batch dimension); decode functions take one new token for each of a batch of sequences and update
+their state in place.  Recurrent states are always float32; maths is done in float32 and outputs are
+cast back to the input dtype.
+
+Gated delta rule, per head, with state S [Dk, Dv] and token (q, k, v, g, beta):
+    S      = S * exp(g)                       # gated decay, g <= 0 is a log-decay
+    delta  = beta * (v - k^T S)               # delta rule: only write what S does not already predict
+    S      = S + k delta^T
+    out    = (q * Dk**-0.5)^T S
+The prefill path computes the same thing chunk by chunk with the WY / UT-transform (as transformers'
+`torch_chunk_gated_delta_rule` and the FLA library do).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "causal_conv1d_prefill",
+    "causal_conv1d_decode",
+    "chunk_gated_delta_rule",
+    "recurrent_gated_delta_rule_step",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Short causal depthwise convolution (applied to the concatenated q/k/v projections before the rule)
+# --------------------------------------------------------------------------------------------------
+
+
+def causal_conv1d_prefill(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv + SiLU over one sequence's chunk of tokens.
+
+    x: [T, C]; weight: [C, K]; bias: [C] or None; conv_state: [C, K-1], the last K-1 inputs of this
+    sequence's previous chunks (zeros for a new sequence).  Works for any T >= 0, also T < K-1.
+    Returns (y [T, C] in x's dtype, new_conv_state [C, K-1] in conv_state's dtype).
+    """
+    num_tokens, channels = x.shape
+    state_len = weight.shape[1] - 1
+    history = torch.cat([conv_state.to(torch.float32), x.t().to(torch.float32)], dim=1)  # [C, K-1+T]
+    new_conv_state = history[:, history.shape[1] - state_len :].to(conv_state.dtype)  # [C, K-1]
+    y = F.conv1d(
+        history.unsqueeze(0),  # [1, C, K-1+T]
+        weight.to(torch.float32).unsqueeze(1),  # [C, 1, K]
+        None if bias is None else bias.to(torch.float32),
+        groups=channels,
+    )  # [1, C, T]: no padding, the history provides the K-1 left context
+    y = F.silu(y[0].t())  # [T, C]
+    return y.to(x.dtype), new_conv_state
+
+
+def causal_conv1d_decode(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,
+) -> torch.Tensor:
+    """One decode token per sequence.  x: [B, C]; conv_state: [B, C, K-1] is updated IN PLACE
+    (oldest input dropped, x rolled in).  Returns silu(conv) [B, C] in x's dtype."""
+    window = torch.cat([conv_state.to(torch.float32), x.to(torch.float32).unsqueeze(-1)], dim=-1)  # [B, C, K]
+    y = (window * weight.to(torch.float32)).sum(dim=-1)  # [B, C]
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    conv_state.copy_(window[..., 1:])
+    return F.silu(y).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gated delta rule
+# --------------------------------------------------------------------------------------------------
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) along the last dim (same convention as transformers / FLA)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _prepare_qk(q: torch.Tensor, k: torch.Tensor, use_qk_l2norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32, optional l2norm of q and k, then q scaled by Dk**-0.5."""
+    q, k = q.to(torch.float32), k.to(torch.float32)
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    return q * (q.shape[-1] ** -0.5), k
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor,
+    chunk_size: int = 64,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule over the tokens of one sequence.
+
+    q, k: [T, H, Dk]; v: [T, H, Dv]; g: [T, H] (log-decay, <= 0); beta: [T, H];
+    initial_state: [H, Dk, Dv] float32 (not modified).
+    Returns (out [T, H, Dv] in v's dtype, final_state [H, Dk, Dv] float32).
+    """
+    num_tokens, num_heads, k_dim = k.shape
+    v_dim = v.shape[-1]
+    out_dtype = v.dtype
+    q, k = _prepare_qk(q, k, use_qk_l2norm)
+    v, g, beta = v.to(torch.float32), g.to(torch.float32), beta.to(torch.float32)
+
+    # Pad to whole chunks. Padded tokens have k = 0, beta = 0, g = 0: they leave the state untouched.
+    pad = (-num_tokens) % chunk_size
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))  # [Tp, H, D]
+    g, beta = (F.pad(x, (0, 0, 0, pad)) for x in (g, beta))  # [Tp, H]
+    num_chunks = (num_tokens + pad) // chunk_size
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        # [Tp, H, ...] -> [H, N, C, ...]
+        x = x.reshape(num_chunks, chunk_size, num_heads, *x.shape[2:])  # [N, C, H, ...]
+        return x.movedim(2, 0).contiguous()  # [H, N, C, ...]
+
+    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))  # q,k: [H, N, C, Dk]; v: [H, N, C, Dv]
+    k_beta = k * beta.unsqueeze(-1)  # [H, N, C, Dk]
+    v_beta = v * beta.unsqueeze(-1)  # [H, N, C, Dv]
+
+    # Log-decay from the chunk start to position i (inclusive); decay_ij = exp(cum_i - cum_j) for j <= i.
+    cum_g = g.cumsum(dim=-1)  # [H, N, C]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()  # [C, C]
+    pair_decay = (cum_g.unsqueeze(-1) - cum_g.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()  # [H, N, C, C]
+
+    # UT transform: solve (I + A) [u | w] = [beta*v | beta*k*exp(cum_g)], A_ij = beta_i (k_i . k_j) decay_ij
+    # for j < i.  unitriangular=True ignores the computed diagonal and uses ones, giving I + A directly.
+    ut_system = (k_beta @ k.transpose(-1, -2)) * pair_decay  # [H, N, C, C]
+    u = torch.linalg.solve_triangular(ut_system, v_beta, upper=False, unitriangular=True)  # [H, N, C, Dv]
+    w = torch.linalg.solve_triangular(
+        ut_system, k_beta * cum_g.exp().unsqueeze(-1), upper=False, unitriangular=True
+    )  # [H, N, C, Dk]
+
+    # Causal intra-chunk attention (diagonal included) and the decays applied to the carried state.
+    intra_attn = (q @ k.transpose(-1, -2)) * pair_decay  # [H, N, C, C]
+    q_decayed = q * cum_g.exp().unsqueeze(-1)  # [H, N, C, Dk]: reads the state from the chunk start
+    k_to_end = k * (cum_g[..., -1:] - cum_g).exp().unsqueeze(-1)  # [H, N, C, Dk]: writes decayed to chunk end
+    chunk_decay = cum_g[..., -1].exp()  # [H, N]
+
+    state = initial_state.to(torch.float32).clone()  # [H, Dk, Dv]
+    out = torch.empty(num_heads, num_chunks, chunk_size, v_dim, dtype=torch.float32, device=v.device)
+    for n in range(num_chunks):
+        v_new = u[:, n] - w[:, n] @ state  # [H, C, Dv]: corrections not predicted by the carried state
+        out[:, n] = q_decayed[:, n] @ state + intra_attn[:, n] @ v_new
+        state = state * chunk_decay[:, n, None, None] + k_to_end[:, n].transpose(-1, -2) @ v_new
+
+    out = out.reshape(num_heads, num_chunks * chunk_size, v_dim)[:, :num_tokens]  # [H, T, Dv]
+    return out.transpose(0, 1).to(out_dtype).contiguous(), state  # [T, H, Dv], [H, Dk, Dv]
+
+
+def recurrent_gated_delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """One decode token per sequence.  q, k: [B, H, Dk]; v: [B, H, Dv]; g, beta: [B, H];
+    state: [B, H, Dk, Dv] float32, updated IN PLACE.  Returns out [B, H, Dv] in v's dtype."""
+    if state.dtype != torch.float32:
+        raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
+    q, k = _prepare_qk(q, k, use_qk_l2norm)
+    v32, g, beta = v.to(torch.float32), g.to(torch.float32), beta.to(torch.float32)
+
+    state.mul_(g.exp()[..., None, None])
+    kv_mem = torch.einsum("bhk,bhkv->bhv", k, state)  # [B, H, Dv]
+    delta = (v32 - kv_mem) * beta.unsqueeze(-1)  # [B, H, Dv]
+    state.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))  # outer product k delta^T: [B, H, Dk, Dv]
+    out = torch.einsum("bhk,bhkv->bhv", q, state)  # [B, H, Dv]
+    return out.to(v.dtype)

@@ -1,0 +1,95 @@
+"""Mixture-of-experts MLP with stacked expert weights, split across TP ranks along the intermediate size.
+
+Parameters follow the fused checkpoint layout: `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj`
+[E, H, I]; per-expert checkpoint tensors (`experts.{e}.gate_proj.weight`, ...) load into the same stacks.
+Routing: softmax over experts in float32, top-k, optional renormalisation; an optional shared expert is
+scaled by sigmoid(shared_expert_gate(x))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tandem.layers.linear import ReplicatedLinear, divide
+from tandem.layers.weights import check_shape, new_param, shard_of
+from tandem.parallel.comm import tp_all_reduce
+from tandem.parallel.state import get_tp
+
+
+class StackedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        tp = get_tp()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.local_inter = divide(intermediate_size, tp.size, "moe_intermediate_size")
+        # shard ids: (expert, 0 for gate / 1 for up) and expert for down; None = a fused 3-D tensor of all experts
+        self.gate_up_proj = new_param(num_experts, 2 * self.local_inter, hidden_size, weight_loader=self._load_gate_up,
+                                      shard_ids=[(e, j) for e in range(num_experts) for j in (0, 1)])
+        self.down_proj = new_param(num_experts, hidden_size, self.local_inter, weight_loader=self._load_down,
+                                   shard_ids=range(num_experts))
+
+    def _load_gate_up(self, param, loaded: torch.Tensor, shard_id=None) -> None:
+        tp, inter = get_tp(), self.local_inter
+        if shard_id is None:
+            check_shape((self.num_experts, 2 * self.intermediate_size, self.hidden_size), loaded, "experts.gate_up_proj")
+            gate, up = loaded.chunk(2, dim=1)
+            param.data[:, :inter].copy_(shard_of(gate, 1, tp.rank, tp.size))
+            param.data[:, inter:].copy_(shard_of(up, 1, tp.rank, tp.size))
+            return
+        expert, part = shard_id
+        check_shape((self.intermediate_size, self.hidden_size), loaded, "expert gate/up projection")
+        param.data[expert, part * inter:(part + 1) * inter].copy_(shard_of(loaded, 0, tp.rank, tp.size))
+
+    def _load_down(self, param, loaded: torch.Tensor, shard_id=None) -> None:
+        tp = get_tp()
+        if shard_id is None:
+            check_shape((self.num_experts, self.hidden_size, self.intermediate_size), loaded, "experts.down_proj")
+            param.data.copy_(shard_of(loaded, 2, tp.rank, tp.size))
+            return
+        check_shape((self.hidden_size, self.intermediate_size), loaded, "expert down projection")
+        param.data[shard_id].copy_(shard_of(loaded, 1, tp.rank, tp.size))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; topk_ids/weights: [T, k]. Returns this rank's partial sum [T, H] (not reduced)."""
+        out = torch.zeros_like(x)
+        flat_ids = topk_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of = order // topk_ids.shape[1]  # token index of each sorted (token, slot) pair
+        weights = topk_weights.reshape(-1)[order]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start:start + count]
+            gate_up = F.linear(x[rows], self.gate_up_proj[expert])  # [n, 2 * local_inter]
+            gate, up = gate_up.chunk(2, dim=-1)
+            expert_out = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [n, H]
+            out.index_add_(0, rows, expert_out * weights[start:start + count, None])
+            start += count
+        return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config, shared_mlp_factory=None):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+        self.gate = ReplicatedLinear(config.hidden_size, config.num_experts)
+        self.experts = StackedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size and shared_mlp_factory is not None:
+            self.shared_expert = shared_mlp_factory(config.shared_expert_intermediate_size)
+            self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.gate(x)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        out = tp_all_reduce(self.experts(x, topk_ids, topk_weights.to(x.dtype)))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

@@ -1,0 +1,1 @@
+"""Parallel state (process groups), layer partitions and stage-to-stage communication."""

@@ -1,0 +1,1 @@
+"""One rank's runtime: batches, caches, sampling, the model runner, and the rank process loop."""

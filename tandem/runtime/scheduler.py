@@ -1,0 +1,159 @@
+"""Continuous batching: a waiting queue and a running set of requests, each holding one cache slot.
+
+Every step packs one decode token for each decoding request plus prefill chunks of admitted requests up
+to the token budget (chunked prefill, so long prompts do not stall decoding). Requests finish on
+max_new_tokens, EOS (unless ignore_eos), stop_token_ids, stop strings, the context limit, or abort."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tandem.errors import ConfigError
+from tandem.runtime.batch import Span
+from tandem.runtime.model_runner import StepInput, StepOutput
+from tandem.runtime.sampler import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    rid: object = field(default_factory=lambda: next(_ids))
+    return_logprob: bool = False
+    input_logprobs_wanted: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    input_logprobs: list[float] = field(default_factory=list)
+    slot: int | None = None
+    num_cached: int = 0  # tokens of prompt + output already in the cache
+    finish_reason: dict | None = None
+    text: str = ""
+    on_update: Callable | None = None  # called after each step that changed this request
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, max_len: int, chunk_size: int, eos_token_ids=(),
+                 decode_text: Callable[[list[int]], str] | None = None):
+        self.max_len, self.chunk_size = max_len, chunk_size
+        self.eos_token_ids = set(eos_token_ids)
+        self.decode_text = decode_text
+        self.free_slots = deque(range(num_slots))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._released: list = []
+
+    def validate(self, req: Request) -> None:
+        if not req.prompt_ids:
+            raise ConfigError("the prompt is empty: at least one token is needed")
+        if len(req.prompt_ids) >= self.max_len:
+            raise ConfigError(f"the prompt has {len(req.prompt_ids)} tokens, but the context length is "
+                              f"{self.max_len} (prompt + at least one new token must fit)")
+
+    def add(self, req: Request) -> None:
+        self.validate(req)
+        if req.params.max_new_tokens == 0:
+            req.finish_reason = {"type": "length", "length": 0}
+            return
+        self.waiting.append(req)
+
+    def abort(self, rid) -> bool:
+        for req in list(self.waiting) + self.running:
+            if req.rid == rid:
+                self._finish(req, {"type": "abort"})
+                return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def next_step(self) -> tuple[StepInput, list[Request]] | None:
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            req.slot = self.free_slots.popleft()
+            self.running.append(req)
+        reqs, spans, ids, sample, resets = [], [], [], [], []
+        budget = self.chunk_size
+        for req in self.running:
+            pending = len(req.all_ids) - req.num_cached
+            if req.num_cached and pending == 1:  # decoding
+                n = 1
+            elif budget > 0:
+                n = min(pending, budget)
+            else:
+                continue
+            budget -= n
+            if req.num_cached == 0:
+                resets.append(req.slot)
+            spans.append(Span(req.slot, req.num_cached, n))
+            ids.extend(req.all_ids[req.num_cached:req.num_cached + n])
+            sample.append(req.num_cached + n == len(req.all_ids))
+            reqs.append(req)
+        if not reqs:
+            return None
+        released, self._released = self._released, []
+        wants = [r.input_logprobs_wanted and r.num_cached < len(r.prompt_ids) for r in reqs]
+        next_ids = [r.prompt_ids[r.num_cached + s.num_tokens] if r.num_cached + s.num_tokens < len(r.prompt_ids)
+                    else None for r, s in zip(reqs, spans)]
+        step = StepInput(spans, ids, sample, [r.params for r in reqs], [r.rid for r in reqs], resets, released,
+                         input_logprobs=wants if any(wants) else None, next_ids=next_ids if any(wants) else None)
+        return step, reqs
+
+    def process(self, step: StepInput, reqs: list[Request], out: StepOutput) -> list[Request]:
+        """Apply a step's results; returns the requests that finished."""
+        finished = []
+        for i, req in enumerate(reqs):
+            if req.finished:  # aborted while the step ran
+                continue
+            req.num_cached += step.spans[i].num_tokens
+            if out.input_logprobs and out.input_logprobs[i] is not None:
+                req.input_logprobs.extend(out.input_logprobs[i])
+            if out.tokens[i] is None:
+                continue
+            token = out.tokens[i]
+            req.output_ids.append(token)
+            req.output_logprobs.append(out.logprobs[i])
+            reason = self._finish_reason(req, token)
+            if reason:
+                self._finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def _finish_reason(self, req: Request, token: int) -> dict | None:
+        p = req.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return {"type": "stop", "matched": token}
+        if token in p.stop_token_ids:
+            return {"type": "stop", "matched": token}
+        if p.stop and self.decode_text is not None:
+            text = self.decode_text(req.output_ids)
+            for stop in p.stop:
+                if stop in text:
+                    return {"type": "stop", "matched": stop}
+        if len(req.output_ids) >= p.max_new_tokens:
+            return {"type": "length", "length": len(req.output_ids)}
+        if len(req.all_ids) >= self.max_len:
+            return {"type": "length", "length": len(req.output_ids)}
+        return None
+
+    def _finish(self, req: Request, reason: dict) -> None:
+        req.finish_reason = reason
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+            self.free_slots.append(req.slot)
+            self._released.append(req.rid)
