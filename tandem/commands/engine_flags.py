@@ -1,0 +1,45 @@
+"""CLI flags generated from `EngineArgs` fields (SGLang's flag names: --model-path, --tp-size, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from tandem.config import EngineArgs
+
+HELP = {
+    "model_path": "Hugging Face checkpoint directory (config.json + safetensors).",
+    "tp_size": "Tensor-parallel size: ranks that shard each layer's weights inside one pipeline stage.",
+    "pp_size": "Pipeline-parallel size: number of stages, each owning a contiguous slice of the layers.",
+    "dtype": "Weight/activation dtype: auto (the checkpoint's), float32, bfloat16 or float16.",
+    "device": "cpu (gloo) or cuda (NCCL).",
+    "pp_layer_partition": "Layers per stage: uniform (default), auto, auto-compute, or a list like 15,15,14,16.",
+    "context_length": "Maximum tokens per request (prompt + output); default min(model limit, 4096).",
+    "max_running_requests": "Requests decoded at once (cache slots per stage).",
+    "chunked_prefill_size": "Maximum prompt tokens prefilled per step; longer prompts are chunked.",
+    "nnodes": "Number of machines taking part.",
+    "node_rank": "This machine's index among --nnodes.",
+    "dist_init_addr": "host:port of node 0's rendezvous for multi-node runs (default: a free local port).",
+    "seed": "Random seed.",
+    "log_level": "Logging level (debug, info, warning).",
+}
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"help": HELP.get(f.name, "")}
+        if f.name == "model_path":
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+            kwargs["help"] += f" (default: {f.default})"
+        if f.type in ("int", int) or isinstance(f.default, int) and not isinstance(f.default, bool):
+            kwargs["type"] = int
+        elif f.name == "context_length":
+            kwargs["type"] = int
+        parser.add_argument(flag, **kwargs)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)}
