@@ -190,9 +190,9 @@ def _random_value(module: torch.nn.Module, pname: str, full_name: str, p: torch.
     if cls.endswith("RMSNormGated"):  # Gated DeltaNet output norm: weight * x (one-centred)
         return _normal(gen, shape, 1.0, 0.1)
     if cls.endswith("RMSNorm"):
-        qk = full_name.endswith(("q_norm", "k_norm"))
         if cls.startswith("Qwen3_5"):  # zero-centred: x * (1 + weight)
-            return _normal(gen, shape, QK_NORM_MEAN - 1.0 if qk else 0.0, 0.1)
+            return _normal(gen, shape, 0.0, 0.1)
+        qk = full_name.endswith(("q_norm", "k_norm"))  # Qwen3: sharper attention (see QK_NORM_MEAN)
         return _normal(gen, shape, QK_NORM_MEAN if qk else 1.0, 0.1)
     if isinstance(module, torch.nn.LayerNorm):
         return _normal(gen, shape, 1.0, 0.1) if pname == "weight" else _normal(gen, shape, 0.0, 0.05)

@@ -1,0 +1,136 @@
+"""`tandem plan`: what each pipeline stage would hold (layers, weights, caches, compute per token) for the
+uniform, auto and any given partition, from config.json alone: no weights are read, nothing is allocated."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tandem.errors import ConfigError
+
+_UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """"80GB" -> 80e9 bytes, "80GiB" -> 80 * 2**30; a bare number means GB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"invalid memory size {text!r}: expected a number with a unit such as 80GB or 80GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def fmt_flops(n: float) -> str:
+    return f"{n / 1e9:.2f} GFLOP"
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser(
+        "plan", help="Show what each pipeline stage holds, from config.json alone.",
+        description="Per pipeline stage: layer range, layer kinds, weight bytes, KV/state cache bytes, total and "
+                    "whether it fits the device memory, for the uniform, auto and any given partition. "
+                    "Figures are per device (TP rank 0). No weights are read.")
+    parser.add_argument("model", metavar="MODEL_DIR_OR_CONFIG",
+                        help="Checkpoint directory with config.json, or a path to a config .json file.")
+    parser.add_argument("--pp-size", type=int, default=1, help="Pipeline stages (default: 1).")
+    parser.add_argument("--tp-size", type=int, default=1, help="Tensor-parallel ranks per stage (default: 1).")
+    parser.add_argument("--dtype", default="auto",
+                        help="Weight dtype: auto (the config's), bf16, fp16 or fp32 (default: auto).")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="Tokens per request the caches hold (the engine's --context-length; "
+                             "default min(model limit, 4096)).")
+    parser.add_argument("--max-requests", type=int, default=16,
+                        help="Requests held at once (the engine's --max-running-requests; default: 16).")
+    parser.add_argument("--gpu-memory", default="80GB",
+                        help="Device memory to check each stage against, e.g. 80GB or 80GiB (default: 80GB).")
+    parser.add_argument("--pp-layer-partition", action="append", default=[],
+                        help="Also plan this partition (a list like 15,15,14,16, or auto-compute); repeatable.")
+    parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+    parser.set_defaults(run=run)
+
+
+def build_plan(args) -> dict:
+    from tandem import planner
+    from tandem.config import EngineArgs, ModelConfig
+
+    model_config = ModelConfig.from_hf(args.model)
+    engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,
+                             dtype=args.dtype, context_length=args.max_tokens,
+                             max_running_requests=args.max_requests)
+    memory = parse_size(args.gpu_memory)
+    dtype = engine_args.resolve_dtype(model_config)
+    costs = planner.costs_for(model_config, engine_args)
+    specs = ["uniform", "auto"]
+    for spec in args.pp_layer_partition or []:
+        if spec not in specs:
+            specs.append(spec)
+    plans = []
+    for spec in specs:
+        counts = planner.resolve_plan_partition(spec, costs, args.pp_size)
+        stages = planner.plan_stages(costs, counts)
+        plans.append({
+            "name": spec, "partition": counts,
+            "max_stage_bytes": max(s.total_bytes for s in stages),
+            "max_stage_flops_per_token": max(s.flops_per_token for s in stages),
+            "fits": all(s.total_bytes <= memory for s in stages),
+            "stages": [s.to_dict(memory) for s in stages],
+        })
+    path = Path(args.model)
+    name = path.name if path.is_dir() else path.resolve().parent.name
+    kinds: dict[str, int] = {}
+    for kind in model_config.layer_types:
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {
+        "model": name, "config": str(args.model), "architecture": model_config.architecture,
+        "num_layers": model_config.num_layers, "layer_kinds": kinds,
+        "num_experts": model_config.num_experts, "num_experts_per_tok": model_config.num_experts_per_tok,
+        "pp_size": args.pp_size, "tp_size": args.tp_size, "dtype": str(dtype).removeprefix("torch."),
+        "max_tokens": costs.max_len, "max_requests": costs.slots, "gpu_memory_bytes": memory,
+        "model_weight_bytes": planner.model_weight_bytes(costs), "plans": plans,
+    }
+
+
+def render(plan: dict) -> str:
+    kinds = " + ".join(f"{n} {k}" for k, n in plan["layer_kinds"].items())
+    moe = f", MoE {plan['num_experts']} experts top-{plan['num_experts_per_tok']}" if plan["num_experts"] else ""
+    memory = fmt_bytes(plan["gpu_memory_bytes"])
+    lines = [
+        f"{plan['model']} ({plan['architecture']}): {plan['num_layers']} layers ({kinds}){moe}",
+        f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}; caches for {plan['max_requests']} "
+        f"requests x {plan['max_tokens']} tokens; device memory {memory}",
+        f"whole model weights (one TP rank): {fmt_bytes(plan['model_weight_bytes'])}",
+        "figures are per device (TP rank 0); activations and workspace are not included",
+    ]
+    header = ("stage", "layers", "kinds", "weights", "kv cache", "state cache", "total", "GFLOP/token",
+              f"fits {memory}")
+    for p in plan["plans"]:
+        rows = [header]
+        for s in p["stages"]:
+            extras = [x for x, present in (("embed", s["has_embedding"]), ("norm+lm_head", s["has_lm_head"]))
+                      if present]
+            rows.append((
+                str(s["pp_rank"]), f"[{s['layer_start']}, {s['layer_end']})",
+                s["kinds"] + (f" (+{', '.join(extras)})" if extras else ""),
+                fmt_bytes(s["weight_bytes"]), fmt_bytes(s["kv_cache_bytes"]), fmt_bytes(s["state_cache_bytes"]),
+                fmt_bytes(s["total_bytes"]), f"{s['flops_per_token'] / 1e9:.2f}", "yes" if s["fits"] else "NO"))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+        lines.append("")
+        lines.append(f"partition {p['name']} {p['partition']}: largest stage {fmt_bytes(p['max_stage_bytes'])}, "
+                     f"{fmt_flops(p['max_stage_flops_per_token'])}/token; "
+                     f"{'fits' if p['fits'] else 'does NOT fit'} in {memory}")
+        for r in rows:
+            lines.append("  " + "  ".join(cell.ljust(w) if c in (1, 2) or c == 0 else cell.rjust(w)
+                                          for c, (cell, w) in enumerate(zip(r, widths))).rstrip())
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    plan = build_plan(args)
+    print(json.dumps(plan, indent=2) if args.json else render(plan))
+    return 0

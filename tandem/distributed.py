@@ -1,0 +1,206 @@
+"""Driver side of a multi-process world: starts this node's rank processes (spawned), publishes steps to
+every rank over ZMQ, collects results, and turns any rank failure into a `RankFailedError` that names the
+rank and the cause. `shutdown()` leaves no rank process behind.
+
+Addresses: torch.distributed rendezvous at `dist_init_addr` (host:port; default a free 127.0.0.1 port),
+the step feed at port+1 and the result channel at port+2, so ranks on other nodes can find the driver."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import pickle
+import socket
+import subprocess
+import sys
+import time
+
+import zmq
+
+from tandem.config import EngineArgs, ModelConfig
+from tandem.errors import RankFailedError
+from tandem.runtime.model_runner import StepInput, StepOutput
+from tandem.runtime.worker import RankSpec
+
+logger = logging.getLogger("tandem")
+STARTUP_TIMEOUT_S = 600
+
+
+def _free_port_triple(host: str = "127.0.0.1") -> int:
+    """A port p such that p, p+1 and p+2 are all free right now."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + 2 > 65535:
+            continue
+        try:
+            probes = []
+            for offset in (1, 2):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind((host, base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError("could not find three consecutive free ports")
+
+
+def _addresses(args: EngineArgs) -> tuple[str, int]:
+    if args.dist_init_addr:
+        host, _, port = args.dist_init_addr.rpartition(":")
+        return host or "127.0.0.1", int(port)
+    return "127.0.0.1", _free_port_triple()
+
+
+def start_node_ranks(args: EngineArgs, partition: list[int], host: str, port: int) -> list[subprocess.Popen]:
+    """Start this node's share of the ranks as fresh interpreters (`python -m tandem.runtime.worker`), so
+    nothing depends on the caller's __main__ and no torch threads are forked."""
+    per_node = args.world_size // args.nnodes
+    procs = []
+    for local in range(per_node):
+        rank = args.node_rank * per_node + local
+        spec = RankSpec(rank, args.world_size, per_node, f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}",
+                        f"tcp://{host}:{port + 2}", list(partition))
+        proc = subprocess.Popen([sys.executable, "-m", "tandem.runtime.worker"], stdin=subprocess.PIPE,
+                                start_new_session=True)
+        proc.stdin.write(pickle.dumps((spec, args)))
+        proc.stdin.close()
+        proc.name = f"rank {rank}"
+        procs.append(proc)
+    return procs
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(2.0)
+
+
+class ProcessExecutor:
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, partition: list[int]):
+        if args.node_rank != 0:
+            raise ValueError("the driver runs on node 0; other nodes run `run_node`")
+        self.args = args
+        self.procs: list = []
+        self._context = zmq.Context()
+        self._closed = False
+        host, port = _addresses(args)
+        bind_host = "*" if args.nnodes > 1 else host
+        self._steps = self._context.socket(zmq.PUB)
+        self._steps.setsockopt(zmq.SNDHWM, 0)
+        self._steps.bind(f"tcp://{bind_host}:{port + 1}")
+        self._results = self._context.socket(zmq.PULL)
+        self._results.bind(f"tcp://{bind_host}:{port + 2}")
+        self._step_ids = itertools.count()
+        self._done: dict[int, StepOutput] = {}
+        atexit.register(self.shutdown)
+        self.procs = start_node_ranks(args, partition, host, port)
+        self._reports: dict[int, dict] = {}
+        try:
+            self._await_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.num_slots = min(r["num_slots"] for r in self._reports.values())  # agreed across stages
+        self.max_len = min(r["max_len"] for r in self._reports.values())
+
+    # ---- messages ----------------------------------------------------------------------------------
+    def _receive(self, timeout_s: float):
+        """Next message from any rank, or None after timeout; raises if a local rank died."""
+        if self._results.poll(int(timeout_s * 1000)):
+            return pickle.loads(self._results.recv())
+        dead = [p for p in self.procs if p.poll() is not None]
+        if dead:
+            # a rank that reports an error exits right after; give its message a moment to arrive
+            if self._results.poll(1000):
+                return pickle.loads(self._results.recv())
+            proc = dead[0]
+            self._fail(f"{proc.name} exited unexpectedly with code {proc.returncode}"
+                       + (" (killed: out of memory?)" if proc.returncode == -9 else ""))
+        return None
+
+    def _handle(self, message) -> None:
+        kind = message[0]
+        if kind == "error":
+            self._fail(message[2])
+        elif kind == "ready":
+            self._reports[message[1]] = message[2]
+        elif kind == "result":
+            self._done[message[1]] = message[2]
+
+    def _fail(self, cause: str) -> None:
+        self.shutdown(graceful=False)
+        raise RankFailedError(cause)
+
+    def _await_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while len(self._reports) < self.args.world_size:
+            if time.monotonic() > deadline:
+                self._fail(f"only {len(self._reports)} of {self.args.world_size} ranks became ready in "
+                           f"{STARTUP_TIMEOUT_S} s")
+            message = self._receive(0.2)
+            if message is not None:
+                self._handle(message)
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def submit(self, step: StepInput) -> int:
+        step_id = next(self._step_ids)
+        self._steps.send(pickle.dumps(("step", step_id, step)))
+        return step_id
+
+    def collect(self, step_id: int) -> StepOutput:
+        while step_id not in self._done:
+            message = self._receive(0.5)
+            if message is not None:
+                self._handle(message)
+        return self._done.pop(step_id)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.collect(self.submit(step))
+
+    def reports(self) -> list[dict]:
+        return [self._reports[r] for r in sorted(self._reports)]
+
+    def shutdown(self, graceful: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if graceful:
+            try:
+                self._steps.send(pickle.dumps(("stop",)))
+            except zmq.ZMQError:
+                pass
+        stop_processes(self.procs, grace_s=5.0 if graceful else 0.0)
+        self._steps.close(linger=0)
+        self._results.close(linger=0)
+        self._context.term()
+        atexit.unregister(self.shutdown)
+
+
+def run_node(args: EngineArgs, partition: list[int]) -> int:
+    """Run a non-driver node's ranks until they exit (the driver on node 0 stops them)."""
+    host, port = _addresses(args)
+    procs = start_node_ranks(args, partition, host, port)
+    try:
+        for proc in procs:
+            proc.wait()
+    finally:
+        stop_processes(procs, grace_s=0.0)
+    return max((p.returncode or 0) for p in procs)
