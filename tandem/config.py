@@ -181,6 +181,7 @@ class EngineArgs:
     context_length: int | None = None
     max_running_requests: int = 16
     chunked_prefill_size: int = 512
+    num_micro_batches: int | None = None  # steps in flight at once; default pp_size (all stages busy)
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None

@@ -113,6 +113,7 @@ class ProcessExecutor:
         atexit.register(self.shutdown)
         self.procs = start_node_ranks(args, partition, host, port)
         self._reports: dict[int, dict] = {}
+        self._fresh: set[int] = set()
         try:
             self._await_ready()
         except BaseException:
@@ -140,8 +141,9 @@ class ProcessExecutor:
         kind = message[0]
         if kind == "error":
             self._fail(message[2])
-        elif kind == "ready":
+        elif kind in ("ready", "report"):
             self._reports[message[1]] = message[2]
+            self._fresh.add(message[1])
         elif kind == "result":
             self._done[message[1]] = message[2]
 
@@ -176,6 +178,13 @@ class ProcessExecutor:
         return self.collect(self.submit(step))
 
     def reports(self) -> list[dict]:
+        """Every rank's current report (asked after all submitted steps, which ranks run in order)."""
+        self._fresh.clear()
+        self._steps.send(pickle.dumps(("report",)))
+        while len(self._fresh) < self.args.world_size:
+            message = self._receive(0.5)
+            if message is not None:
+                self._handle(message)
         return [self._reports[r] for r in sorted(self._reports)]
 
     def shutdown(self, graceful: bool = True) -> None:

@@ -4,6 +4,8 @@ one rank, one process per rank otherwise), tokenizes, schedules and runs request
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from pathlib import Path
 
 from tandem.config import EngineArgs, ModelConfig
@@ -44,6 +46,8 @@ class Engine:
         checkpoint_weight_map(model_path)  # fail before starting anything if there is no checkpoint
         self.tokenizer = load_tokenizer(self.args.model_path)
         self.executor = None
+        self._stopping = True
+        self._loop_thread = None
         if self.args.world_size == 1:
             from tandem.executor import LocalExecutor
 
@@ -56,6 +60,12 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
+        self.num_micro_batches = self.args.num_micro_batches or self.args.pp_size
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
         self.scheduler = Scheduler(self.executor.num_slots, self.executor.max_len, self.args.chunked_prefill_size,
                                    self.eos_token_ids, self.decode if self.tokenizer is not None else None)
 
@@ -70,22 +80,95 @@ class Engine:
             params = [SamplingParams.from_dict(p) for p in sampling_params]
         else:
             params = [SamplingParams.from_dict(sampling_params)] * len(prompts)
-        reqs = [Request(ids, p, return_logprob=return_logprob, input_logprobs_wanted=return_logprob and logprob_start_len >= 0)
+        reqs = [Request(ids, p, return_logprob=return_logprob,
+                        input_logprobs_wanted=return_logprob and logprob_start_len >= 0)
                 for ids, p in zip(prompts, params)]
         for req in reqs:
             self.scheduler.validate(req)
-        for req in reqs:
-            self.scheduler.add(req)
-        self.run_until_idle()
+        if self._loop_thread is not None:
+            done = [threading.Event() for _ in reqs]
+            for req, event in zip(reqs, done):
+                req.on_update = lambda r, e=event: r.finished and e.set()
+                self.add_request(req)
+            for event in done:
+                event.wait()
+            self._raise_if_failed()
+        else:
+            for req in reqs:
+                self.scheduler.add(req)
+            self._run_steps(stop_when_idle=True)
         return [self._result(req, return_logprob, logprob_start_len) for req in reqs]
 
-    def run_until_idle(self) -> None:
-        while self.scheduler.has_work:
-            planned = self.scheduler.next_step()
-            if planned is None:
-                break
-            step, reqs = planned
-            self.scheduler.process(step, reqs, self.executor.execute(step))
+    # ---- the step loop -------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Queue a request (thread-safe). `req.on_update(req)` runs on the loop thread after each step
+        that gives it a token, and when it finishes."""
+        self._raise_if_failed()
+        with self._lock:
+            self.scheduler.add(req)
+        if req.finished and req.on_update:
+            req.on_update(req)
+        self._wake.set()
+
+    def abort_request(self, rid) -> None:
+        with self._lock:
+            for req in list(self.scheduler.waiting) + self.scheduler.running:
+                if req.rid == rid:
+                    self.scheduler.abort(rid)
+                    if req.on_update:
+                        req.on_update(req)
+
+    def start_background_loop(self) -> None:
+        """Run steps on a daemon thread until shutdown (used by the server)."""
+        if self._loop_thread is None:
+            self._loop_thread = threading.Thread(target=self._loop_forever, name="tandem-steps", daemon=True)
+            self._loop_thread.start()
+
+    def _loop_forever(self) -> None:
+        try:
+            self._run_steps(stop_when_idle=False)
+        except BaseException as exc:  # a rank failed: fail every request, remember why
+            self.error = exc
+            logger.error("engine loop stopped: %s", exc)
+            with self._lock:
+                pending = list(self.scheduler.waiting) + self.scheduler.running
+                for req in pending:
+                    self.scheduler.abort(req.rid)
+            for req in pending:
+                if req.on_update:
+                    req.on_update(req)
+
+    def _run_steps(self, stop_when_idle: bool) -> None:
+        """Keep up to `num_micro_batches` steps in flight: while stage k+1 works on one micro-batch,
+        stage k already works on the next. A request is never in two in-flight steps."""
+        in_flight: deque = deque()
+        while not self._stopping:
+            with self._lock:
+                busy = {req.rid for _, _, reqs in in_flight for req in reqs}
+                while len(in_flight) < self.num_micro_batches:
+                    planned = self.scheduler.next_step(busy, self.num_micro_batches)
+                    if planned is None:
+                        break
+                    step, reqs = planned
+                    in_flight.append((self.executor.submit(step), step, reqs))
+                    busy.update(req.rid for req in reqs)
+            if not in_flight:
+                if stop_when_idle:
+                    return
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            step_id, step, reqs = in_flight.popleft()
+            out = self.executor.collect(step_id)
+            with self._lock:
+                self.scheduler.process(step, reqs, out)
+            for req, token in zip(reqs, out.tokens):
+                if req.on_update and (token is not None or req.finished):
+                    req.on_update(req)
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
 
     def stage_report(self) -> list[dict]:
         return self.executor.reports()
@@ -94,6 +177,11 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def shutdown(self) -> None:
+        self._stopping = True
+        if self._loop_thread is not None:
+            self._wake.set()
+            self._loop_thread.join(timeout=10)
+            self._loop_thread = None
         if self.executor is not None:
             self.executor.shutdown()
             self.executor = None
@@ -147,3 +235,16 @@ class Engine:
         if isinstance(reason.get("matched"), str):
             text = text[: text.find(reason["matched"])]
         return text
+
+
+def run_worker_node(**engine_kwargs) -> int:
+    """Run the ranks of a node other than node 0 (`--node-rank` > 0) until the driver stops them."""
+    from tandem.distributed import run_node
+
+    args = EngineArgs(**engine_kwargs)
+    if args.node_rank == 0:
+        raise ConfigError("node 0 runs the driver: use Engine or `tandem serve` there")
+    if not args.dist_init_addr:
+        raise ConfigError("--dist-init-addr host:port of node 0 is required on nodes other than 0")
+    model_config = ModelConfig.from_hf(args.model_path)
+    return run_node(args, resolve_engine_partition(args, model_config))

@@ -16,8 +16,20 @@ class LocalExecutor:
         self.num_slots = self.runner.num_slots
         self.max_len = self.runner.max_len
 
+        self._results: dict[int, StepOutput] = {}
+        self._next_id = 0
+
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)
+
+    def submit(self, step: StepInput) -> int:
+        """Runs the step now (one process has nothing to overlap); `collect` hands the result over."""
+        self._next_id += 1
+        self._results[self._next_id] = self.runner.execute(step)
+        return self._next_id
+
+    def collect(self, step_id: int) -> StepOutput:
+        return self._results.pop(step_id)
 
     def reports(self) -> list[dict]:
         return [self.runner.report()]

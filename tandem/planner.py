@@ -100,7 +100,7 @@ class ModelCosts:
         return "first" if pp_rank == 0 else "last" if pp_rank == pp_size - 1 else "middle"
 
 
-def _layer_flops(layer, config: ModelConfig, weight_params: float, context: int) -> float:
+def _layer_flops(layer, weight_params: float, context: int) -> float:
     """2 FLOPs per active parameter, plus the attention / recurrence terms that do not live in weights."""
     flops = 2.0 * weight_params
     if hasattr(layer, "self_attn"):
@@ -136,7 +136,7 @@ def model_costs(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, slo
     for i in range(L):
         layer = layers[i]
         weights.append(_param_bytes(layer))
-        flops.append(_layer_flops(layer, model_config, _active_params(layer, model_config), context))
+        flops.append(_layer_flops(layer, _active_params(layer, model_config), context))
         if model_config.layer_types[i] == "linear_attention":
             g = layer.linear_attn
             kernel = max(model_config.linear_conv_kernel_dim - 1, 0)
@@ -304,13 +304,12 @@ class StagePlan:
 def plan_stages(costs: ModelCosts, partition: Sequence[int]) -> list[StagePlan]:
     """What each stage of a (validated) partition holds, from the per-layer costs."""
     pp_size = len(partition)
+    order = list(dict.fromkeys(costs.layer_types))  # kinds listed in the model's order on every stage
     stages = []
     for rank, (start, end) in enumerate(stage_bounds(partition)):
         position = ModelCosts.position(rank, pp_size)
-        kinds: dict[str, int] = {}
-        for i in range(start, end):
-            kinds[costs.layer_types[i]] = kinds.get(costs.layer_types[i], 0) + 1
         layers = range(start, end)
+        kinds = {kind: n for kind in order if (n := sum(costs.layer_types[i] == kind for i in layers))}
         stages.append(StagePlan(
             pp_rank=rank, layer_start=start, layer_end=end, layer_kinds=kinds,
             moe_layers=sum(costs.layer_moe[i] for i in layers),

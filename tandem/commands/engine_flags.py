@@ -17,6 +17,7 @@ HELP = {
     "context_length": "Maximum tokens per request (prompt + output); default min(model limit, 4096).",
     "max_running_requests": "Requests decoded at once (cache slots per stage).",
     "chunked_prefill_size": "Maximum prompt tokens prefilled per step; longer prompts are chunked.",
+    "num_micro_batches": "Micro-batches kept in flight across the pipeline (default: pp_size).",
     "nnodes": "Number of machines taking part.",
     "node_rank": "This machine's index among --nnodes.",
     "dist_init_addr": "host:port of node 0's rendezvous for multi-node runs (default: a free local port).",
@@ -34,9 +35,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs["default"] = f.default
             kwargs["help"] += f" (default: {f.default})"
-        if f.type in ("int", int) or isinstance(f.default, int) and not isinstance(f.default, bool):
-            kwargs["type"] = int
-        elif f.name == "context_length":
+        if str(f.type).startswith("int"):
             kwargs["type"] = int
         parser.add_argument(flag, **kwargs)
 

@@ -22,8 +22,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tandem.engine import Engine
+    from tandem.engine import Engine, run_worker_node
 
+    if args.node_rank > 0:
+        return run_worker_node(**engine_kwargs(args))
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "top_k": args.top_k}
     with Engine(**engine_kwargs(args)) as engine:

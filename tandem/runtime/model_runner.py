@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,7 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         self.sampler = Sampler()
         self._pending_sends: list = []
+        self.step_times: deque[tuple[float, float]] = deque(maxlen=4096)  # wall-clock (start, end) per step
         logger.info(self.report_line())
 
     def _allocate_caches(self) -> None:
@@ -100,6 +102,7 @@ class ModelRunner:
             "state_cache_bytes": self.state_cache.nbytes, "load_seconds": self.load_seconds,
             "num_slots": self.num_slots, "max_len": self.max_len,
             "tensors_read": list(self.load_report.tensors_read), "bytes_read": self.load_report.bytes_read,
+            "step_times": list(self.step_times),
         }
 
     def report_line(self) -> str:
@@ -108,9 +111,16 @@ class ModelRunner:
                 f"kv cache {mb(self.kv_cache.nbytes)}, state cache {mb(self.state_cache.nbytes)}, "
                 f"load {self.load_seconds:.1f} s")
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step on this stage; the last stage returns the sampled tokens."""
+        start = time.time()
+        try:
+            return self._execute(step)
+        finally:
+            self.step_times.append((start, time.time()))
+
+    @torch.inference_mode()
+    def _execute(self, step: StepInput) -> StepOutput | None:
         pp = get_pp()
         for key in step.release_keys:
             self.sampler.release(key)

@@ -80,14 +80,21 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def next_step(self) -> tuple[StepInput, list[Request]] | None:
+    def next_step(self, busy: set = frozenset(), num_micro_batches: int = 1) -> tuple[StepInput, list[Request]] | None:
+        """Plan one step over requests not in `busy` (their previous step is still in flight). With
+        micro-batches, each step takes about 1/num_micro_batches of the running requests."""
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
             req.slot = self.free_slots.popleft()
             self.running.append(req)
+        cap = -(-len(self.running) // num_micro_batches)
         reqs, spans, ids, sample, resets = [], [], [], [], []
         budget = self.chunk_size
         for req in self.running:
+            if req.rid in busy:
+                continue
+            if len(reqs) >= cap:
+                break
             pending = len(req.all_ids) - req.num_cached
             if req.num_cached and pending == 1:  # decoding
                 n = 1

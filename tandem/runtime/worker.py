@@ -82,6 +82,9 @@ def rank_main(spec: RankSpec, args) -> None:
             message = pickle.loads(steps.recv())
             if message[0] == "stop":
                 break
+            if message[0] == "report":
+                send("report", spec.rank, runner.report())
+                continue
             _, step_id, step = message
             out = runner.execute(step)
             if is_reporter:

@@ -1,0 +1,162 @@
+"""What each pipeline stage holds and reads, and how rank failures surface.
+
+Byte counts are computed independently from the checkpoint's safetensors headers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from support.checkpoints import checkpoint_tensor_names
+from tandem.engine import Engine
+from tandem.errors import PartitionError, RankFailedError
+
+LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def worker_processes() -> list[int]:
+    """PIDs of rank processes whose parent is this test process."""
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and b"tandem.runtime.worker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def text_tensors(model_dir) -> dict[str, int]:
+    """Text-model checkpoint tensors -> element count (no mtp / vision tensors)."""
+    out = {}
+    for name, (shape, _) in checkpoint_tensor_names(model_dir).items():
+        if name.startswith(("mtp.", "model.visual.")):
+            continue
+        count = 1
+        for dim in shape:
+            count *= dim
+        out[name] = count
+    return out
+
+
+def expected_stage_bytes(model_dir, start: int, end: int, first: bool, last: bool, tied: bool, elem: int) -> int:
+    total = 0
+    for name, count in text_tensors(model_dir).items():
+        layer = LAYER.search(name)
+        if layer:
+            owned = start <= int(layer.group(1)) < end
+        elif "embed_tokens" in name:
+            owned = first or (tied and last)
+            if first and last and tied:
+                owned = True  # one shared tensor on a single stage
+        elif name.endswith("norm.weight"):
+            owned = last
+        elif name.startswith("lm_head"):
+            owned = last and not tied
+        else:
+            raise AssertionError(f"unclassified tensor {name}")
+        total += count * elem if owned else 0
+    return total
+
+
+@pytest.mark.parametrize("spec,pp,partition", [
+    (dict(kind="qwen3_5_moe", fused_experts=True, multimodal=True, add_mtp=True), 2, None),
+    (dict(kind="qwen3_5", tied=True), 2, "3,1"),
+    (dict(kind="llama"), 4, None),
+])
+def test_each_stage_holds_and_reads_only_its_own(ckpt, spec, pp, partition):
+    spec = dict(spec)
+    model_dir = ckpt(spec.pop("kind"), **spec)
+    tied = spec.get("tied", False)
+    with Engine(model_dir, pp_size=pp, dtype="float32", pp_layer_partition=partition, progress=False) as engine:
+        report = engine.stage_report()
+    layers_bytes = []
+    for stage in report:
+        start, end = stage["layer_start"], stage["layer_end"]
+        first, last = stage["pp_rank"] == 0, stage["pp_rank"] == pp - 1
+        assert stage["weight_bytes"] == expected_stage_bytes(model_dir, start, end, first, last, tied, 4)
+        layers_bytes.append(expected_stage_bytes(model_dir, start, end, False, False, False, 4))
+        for name in stage["tensors_read"]:  # recorded at the loader's only read call
+            layer = LAYER.search(name)
+            if layer:
+                assert start <= int(layer.group(1)) < end, f"stage {stage['pp_rank']} read {name}"
+            assert not name.startswith(("mtp.", "model.visual."))
+    bounds = [(s["layer_start"], s["layer_end"]) for s in report]
+    assert bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    if partition is None and pp == 2:
+        total = sum(layers_bytes)
+        for part in layers_bytes:  # a uniform split of identical layers holds half of the layers' bytes each
+            assert abs(part - total / 2) <= total * 0.3
+
+
+def test_missing_tensor_on_stage_1_names_tensor_and_stage(ckpt, tmp_path):
+    source = ckpt("qwen3_5_moe")
+    for file in source.iterdir():
+        if file.is_file():
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    weights = load_file(tmp_path / "model.safetensors")
+    victim = "model.layers.3.linear_attn.in_proj_a.weight"
+    if victim not in weights:
+        victim = next(n for n in weights if n.startswith("model.layers.3."))
+    del weights[victim]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as info:
+        Engine(tmp_path, pp_size=2, pp_layer_partition="2,2", dtype="float32", progress=False)
+    assert time.monotonic() - start < 60
+    message = str(info.value)
+    assert victim in message and "pp 1/2" in message
+    deadline = time.monotonic() + 5
+    while worker_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_processes() == []
+
+
+@pytest.mark.parametrize("partition", ["1,1", "4,0", "2,2,0", "a,b", [2.5, 1.5]])
+def test_invalid_partition_refused_before_any_process_starts(ckpt, partition):
+    with pytest.raises(PartitionError):
+        Engine(ckpt("llama"), pp_size=2, pp_layer_partition=partition, progress=False)
+    assert worker_processes() == []
+
+
+def test_shutdown_leaves_no_process(ckpt):
+    engine = Engine(ckpt("llama"), pp_size=2, dtype="float32", progress=False)
+    assert len(worker_processes()) == 2
+    engine.shutdown()
+    assert worker_processes() == []
+
+
+def test_two_nodes_on_localhost(ckpt):
+    from tandem.distributed import _free_port_triple
+
+    model_dir = ckpt("llama")
+    port = _free_port_triple()
+    node1 = subprocess.Popen([sys.executable, "-m", "tandem.cli", "generate", "--model-path", str(model_dir),
+                              "--pp-size", "2", "--dtype", "float32", "--nnodes", "2", "--node-rank", "1",
+                              "--dist-init-addr", f"127.0.0.1:{port}"])
+    try:
+        with Engine(model_dir, pp_size=2, dtype="float32", nnodes=2, dist_init_addr=f"127.0.0.1:{port}",
+                    progress=False) as engine:
+            report = engine.stage_report()
+            out = engine.generate(input_ids=[[5, 6, 7]], sampling_params={"temperature": 0, "max_new_tokens": 4,
+                                                                          "ignore_eos": True})
+        assert [r["pp_rank"] for r in report] == [0, 1]
+        with Engine(model_dir, dtype="float32", progress=False) as single:
+            ref = single.generate(input_ids=[[5, 6, 7]], sampling_params={"temperature": 0, "max_new_tokens": 4,
+                                                                          "ignore_eos": True})
+        assert out[0]["output_ids"] == ref[0]["output_ids"]
+        assert node1.wait(timeout=30) == 0
+    finally:
+        if node1.poll() is None:
+            node1.kill()

@@ -1,0 +1,355 @@
+"""Stage planner (`tandem.planner`, `tandem plan`): exact byte counts against hand-written formulas and against
+real engine runs, optimality of the `auto` partitions, and the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tandem import planner
+from tandem.cli import main as cli_main
+from tandem.config import EngineArgs, ModelConfig
+from tandem.errors import PartitionError
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+REAL = ["Qwen3.5-35B-A3B", "Qwen3.5-122B-A10B", "Qwen3.5-397B-A17B", "Qwen3.5-27B", "Qwen3-30B-A3B"]
+HAS_MULTIPROCESS = importlib.util.find_spec("tandem.distributed") is not None
+
+
+# ---- an independent parameter count, written from the checkpoint layout -----------------------------------
+
+
+def text_config(raw: dict) -> dict:
+    return raw.get("text_config", raw)
+
+
+def hand_param_count(raw: dict) -> int:
+    """Parameters of the text model (embedding, layers, final norm, LM head; no vision tower, no MTP)."""
+    t = text_config(raw)
+    H, V, L = t["hidden_size"], t["vocab_size"], t["num_hidden_layers"]
+    heads, kv, hd = t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
+    qwen35 = "layer_types" in t and t.get("model_type", "").startswith("qwen3_5")
+    layer_types = t.get("layer_types") or ["full_attention"] * L
+    tied = raw.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+    total = V * H + H + (0 if tied else V * H)  # embed_tokens, model.norm, lm_head
+    q_out = heads * hd * (2 if qwen35 else 1)  # Qwen3.5's q_proj also emits the output gate
+    full_attn = H * q_out + 2 * H * kv * hd + heads * hd * H + 2 * hd  # q, k, v, o, q_norm, k_norm
+    if qwen35:
+        nk, nv = t["linear_num_key_heads"], t["linear_num_value_heads"]
+        dk, dv, K = t["linear_key_head_dim"], t["linear_value_head_dim"], t["linear_conv_kernel_dim"]
+        conv = 2 * nk * dk + nv * dv
+        linear_attn = (H * conv + H * nv * dv + 2 * H * nv  # in_proj_qkv, in_proj_z, in_proj_b, in_proj_a
+                       + conv * K + 2 * nv + dv + nv * dv * H)  # conv1d, A_log, dt_bias, norm, out_proj
+    if t.get("num_experts"):
+        E, I = t["num_experts"], t["moe_intermediate_size"]
+        S = t.get("shared_expert_intermediate_size") or 0
+        mlp = E * H + E * 3 * I * H + (3 * S * H + H if S else 0)  # router, experts, shared expert + its gate
+    else:
+        mlp = 3 * H * t["intermediate_size"]
+    for kind in layer_types:
+        total += 2 * H + mlp + (linear_attn if kind == "linear_attention" else full_attn)
+    return total
+
+
+def load_raw(name: str) -> dict:
+    return json.loads((CONFIGS / name / "config.json").read_text())
+
+
+def write_variant(tmp_path: Path, name: str, *, layer_types=None, num_layers=None, tied=None) -> Path:
+    """A copy of a real config with fewer layers / another layer pattern / tied embeddings."""
+    raw = load_raw(name)
+    t = text_config(raw)
+    if layer_types is not None:
+        num_layers = len(layer_types)
+    if num_layers is not None:
+        t["num_hidden_layers"] = num_layers
+        if "layer_types" in t:
+            t["layer_types"] = list(layer_types or t["layer_types"][:num_layers])
+    if tied is not None:
+        raw["tie_word_embeddings"] = tied
+        t["tie_word_embeddings"] = tied
+    out = tmp_path / f"{name}-{num_layers}-{tied}-{abs(hash(str(layer_types))) % 10**6}"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(raw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def real():
+    return {name: ModelConfig.from_hf(CONFIGS / name) for name in REAL}
+
+
+def args_for(pp: int, tp: int = 1, **kw) -> EngineArgs:
+    return EngineArgs(model_path="unused", pp_size=pp, tp_size=tp, **kw)
+
+
+# ---- real configs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_stage_weights_sum_to_model_parameters(real, name):
+    expected = hand_param_count(load_raw(name)) * 2  # bf16
+    costs = planner.costs_for(real[name], args_for(2, dtype="bfloat16"))
+    assert planner.model_weight_bytes(costs) == expected
+    for pp in (1, 2, 3, 4, 8):
+        for spec in ("uniform", "auto", "auto-compute"):
+            counts = planner.resolve_plan_partition(spec, costs, pp)
+            assert len(counts) == pp and sum(counts) == real[name].num_layers and min(counts) >= 1
+            stages = planner.plan_stages(costs, counts)
+            assert sum(s.weight_bytes for s in stages) == expected, (pp, spec)
+
+
+def test_published_sizes(real):
+    gb = {name: planner.model_weight_bytes(planner.costs_for(real[name], args_for(1))) / 1e9 for name in REAL}
+    assert 66 <= gb["Qwen3.5-35B-A3B"] <= 70
+    assert 240 <= gb["Qwen3.5-122B-A10B"] <= 250
+    assert 785 <= gb["Qwen3.5-397B-A17B"] <= 800
+    assert 52 <= gb["Qwen3.5-27B"] <= 56
+    assert 60 <= gb["Qwen3-30B-A3B"] <= 62
+
+
+def test_tied_embeddings_last_stage_holds_its_own_head(tmp_path):
+    path = write_variant(tmp_path, "Qwen3.5-35B-A3B", num_layers=8, tied=True)
+    raw, config = json.loads((path / "config.json").read_text()), ModelConfig.from_hf(path)
+    t = text_config(raw)
+    count, embed = hand_param_count(raw), t["vocab_size"] * t["hidden_size"]
+    costs = planner.costs_for(config, args_for(1, dtype="float32"))
+    for pp in (1, 2, 4):
+        stages = planner.plan_stages(costs, planner.resolve_plan_partition("auto", costs, pp))
+        assert sum(s.weight_bytes for s in stages) == 4 * (count + (embed if pp > 1 else 0))
+
+
+@pytest.mark.parametrize("name", ["Qwen3.5-35B-A3B", "Qwen3.5-27B", "Qwen3-30B-A3B"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_additive_model_matches_whole_stage_builds(real, name, tp):
+    costs = planner.costs_for(real[name], args_for(3, tp))
+    counts = planner.resolve_plan_partition("auto", costs, 3)
+    import torch
+
+    built = planner.stage_weight_bytes_on_meta(real[name], torch.bfloat16, tp, counts)
+    assert [s.weight_bytes for s in planner.plan_stages(costs, counts)] == built
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_auto_never_worse_than_uniform(real, name):
+    for tp in (1, 2):
+        costs = planner.costs_for(real[name], args_for(2, tp, max_running_requests=64, context_length=32768))
+        for pp in range(2, 9):
+            uniform = planner.plan_stages(costs, planner.resolve_plan_partition("uniform", costs, pp))
+            auto = planner.plan_stages(costs, planner.resolve_plan_partition("auto", costs, pp))
+            compute = planner.plan_stages(costs, planner.resolve_plan_partition("auto-compute", costs, pp))
+            assert max(s.total_bytes for s in auto) <= max(s.total_bytes for s in uniform)
+            assert max(s.flops_per_token for s in compute) <= max(s.flops_per_token for s in uniform) * (1 + 1e-12)
+
+
+def test_moe_compute_counts_only_active_experts(real):
+    c = real["Qwen3.5-35B-A3B"]
+    costs = planner.costs_for(c, args_for(1))
+    active = (sum(costs.flops) + costs.extra_flops["single"]) / 2 / 1e9
+    assert 2.5 < active < 4  # "A3B": about 3B active parameters per token (plus the attention term)
+
+
+# ---- optimality --------------------------------------------------------------------------------------------
+
+
+def compositions(n: int, parts: int):
+    for cuts in itertools.combinations(range(1, n), parts - 1):
+        bounds = (0, *cuts, n)
+        yield [bounds[i + 1] - bounds[i] for i in range(parts)]
+
+
+PATTERNS = [
+    None,  # the real pattern, truncated
+    ["full_attention", "linear_attention", "linear_attention", "full_attention", "full_attention",
+     "linear_attention", "linear_attention"],
+    ["linear_attention"] * 5 + ["full_attention"] * 3,
+    ["full_attention", "full_attention", "linear_attention", "linear_attention", "linear_attention",
+     "full_attention"],
+]
+
+
+@pytest.mark.parametrize("pattern", range(len(PATTERNS)))
+@pytest.mark.parametrize("name", ["Qwen3.5-35B-A3B", "Qwen3.5-27B"])
+def test_auto_is_optimal_by_brute_force(tmp_path, name, pattern):
+    layer_types = PATTERNS[pattern]
+    path = write_variant(tmp_path, name, layer_types=layer_types, num_layers=None if layer_types else 8)
+    config = ModelConfig.from_hf(path)
+    # long contexts make full-attention layers much heavier than linear ones
+    for requests, tokens in ((16, 4096), (64, 65536)):
+        costs = planner.costs_for(config, args_for(2, max_running_requests=requests, context_length=tokens))
+        for pp in (2, 3, 4):
+            for kind, metric in (("auto", "total_bytes"), ("auto-compute", "flops_per_token")):
+                best = min(max(getattr(s, metric) for s in planner.plan_stages(costs, split))
+                           for split in compositions(config.num_layers, pp))
+                got = planner.resolve_plan_partition(kind, costs, pp)
+                assert max(getattr(s, metric) for s in planner.plan_stages(costs, got)) == pytest.approx(best, rel=1e-12)
+
+
+def test_min_max_partition_random_brute_force():
+    rng = random.Random(0)
+    for _ in range(300):
+        n, p = rng.randint(1, 9), rng.randint(1, 5)
+        if p > n:
+            continue
+        costs = [rng.randint(0, 20) for _ in range(n)]
+        extra = [rng.randint(0, 30) for _ in range(p)]
+        got = planner.min_max_partition(costs, p, extra)
+        assert len(got) == p and sum(got) == n and min(got) >= 1
+
+        def worst(split):
+            bounds = [0, *itertools.accumulate(split)]
+            return max(sum(costs[bounds[k]:bounds[k + 1]]) + extra[k] for k in range(p))
+
+        assert worst(got) == min(worst(s) for s in compositions(n, p))
+
+
+def test_min_max_partition_prefers_even_splits():
+    assert planner.min_max_partition([1] * 8, 2) == [4, 4]
+    assert planner.min_max_partition([1] * 8, 4) == [2, 2, 2, 2]
+    assert planner.min_max_partition([1] * 8, 2, [0, 4]) == [6, 2]
+
+
+def test_auto_partition_api(real):
+    config = real["Qwen3.5-35B-A3B"]
+    assert planner.auto_partition(config, args_for(1), "auto") == [40]
+    counts = planner.auto_partition(config, args_for(4), "auto")
+    assert len(counts) == 4 and sum(counts) == 40
+    assert planner.auto_partition(config, args_for(2), "auto-compute") != planner.auto_partition(
+        config, args_for(2), "auto")  # the LM head's FLOPs shift layers to the first stage
+    with pytest.raises(PartitionError, match="unknown automatic partition"):
+        planner.auto_partition(config, args_for(2), "automatic")
+    with pytest.raises(PartitionError, match="exceeds"):
+        planner.auto_partition(config, args_for(41), "auto")
+
+
+def test_parallel_context_restores_state():
+    from tandem.parallel import state
+
+    before = (state.get_tp(), state.get_pp(), state.get_partition())
+    with pytest.raises(RuntimeError):
+        with planner.parallel_context(4, 1, 2, 1, (3, 5)):
+            assert (state.get_tp().size, state.get_tp().rank, state.get_pp().size, state.get_partition()) == (
+                4, 1, 2, (3, 5))
+            raise RuntimeError
+    assert (state.get_tp(), state.get_pp(), state.get_partition()) == before
+
+
+# ---- exactness against real engine runs on small checkpoints ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from support.checkpoints import build_checkpoint
+
+    root = tmp_path_factory.mktemp("planner_ckpts")
+    hybrid = ["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention",
+              "linear_attention"]
+    return {
+        "qwen3_5_moe": build_checkpoint("qwen3_5_moe", root / "qwen3_5_moe", layer_types=hybrid, multimodal=True),
+        "qwen3_5": build_checkpoint("qwen3_5", root / "qwen3_5", num_layers=4),
+        "qwen3_moe": build_checkpoint("qwen3_moe", root / "qwen3_moe", num_layers=4),
+        "llama_tied": build_checkpoint("llama", root / "llama_tied", num_layers=4, tied=True),
+    }
+
+
+ENGINE_KW = dict(context_length=64, max_running_requests=3, progress=False)
+
+
+def run_engine(path, **kw):
+    from tandem.engine import Engine
+
+    with Engine(path, **kw, **ENGINE_KW) as engine:
+        return engine.partition, engine.stage_report()
+
+
+def check_against_plan(path, pp: int, tp: int, spec, dtype: str):
+    partition, reports = run_engine(path, pp_size=pp, tp_size=tp, dtype=dtype, pp_layer_partition=spec)
+    config = ModelConfig.from_hf(path)
+    args = EngineArgs(model_path=str(path), pp_size=pp, tp_size=tp, dtype=dtype, pp_layer_partition=spec,
+                      context_length=ENGINE_KW["context_length"],
+                      max_running_requests=ENGINE_KW["max_running_requests"])
+    costs = planner.costs_for(config, args)
+    expected = planner.resolve_plan_partition(spec, costs, pp)
+    assert partition == expected
+    stages = planner.plan_stages(costs, expected)
+    for report in reports:
+        stage = stages[report["pp_rank"]]
+        assert (report["layer_start"], report["layer_end"]) == (stage.layer_start, stage.layer_end)
+        assert report["weight_bytes"] == stage.weight_bytes, report
+        assert report["kv_cache_bytes"] == stage.kv_cache_bytes, report
+        assert report["state_cache_bytes"] == stage.state_cache_bytes, report
+    assert len(reports) == pp * tp
+
+
+@pytest.mark.parametrize("kind", ["qwen3_5_moe", "qwen3_5", "qwen3_moe", "llama_tied"])
+def test_plan_equals_stage_report_single_process(small, kind):
+    check_against_plan(small[kind], 1, 1, None, "float32")
+    check_against_plan(small[kind], 1, 1, "auto", "bfloat16")
+
+
+@pytest.mark.skipif(not HAS_MULTIPROCESS, reason="multi-process runs (tandem.distributed) not available yet")
+@pytest.mark.parametrize("spec", ["2,4", "auto"])
+def test_plan_equals_stage_report_pp2(small, spec):
+    check_against_plan(small["qwen3_5_moe"], 2, 1, spec, "float32")
+
+
+@pytest.mark.skipif(not HAS_MULTIPROCESS, reason="multi-process runs (tandem.distributed) not available yet")
+def test_plan_equals_stage_report_tied_pp2(small):
+    # uniform; the last stage loads its own LM head from embed_tokens.weight
+    check_against_plan(small["llama_tied"], 2, 1, None, "bfloat16")
+
+
+@pytest.mark.skipif(not HAS_MULTIPROCESS, reason="multi-process runs (tandem.distributed) not available yet")
+def test_plan_equals_stage_report_tp2(small):
+    check_against_plan(small["qwen3_5_moe"], 1, 2, "auto", "float32")
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------------
+
+
+def test_cli_json(capsys):
+    path = CONFIGS / "Qwen3.5-35B-A3B"
+    assert cli_main(["plan", str(path), "--pp-size", "2", "--tp-size", "1", "--dtype", "bf16",
+                     "--max-tokens", "8192", "--max-requests", "8", "--gpu-memory", "80GB",
+                     "--pp-layer-partition", "15,25", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"] == "Qwen3.5-35B-A3B" and plan["pp_size"] == 2 and plan["dtype"] == "bfloat16"
+    assert plan["max_tokens"] == 8192 and plan["max_requests"] == 8 and plan["gpu_memory_bytes"] == 80 * 10**9
+    assert [p["name"] for p in plan["plans"]] == ["uniform", "auto", "15,25"]
+    assert plan["plans"][2]["partition"] == [15, 25]
+    expected = hand_param_count(load_raw("Qwen3.5-35B-A3B")) * 2
+    assert plan["model_weight_bytes"] == expected
+    for p in plan["plans"]:
+        assert sum(s["weight_bytes"] for s in p["stages"]) == expected
+        for s in p["stages"]:
+            for key in ("layer_start", "layer_end", "kinds", "layer_kinds", "weight_bytes", "kv_cache_bytes",
+                        "state_cache_bytes", "cache_bytes", "total_bytes", "fits", "flops_per_token"):
+                assert key in s
+            assert s["total_bytes"] == s["weight_bytes"] + s["kv_cache_bytes"] + s["state_cache_bytes"]
+            assert s["fits"]
+    for p in plan["plans"][:2]:  # uniform and auto: about half the model each
+        assert all(30e9 < s["weight_bytes"] < 40e9 for s in p["stages"])
+    assert plan["plans"][0]["stages"][0]["kinds"] == "15 linear_attention + 5 full_attention, MoE"
+
+
+def test_cli_text_and_config_file(capsys):
+    assert cli_main(["plan", str(CONFIGS / "Qwen3.5-397B-A17B" / "config.json"), "--pp-size", "2",
+                     "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen3.5-397B-A17B" in out and "partition uniform [30, 30]" in out and "partition auto" in out
+    assert "NO" in out and "does NOT fit" in out  # ~400 GB per stage on 80 GiB devices
+
+
+def test_cli_errors(capsys):
+    path = str(CONFIGS / "Qwen3.5-27B")
+    assert cli_main(["plan", path, "--pp-size", "2", "--pp-layer-partition", "3,3"]) == 2
+    assert "sums to 6" in capsys.readouterr().err
+    assert cli_main(["plan", path, "--pp-size", "2", "--gpu-memory", "lots"]) == 2
+    assert "invalid memory size" in capsys.readouterr().err
+    assert cli_main(["plan", path, "--tp-size", "3"]) == 2
+    assert "divisible" in capsys.readouterr().err
