@@ -73,7 +73,9 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         self.sampler = Sampler()
         self._pending_sends: list = []
-        self.step_times: deque[tuple[float, float]] = deque(maxlen=4096)  # wall-clock (start, end) per step
+        # wall-clock (start, end) of each step's computation, excluding the wait for the previous stage
+        self.step_times: deque[tuple[float, float]] = deque(maxlen=4096)
+        self._compute_start = 0.0
         logger.info(self.report_line())
 
     def _allocate_caches(self) -> None:
@@ -113,11 +115,11 @@ class ModelRunner:
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step on this stage; the last stage returns the sampled tokens."""
-        start = time.time()
+        self._compute_start = time.time()
         try:
             return self._execute(step)
         finally:
-            self.step_times.append((start, time.time()))
+            self.step_times.append((self._compute_start, time.time()))
 
     @torch.inference_mode()
     def _execute(self, step: StepInput) -> StepOutput | None:
@@ -131,6 +133,7 @@ class ModelRunner:
         if not pp.is_first:
             received = comm.recv_from_prev_stage(batch.num_tokens, self.config.hidden_size, self.dtype, self.device)
             hidden, residual = received["hidden_states"], received["residual"]
+            self._compute_start = time.time()
         hidden, residual = self.model(batch, hidden, residual)
         if not pp.is_last:
             for work in self._pending_sends:
