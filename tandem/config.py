@@ -94,7 +94,10 @@ class ModelConfig:
         architecture = check_supported(architectures[0])
         from transformers import AutoConfig
 
-        hf_full = AutoConfig.from_pretrained(str(config_file.parent), trust_remote_code=False)
+        try:
+            hf_full = AutoConfig.from_pretrained(str(config_file.parent), trust_remote_code=False)
+        except Exception as exc:  # transformers' validators raise several unrelated exception types
+            raise ConfigError(f"{config_file} is not a valid {architecture} config: {exc}") from exc
         multimodal = "text_config" in raw
         hf = hf_full.get_text_config() if multimodal else hf_full
         return cls._from_text_config(architecture, hf, raw, multimodal)

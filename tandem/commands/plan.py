@@ -125,7 +125,7 @@ def render(plan: dict) -> str:
                      f"{fmt_flops(p['max_stage_flops_per_token'])}/token; "
                      f"{'fits' if p['fits'] else 'does NOT fit'} in {memory}")
         for r in rows:
-            lines.append("  " + "  ".join(cell.ljust(w) if c in (1, 2) or c == 0 else cell.rjust(w)
+            lines.append("  " + "  ".join(cell.ljust(w) if c <= 2 else cell.rjust(w)
                                           for c, (cell, w) in enumerate(zip(r, widths))).rstrip())
     return "\n".join(lines)
 

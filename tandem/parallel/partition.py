@@ -7,6 +7,7 @@ The `auto` partitions live in `tandem.planner` because they need per-layer byte 
 from __future__ import annotations
 
 import numbers
+import re
 from typing import Callable, Sequence
 
 import torch.nn as nn
@@ -47,14 +48,14 @@ def parse_partition(spec: str | Sequence, num_layers: int, pp_size: int) -> list
         parts = [p.strip() for p in spec.split(",")]
         counts = []
         for part in parts:
-            try:
-                counts.append(int(part))
-            except ValueError:
+            # NOTE: a strict pattern: int() would also accept "1_0" and non-ASCII digits
+            if not re.fullmatch(r"[+-]?[0-9]+", part):
                 raise PartitionError(
                     f"invalid pipeline layer partition {spec!r}: {part!r} is not an integer "
                     f"(expected {pp_size} comma-separated layer counts summing to {num_layers})"
-                ) from None
-    else:
+                )
+            counts.append(int(part))
+    elif isinstance(spec, (list, tuple)):
         counts = list(spec)
         for item in counts:
             if isinstance(item, bool) or not isinstance(item, numbers.Integral):
@@ -62,6 +63,11 @@ def parse_partition(spec: str | Sequence, num_layers: int, pp_size: int) -> list
                     f"invalid pipeline layer partition {counts!r}: {item!r} is not an integer layer count"
                 )
         counts = [int(c) for c in counts]
+    else:
+        raise PartitionError(
+            f"invalid pipeline layer partition {spec!r}: expected {pp_size} layer counts summing to "
+            f"{num_layers}, as a comma-separated string or a list of integers"
+        )
     if len(counts) != pp_size:
         raise PartitionError(
             f"invalid pipeline layer partition {counts}: it has {len(counts)} entries but pp_size is {pp_size}"

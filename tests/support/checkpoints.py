@@ -41,10 +41,10 @@ VISION_START_ID, VISION_END_ID, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = 316, 317, 318, 
 # Randomization scales (see _random_value).
 EMBED_STD = 0.5
 EMBED_STD_TIED = 0.25
-LM_HEAD_STD = 0.25
-OUT_GAIN = 1.0
-QK_GAIN = 1.0
-QK_NORM_MEAN = 1.0
+LM_HEAD_STD = 0.5
+OUT_GAIN = 3.0
+QK_GAIN = 3.0
+QK_NORM_MEAN = 2.0
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

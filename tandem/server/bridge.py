@@ -1,0 +1,176 @@
+"""The bridge between the engine's step thread and the server's asyncio loop.
+
+`EngineBridge.submit` wraps a prompt in a scheduler `Request` whose `on_update` runs on the engine's loop
+thread: it records token timings for the metrics and wakes the HTTP handler through
+`loop.call_soon_threadsafe` with the index of the request in an `asyncio.Queue` shared by the prompts of
+one HTTP request. The handler then reads the request's live state (`output_ids` only grows, and
+`finish_reason` is set after the last token), so no per-token copies cross threads.
+
+`TextStream` turns growing token lists into text deltas whose concatenation equals the final text: it
+holds back an incomplete UTF-8 character (a trailing U+FFFD) and any tail that could be the start of a
+stop string, since the final text is cut before a matched stop string."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+
+from tandem.runtime.sampler import SamplingParams
+from tandem.runtime.scheduler import Request
+from tandem.server.protocol import APIError
+
+logger = logging.getLogger("tandem.server")
+
+
+class Tracked:
+    """One engine request as the server sees it."""
+
+    def __init__(self, req: Request, index: int, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop,
+                 metrics, endpoint: str):
+        self.req, self.index, self.queue, self.loop = req, index, queue, loop
+        self.metrics, self.endpoint = metrics, endpoint
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self._last_token_time = self.arrival
+        self._seen = 0
+        self._done = False
+        self._lock = threading.Lock()  # on_update runs on the loop thread, or on the caller's for aborts
+
+    def on_update(self, req: Request) -> None:
+        now = time.monotonic()
+        with self._lock:
+            n = len(req.output_ids)
+            if n > self._seen and self.metrics is not None:
+                if self._seen == 0:
+                    self.first_token_time = now
+                    self.metrics.ttft.observe(now - self.arrival)
+                else:
+                    gap = (now - self._last_token_time) / (n - self._seen)
+                    for _ in range(n - self._seen):
+                        self.metrics.itl.observe(gap)
+                self._last_token_time = now
+            self._seen = max(self._seen, n)
+            finished_now = req.finished and not self._done
+            if finished_now:
+                self._done = True
+                if self.metrics is not None:
+                    self.metrics.request_finished(self, now)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, self.index)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+
+class EngineBridge:
+    def __init__(self, engine, metrics=None):
+        self.engine, self.metrics = engine, metrics
+
+    @property
+    def max_len(self) -> int:
+        return self.engine.executor.max_len if self.engine.executor is not None else self.engine.scheduler.max_len
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine.error is None and self.engine.executor is not None
+
+    def check_healthy(self) -> None:
+        if not self.healthy:
+            raise APIError(f"the engine is not running: {self.engine.error or 'shut down'}", status=503,
+                           type="server_error", code="engine_unavailable")
+
+    def validate(self, prompt_ids: list[int], param: str) -> None:
+        """Raise a 400 for token ids outside the vocabulary, an empty prompt or one too long."""
+        vocab = self.engine.model_config.vocab_size
+        for t in prompt_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise APIError(f"token id {t!r} is not in [0, {vocab})", param=param)
+        try:
+            self.engine.scheduler.validate(Request(prompt_ids, SamplingParams()))
+        except ValueError as exc:
+            raise APIError(str(exc), param=param, code="context_length_exceeded"
+                           if prompt_ids else None) from None
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0,
+               return_logprob: bool = False, endpoint: str = "generate") -> Tracked:
+        self.check_healthy()
+        req = Request(list(prompt_ids), params, return_logprob=return_logprob)
+        tracked = Tracked(req, index, queue, asyncio.get_running_loop(), self.metrics, endpoint)
+        req.on_update = tracked.on_update
+        if self.metrics is not None:
+            self.metrics.request_started(tracked)
+        try:
+            self.engine.add_request(req)
+        except ValueError as exc:
+            raise APIError(str(exc)) from None
+        except Exception as exc:
+            raise APIError(f"the engine failed: {exc}", status=503, type="server_error",
+                           code="engine_unavailable") from None
+        return tracked
+
+    def abort(self, tracked: Tracked) -> None:
+        if not tracked.req.finished:
+            with contextlib.suppress(Exception):
+                self.engine.abort_request(tracked.req.rid)
+
+    def text_of(self, req: Request) -> str:
+        return self.engine.text_of(req) if self.engine.tokenizer is not None else ""
+
+    def decode(self, ids: list[int]) -> str:
+        return self.engine.decode(ids) if self.engine.tokenizer is not None else ""
+
+    def failure(self, req: Request) -> APIError | None:
+        """The error to report for a request the engine aborted because a rank failed."""
+        if (req.finish_reason or {}).get("type") == "abort" and self.engine.error is not None:
+            return APIError(f"the engine failed: {self.engine.error}", status=503, type="server_error",
+                            code="engine_unavailable")
+        return None
+
+
+async def next_update(queue: asyncio.Queue, request=None, poll_s: float = 1.0) -> int:
+    """The next request index with news; with `request` (a starlette Request), raise CancelledError when
+    the client has gone (checked every `poll_s` while no news arrives)."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), poll_s if request is not None else None)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise asyncio.CancelledError("client disconnected")
+
+
+class TextStream:
+    """Incremental detokenization for one request (see the module docstring)."""
+
+    def __init__(self, bridge: EngineBridge, stop: list[str]):
+        self.bridge, self.stop = bridge, list(stop)
+        self.sent = ""
+        self.num_tokens = 0  # tokens whose text has been considered
+
+    def _held_back(self, text: str) -> int:
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def update(self, req: Request) -> str:
+        """The new text since the last call; after the request finished, everything that is left."""
+        finished = req.finished
+        ids = req.output_ids if finished else req.output_ids[:]
+        self.num_tokens = len(ids)
+        if finished:
+            text = self.bridge.text_of(req)
+        else:
+            text = self.bridge.decode(ids).rstrip("\ufffd")
+            text = text[: len(text) - self._held_back(text)]
+        if not text.startswith(self.sent):
+            if finished:
+                logger.warning("streamed text diverged from the final text of request %s", req.rid)
+                self.sent = text
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta

@@ -1,0 +1,98 @@
+"""Prometheus metrics of the server, in a registry of its own (several apps can live in one process).
+
+Counters and histograms are updated as requests arrive, produce tokens and finish (token timings are
+taken on the engine's loop thread, when the token exists). Gauges (queue lengths, cache use per stage)
+are refreshed from the scheduler when /metrics is scraped.
+
+Cache use per stage: every stage holds a slot for each running request (capacity is agreed across
+stages), so slot use is the same on all stages; the bytes in use differ because each stage allocates KV
+cache only for its full-attention layers and state cache only for its linear-attention layers."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str = ""):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("tandem_requests", "Requests admitted to the engine.", ["endpoint"],
+                                registry=registry)
+        self.finished = Counter("tandem_requests_finished", "Requests finished, by finish reason.",
+                                ["finish_reason"], registry=registry)
+        self.invalid = Counter("tandem_invalid_requests", "Requests answered with a 4xx error.", ["endpoint"],
+                               registry=registry)
+        self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of admitted requests.",
+                                     registry=registry)
+        self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated.", registry=registry)
+        self.ttft = Histogram("tandem_time_to_first_token_seconds", "Time from arrival to the first token.",
+                              buckets=_LATENCY_BUCKETS, registry=registry)
+        self.itl = Histogram("tandem_inter_token_latency_seconds", "Time between consecutive tokens of a request.",
+                             buckets=_LATENCY_BUCKETS, registry=registry)
+        self.e2e = Histogram("tandem_e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             buckets=_LATENCY_BUCKETS, registry=registry)
+        self.running = Gauge("tandem_num_requests_running", "Requests holding a cache slot.", registry=registry)
+        self.waiting = Gauge("tandem_num_requests_waiting", "Requests queued for a cache slot.", registry=registry)
+        self.healthy = Gauge("tandem_engine_healthy", "1 while every rank is healthy, else 0.", registry=registry)
+        stage = ["pp_rank", "tp_rank"]
+        self.slot_usage = Gauge("tandem_cache_slots_usage_ratio", "Fraction of the stage's cache slots in use.",
+                                stage, registry=registry)
+        self.kv_usage = Gauge("tandem_kv_cache_usage_ratio",
+                              "Fraction of the stage's KV cache token capacity in use (0 without KV layers).",
+                              stage, registry=registry)
+        self.cache_bytes = Gauge("tandem_cache_bytes", "Cache bytes allocated on the stage.", stage + ["cache"],
+                                 registry=registry)
+        self.cache_used_bytes = Gauge("tandem_cache_used_bytes", "Cache bytes in use on the stage.",
+                                      stage + ["cache"], registry=registry)
+        self.stages: list[dict] = []
+
+    # ---- request events (any thread) ---------------------------------------------------------------
+    def request_started(self, tracked) -> None:
+        self.requests.labels(tracked.endpoint).inc()
+        self.prompt_tokens.inc(len(tracked.req.prompt_ids))
+
+    def request_finished(self, tracked, now: float) -> None:
+        req = tracked.req
+        self.finished.labels((req.finish_reason or {}).get("type", "unknown")).inc()
+        self.generation_tokens.inc(len(req.output_ids))
+        self.e2e.observe(now - tracked.arrival)
+
+    # ---- gauges (refreshed on scrape) --------------------------------------------------------------
+    def set_stages(self, reports: list[dict]) -> None:
+        """Remember each rank's static cache sizes (taken once, before the step loop starts)."""
+        self.stages = [{k: r.get(k) for k in ("pp_rank", "tp_rank", "kv_cache_bytes", "state_cache_bytes",
+                                              "num_slots", "max_len")} for r in reports]
+        for s in self.stages:
+            labels = (str(s["pp_rank"]), str(s["tp_rank"]))
+            self.cache_bytes.labels(*labels, "kv").set(s["kv_cache_bytes"] or 0)
+            self.cache_bytes.labels(*labels, "state").set(s["state_cache_bytes"] or 0)
+
+    def refresh(self, engine) -> None:
+        scheduler = engine.scheduler
+        lock = getattr(engine, "_lock", None) or contextlib.nullcontext()
+        with lock:
+            running = [r.num_cached for r in scheduler.running]
+            waiting = len(scheduler.waiting)
+        self.running.set(len(running))
+        self.waiting.set(waiting)
+        self.healthy.set(1 if engine.error is None and engine.executor is not None else 0)
+        for s in self.stages:
+            labels = (str(s["pp_rank"]), str(s["tp_rank"]))
+            slots, max_len = s["num_slots"] or 1, s["max_len"] or 1
+            slot_ratio = min(len(running) / slots, 1.0)
+            token_ratio = min(sum(running) / (slots * max_len), 1.0)
+            kv_bytes, state_bytes = s["kv_cache_bytes"] or 0, s["state_cache_bytes"] or 0
+            self.slot_usage.labels(*labels).set(slot_ratio)
+            self.kv_usage.labels(*labels).set(token_ratio if kv_bytes else 0.0)
+            self.cache_used_bytes.labels(*labels, "kv").set(int(kv_bytes * token_ratio))
+            self.cache_used_bytes.labels(*labels, "state").set(int(state_bytes * slot_ratio))
+
+    def render(self, engine=None) -> bytes:
+        if engine is not None:
+            self.refresh(engine)
+        return generate_latest(self.registry)
