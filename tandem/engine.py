@@ -94,10 +94,16 @@ class Engine:
                 event.wait()
             self._raise_if_failed()
         else:
-            for req in reqs:
-                self.scheduler.add(req)
-            self._run_steps(stop_when_idle=True)
+            self.run_requests(reqs)
         return [self._result(req, return_logprob, logprob_start_len) for req in reqs]
+
+    def run_requests(self, reqs: list[Request]) -> None:
+        """Run requests to completion on the calling thread (no background loop)."""
+        if self._loop_thread is not None:
+            raise RuntimeError("the background loop is running: use add_request")
+        for req in reqs:
+            self.scheduler.add(req)
+        self._run_steps(stop_when_idle=True)
 
     # ---- the step loop -------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:

@@ -72,7 +72,11 @@ def load_weights(model, model_path: str | Path, stage_label: str = "", progress:
             if not file.is_file():
                 raise CheckpointError(f"checkpoint shard {file} listed in the index does not exist")
             with safe_open(str(file), framework="pt") as shard:
+                present = set(shard.keys())
                 for name, targets in by_file[file]:
+                    if name not in present:
+                        raise CheckpointError(f"checkpoint tensor {name} is listed in {INDEX_FILE} under "
+                                              f"{file.name}, but that file does not contain it")
                     known = [(p, s) for p, s in targets if p in params]
                     if not known:
                         unexpected.append(name)
@@ -93,6 +97,10 @@ def load_weights(model, model_path: str | Path, stage_label: str = "", progress:
     for param_name, param in params.items():
         done = written.get(param_name, set())
         if None in done:
+            continue
+        if not done and len(param.shard_ids) > 1 and ".experts." in param_name:
+            # a whole expert stack: name the fused tensor rather than every per-expert piece
+            missing.append(f"{checkpoint_name_of(model, param_name, None)} (or its per-expert tensors)")
             continue
         for shard_id in param.shard_ids:
             if shard_id not in done:

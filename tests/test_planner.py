@@ -243,7 +243,10 @@ def test_parallel_context_restores_state():
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    from support.checkpoints import build_checkpoint
+    try:
+        from support.checkpoints import build_checkpoint
+    except ImportError:  # tests/ imported as a package
+        from tests.support.checkpoints import build_checkpoint
 
     root = tmp_path_factory.mktemp("planner_ckpts")
     # two heavy full-attention layers first: with 1024-token slots `auto` gives [1, 5], not the uniform [3, 3]

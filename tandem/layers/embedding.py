@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tandem.layers.matmul import linear
 from tandem.layers.weights import check_shape, new_param
 from tandem.parallel.comm import tp_all_gather, tp_all_reduce
 from tandem.parallel.state import get_tp
@@ -44,7 +45,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the vocabulary; with tied embeddings it is loaded from embed_tokens.weight."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
+        logits = linear(hidden_states, self.weight)
         if get_tp().size > 1:
             logits = tp_all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]

@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from tandem.layers.matmul import linear
 from tandem.errors import CheckpointError, ConfigError
 from tandem.layers.weights import check_shape, new_param, shard_of, sharded_loader
 from tandem.parallel.comm import tp_all_reduce
@@ -34,7 +34,7 @@ class ReplicatedLinear(nn.Module):
         self.bias = new_param(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -48,7 +48,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = new_param(self.out_local, weight_loader=sharded_loader(0)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(nn.Module):
@@ -88,7 +88,7 @@ class MergedColumnParallelLinear(nn.Module):
             param.data.narrow(0, start, size).copy_(shard_of(part, 0, tp.rank, tp.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(nn.Module):
@@ -137,7 +137,7 @@ class QKVParallelLinear(nn.Module):
         param.data.narrow(0, start, size).copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -151,5 +151,5 @@ class RowParallelLinear(nn.Module):
         self.bias = new_param(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(F.linear(x, self.weight))
+        out = tp_all_reduce(linear(x, self.weight))
         return out + self.bias if self.bias is not None else out

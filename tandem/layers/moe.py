@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tandem.layers.matmul import linear
+from tandem.errors import CheckpointError
 from tandem.layers.linear import ReplicatedLinear, divide
 from tandem.layers.weights import check_shape, new_param, shard_of
 from tandem.parallel.comm import tp_all_reduce
@@ -29,6 +31,10 @@ class StackedExperts(nn.Module):
         self.down_proj = new_param(num_experts, hidden_size, self.local_inter, weight_loader=self._load_down,
                                    shard_ids=range(num_experts))
 
+    def _check_expert(self, expert: int) -> None:
+        if not 0 <= expert < self.num_experts:
+            raise CheckpointError(f"expert {expert} does not exist: the model has {self.num_experts} experts")
+
     def _load_gate_up(self, param, loaded: torch.Tensor, shard_id=None) -> None:
         tp, inter = get_tp(), self.local_inter
         if shard_id is None:
@@ -38,6 +44,7 @@ class StackedExperts(nn.Module):
             param.data[:, inter:].copy_(shard_of(up, 1, tp.rank, tp.size))
             return
         expert, part = shard_id
+        self._check_expert(expert)
         check_shape((self.intermediate_size, self.hidden_size), loaded, "expert gate/up projection")
         param.data[expert, part * inter:(part + 1) * inter].copy_(shard_of(loaded, 0, tp.rank, tp.size))
 
@@ -47,6 +54,7 @@ class StackedExperts(nn.Module):
             check_shape((self.num_experts, self.hidden_size, self.intermediate_size), loaded, "experts.down_proj")
             param.data.copy_(shard_of(loaded, 2, tp.rank, tp.size))
             return
+        self._check_expert(shard_id)
         check_shape((self.hidden_size, self.intermediate_size), loaded, "expert down projection")
         param.data[shard_id].copy_(shard_of(loaded, 1, tp.rank, tp.size))
 
@@ -63,9 +71,9 @@ class StackedExperts(nn.Module):
             if count == 0:
                 continue
             rows = token_of[start:start + count]
-            gate_up = F.linear(x[rows], self.gate_up_proj[expert])  # [n, 2 * local_inter]
+            gate_up = linear(x[rows], self.gate_up_proj[expert])  # [n, 2 * local_inter]
             gate, up = gate_up.chunk(2, dim=-1)
-            expert_out = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [n, H]
+            expert_out = linear(F.silu(gate) * up, self.down_proj[expert])  # [n, H]
             out.index_add_(0, rows, expert_out * weights[start:start + count, None])
             start += count
         return out

@@ -223,7 +223,10 @@ class CausalLM(nn.Module):
         pp = get_pp()
         match = re.match(r"model\.layers\.(\d+)\.", name)
         if match:
-            return self.model.start <= int(match.group(1)) < self.model.end
+            index = int(match.group(1))
+            if index >= self.config.num_layers:
+                return True  # a layer the model does not have: reported as unexpected, never silently dropped
+            return self.model.start <= index < self.model.end
         if name.startswith("model.embed_tokens."):
             return pp.is_first or (self.config.tie_word_embeddings and pp.is_last)
         if name.startswith("lm_head."):

@@ -105,7 +105,16 @@ class ModelRunner:
             "num_slots": self.num_slots, "max_len": self.max_len,
             "tensors_read": list(self.load_report.tensors_read), "bytes_read": self.load_report.bytes_read,
             "step_times": list(self.step_times),
+            "peak_memory_bytes": self.peak_memory_bytes(),
         }
+
+    def peak_memory_bytes(self) -> int:
+        """Peak device memory on CUDA; the process's peak resident set size on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def report_line(self) -> str:
         mb = lambda n: f"{n / 1e6:.1f} MB"

@@ -94,9 +94,10 @@ class EngineBridge:
                            if prompt_ids else None) from None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0,
-               return_logprob: bool = False, endpoint: str = "generate") -> Tracked:
+               return_logprob: bool = False, input_logprobs: bool = False, endpoint: str = "generate") -> Tracked:
         self.check_healthy()
-        req = Request(list(prompt_ids), params, return_logprob=return_logprob)
+        req = Request(list(prompt_ids), params, return_logprob=return_logprob,
+                      input_logprobs_wanted=input_logprobs)
         tracked = Tracked(req, index, queue, asyncio.get_running_loop(), self.metrics, endpoint)
         req.on_update = tracked.on_update
         if self.metrics is not None:
@@ -129,15 +130,20 @@ class EngineBridge:
         return None
 
 
-async def next_update(queue: asyncio.Queue, request=None, poll_s: float = 1.0) -> int:
-    """The next request index with news; with `request` (a starlette Request), raise CancelledError when
-    the client has gone (checked every `poll_s` while no news arrives)."""
-    while True:
+async def wait_finished(trackeds: list[Tracked], queue: asyncio.Queue, request=None, poll_s: float = 1.0) -> bool:
+    """Wait until every request finished: True, or False as soon as the client (a starlette Request) has
+    gone. NOTE: updates arrive with every token, so the client is checked by the clock, not on timeouts."""
+    last_check = time.monotonic()
+    while not all(t.req.finished for t in trackeds):
         try:
-            return await asyncio.wait_for(queue.get(), poll_s if request is not None else None)
+            await asyncio.wait_for(queue.get(), poll_s)
         except asyncio.TimeoutError:
+            pass
+        if request is not None and time.monotonic() - last_check >= poll_s:
+            last_check = time.monotonic()
             if await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected")
+                return False
+    return True
 
 
 class TextStream:

@@ -14,6 +14,7 @@ import json
 import math
 import pathlib
 import struct
+import zlib
 
 import torch
 
@@ -184,70 +185,72 @@ def _uniform(gen, shape, lo, hi):
     return torch.rand(shape, generator=gen, dtype=torch.float32) * (hi - lo) + lo
 
 
-def _random_value(module: torch.nn.Module, pname: str, full_name: str, p: torch.Tensor, gen) -> torch.Tensor:
+def _random_value(module: torch.nn.Module, pname: str, mod_name: str, p: torch.Tensor, gen, tied: bool,
+                  has_qk_norm: bool) -> torch.Tensor:
     cls = type(module).__name__
     shape = tuple(p.shape)
+    leaf = mod_name.rsplit(".", 1)[-1]
     if cls.endswith("RMSNormGated"):  # Gated DeltaNet output norm: weight * x (one-centred)
         return _normal(gen, shape, 1.0, 0.1)
     if cls.endswith("RMSNorm"):
         if cls.startswith("Qwen3_5"):  # zero-centred: x * (1 + weight)
             return _normal(gen, shape, 0.0, 0.1)
-        qk = full_name.endswith(("q_norm", "k_norm"))  # Qwen3: sharper attention (see QK_NORM_MEAN)
-        return _normal(gen, shape, QK_NORM_MEAN if qk else 1.0, 0.1)
+        # Qwen3 q_norm/k_norm set the attention-score scale: mean QK_NORM_MEAN for sharper attention.
+        return _normal(gen, shape, QK_NORM_MEAN if leaf in ("q_norm", "k_norm") else 1.0, 0.1)
     if isinstance(module, torch.nn.LayerNorm):
         return _normal(gen, shape, 1.0, 0.1) if pname == "weight" else _normal(gen, shape, 0.0, 0.05)
     if pname == "A_log":  # A = exp(A_log) in [0.5, 4]
         return torch.log(_uniform(gen, shape, 0.5, 4.0))
     if pname == "dt_bias":
         return _uniform(gen, shape, -1.0, 1.0)
-    if full_name.endswith("linear_attn.conv1d.weight"):  # depthwise [C, 1, K]
+    if mod_name.endswith("linear_attn.conv1d"):  # depthwise [C, 1, K]
         return _normal(gen, shape, 0.0, 0.3)
-    if cls.endswith("TopKRouter") or full_name.endswith("mlp.gate.weight"):
-        # Router: large enough logits (std ~2) that top-k choices are not near-ties.
+    if cls.endswith("TopKRouter"):
+        # Router: logits std ~2, so top-k choices are rarely near-ties.
         return _normal(gen, shape, 0.0, 0.25)
-    if isinstance(module, torch.nn.Embedding) and full_name.endswith("embed_tokens"):
-        return _normal(gen, shape, 0.0, EMBED_STD_TIED if _is_tied(module) else EMBED_STD)
-    if full_name == "lm_head" or full_name.endswith(".lm_head"):
+    if isinstance(module, torch.nn.Embedding) and leaf == "embed_tokens":
+        return _normal(gen, shape, 0.0, EMBED_STD_TIED if tied else EMBED_STD)
+    if leaf == "lm_head":
         return _normal(gen, shape, 0.0, LM_HEAD_STD)
     if pname == "bias" or p.ndim == 1:
         return _normal(gen, shape, 0.0, 0.1)
-    if ".visual." in f".{full_name}." or full_name.startswith("visual"):
+    if ".visual." in f".{mod_name}.":
         return _normal(gen, shape, 0.0, 0.05)
-    # Linear / expert weights: std = gain/sqrt(fan_in); residual-branch output projections get a larger gain so
-    # that the layers (not the token embedding) dominate the residual stream.
+    # Linear / expert weights: std = gain / sqrt(fan_in).  Residual-branch output projections get a larger gain so
+    # the layers (not the token embedding) dominate the residual stream; without q/k norms, q/k get a larger gain
+    # for sharper attention.  Both make greedy continuations much less repetitive.
     fan_in = shape[-1]
-    leaf = full_name.rsplit(".", 1)[-1]
-    if _is_output_proj(full_name, pname):
+    if leaf in ("o_proj", "down_proj", "out_proj") or (leaf == "experts" and pname == "down_proj"):
         gain = OUT_GAIN
-    elif leaf in ("q_proj", "k_proj"):
+    elif leaf in ("q_proj", "k_proj") and not has_qk_norm:
         gain = QK_GAIN
     else:
         gain = 1.0
     return _normal(gen, shape, 0.0, gain / math.sqrt(fan_in))
 
 
-def _is_output_proj(full_name: str, pname: str) -> bool:
-    leaf = full_name.rsplit(".", 1)[-1]
-    return leaf in ("o_proj", "down_proj", "out_proj") or (leaf == "experts" and pname == "down_proj")
-
-
-def _is_tied(module) -> bool:
-    return bool(getattr(module, "_tandem_tied", False))
+def canonical_param_name(name: str) -> str:
+    """Text-model parameter name independent of the wrapper (ForCausalLM vs ForConditionalGeneration)."""
+    return name.replace("model.language_model.", "model.", 1)
 
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int = 0, tied: bool = False) -> None:
-    """Overwrite every parameter of `model` in place with seeded random values."""
-    gen = torch.Generator().manual_seed(seed)
+    """Overwrite every parameter of `model` in place with seeded random values.
+
+    Each parameter gets its own generator seeded from (seed, canonical name), so the text weights are
+    identical across the text-only / multimodal wrappers and the per-expert / fused layouts of a kind.
+    """
     seen = set()
+    has_qk_norm = any(n.endswith(".q_norm") for n, _ in model.named_modules())
     for mod_name, module in model.named_modules():
-        if tied and isinstance(module, torch.nn.Embedding):
-            module._tandem_tied = True
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:  # tied lm_head
                 continue
             seen.add(id(p))
-            value = _random_value(module, pname, mod_name, p, gen)
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{canonical_param_name(full)}".encode()))
+            value = _random_value(module, pname, mod_name, p, gen, tied, has_qk_norm)
             p.copy_(value.to(p.dtype))
     # Nothing may be left at a constant init value (all zeros / all ones).
     for name, p in model.named_parameters():

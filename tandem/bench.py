@@ -1,0 +1,120 @@
+"""Throughput and latency measurement: offline on an `Engine` and online against a running server.
+
+Offline: N random-token prompts of I tokens, O new tokens each (ignore_eos), all submitted at once.
+Reported: output tokens/s, time to first token and inter-token latency (p50/p99), peak memory per rank."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class BenchResult:
+    label: str
+    num_prompts: int
+    input_len: int
+    output_len: int
+    seconds: float
+    output_tokens: int
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    peak_memory_bytes: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+def summarize(label: str, prompts, output_len: int, start: float, end: float, token_times: list[list[float]],
+              peaks: list[int]) -> BenchResult:
+    ttft = [(times[0] - start) * 1000 for times in token_times if times]
+    itl = [(b - a) * 1000 for times in token_times for a, b in zip(times, times[1:])]
+    produced = sum(len(times) for times in token_times)
+    return BenchResult(label, len(prompts), len(prompts[0]) if prompts else 0, output_len, end - start, produced,
+                       produced / (end - start), percentile(ttft, 50), percentile(ttft, 99), percentile(itl, 50),
+                       percentile(itl, 99), peaks)
+
+
+def bench_engine(engine, prompts: list[list[int]], output_len: int, label: str = "tandem") -> BenchResult:
+    from tandem.runtime.sampler import SamplingParams
+    from tandem.runtime.scheduler import Request
+
+    params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
+    token_times: list[list[float]] = [[] for _ in prompts]
+
+    def recorder(i):
+        def on_update(req):
+            while len(token_times[i]) < len(req.output_ids):
+                token_times[i].append(time.perf_counter())
+        return on_update
+
+    reqs = [Request(list(p), params, on_update=recorder(i)) for i, p in enumerate(prompts)]
+    start = time.perf_counter()
+    engine.run_requests(reqs)
+    end = time.perf_counter()
+    peaks = [r.get("peak_memory_bytes", 0) for r in engine.stage_report()]
+    return summarize(label, prompts, output_len, start, end, token_times, peaks)
+
+
+def bench_server(base_url: str, prompts: list[str], output_len: int, concurrency: int, model: str = "default") -> BenchResult:
+    """Stream /v1/completions from a running server with `concurrency` requests in flight."""
+    import asyncio
+
+    import httpx
+
+    token_times: list[list[float]] = [[] for _ in prompts]
+
+    async def one(client, i, sem):
+        async with sem:
+            body = {"model": model, "prompt": prompts[i], "max_tokens": output_len, "temperature": 0,
+                    "stream": True, "ignore_eos": True}
+            async with client.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunk = json.loads(line[6:])
+                        if chunk.get("choices") and chunk["choices"][0].get("text"):
+                            token_times[i].append(time.perf_counter())
+
+    async def run():
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=600) as client:
+            await asyncio.gather(*(one(client, i, sem) for i in range(len(prompts))))
+
+    start = time.perf_counter()
+    asyncio.run(run())
+    end = time.perf_counter()
+    return summarize(f"server c={concurrency}", [[0]] * len(prompts), output_len, start, end, token_times, [])
+
+
+def format_table(results: list[BenchResult]) -> str:
+    header = f"{'config':<22}{'tok/s':>10}{'TTFT p50 ms':>13}{'ITL p50 ms':>12}{'ITL p99 ms':>12}{'peak MB/rank':>16}"
+    rows = [header]
+    for r in results:
+        peak = "/".join(f"{p / 1e6:.0f}" for p in r.peak_memory_bytes) or "-"
+        rows.append(f"{r.label:<22}{r.tokens_per_s:>10.1f}{r.ttft_p50_ms:>13.1f}{r.itl_p50_ms:>12.1f}"
+                    f"{r.itl_p99_ms:>12.1f}{peak:>16}")
+    return "\n".join(rows)
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")

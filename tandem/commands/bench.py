@@ -1,0 +1,47 @@
+"""`tandem bench`: offline throughput/latency of an engine configuration, or `--serving` against a server."""
+
+from __future__ import annotations
+
+import json
+
+from tandem.commands.engine_flags import add_engine_flags, engine_kwargs
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("bench", help="Measure throughput and latency.",
+                            description="Offline: N prompts of I random tokens, O new tokens each. "
+                                        "--serving: stream completions from a running server.")
+    add_engine_flags(parser)
+    parser.add_argument("--num-prompts", type=int, default=16, help="Number of prompts (default: 16).")
+    parser.add_argument("--input-len", type=int, default=32, help="Prompt length in tokens (default: 32).")
+    parser.add_argument("--output-len", type=int, default=64, help="New tokens per prompt (default: 64).")
+    parser.add_argument("--warmup", type=int, default=1, help="Warm-up runs before measuring (default: 1).")
+    parser.add_argument("--serving", action="store_true", help="Benchmark a running server instead.")
+    parser.add_argument("--base-url", default="http://127.0.0.1:30000", help="Server URL for --serving.")
+    parser.add_argument("--concurrency", type=int, default=8, help="Requests in flight for --serving.")
+    parser.add_argument("--json", dest="json_out", help="Also write the result as JSON to this file.")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from tandem.bench import bench_engine, bench_server, format_table, random_prompts
+
+    if args.serving:
+        words = ["alpha", "beta", "gamma", "delta", "12+34=", "hello"]
+        prompts = [" ".join(words[(i + j) % len(words)] for j in range(args.input_len // 2))
+                   for i in range(args.num_prompts)]
+        result = bench_server(args.base_url, prompts, args.output_len, args.concurrency)
+    else:
+        from tandem.engine import Engine
+
+        with Engine(progress=False, **engine_kwargs(args)) as engine:
+            prompts = random_prompts(args.num_prompts, args.input_len, engine.model_config.vocab_size, args.seed)
+            for _ in range(args.warmup):
+                bench_engine(engine, prompts[:2], 4)
+            label = f"tp{args.tp_size} pp{args.pp_size}"
+            result = bench_engine(engine, prompts, args.output_len, label)
+    print(format_table([result]))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+    return 0

@@ -1,0 +1,105 @@
+"""The FastAPI application: routes (openai_api, native_api), OpenAI-style errors and the engine's life.
+
+`create_app(engine)` serves an already loaded `Engine`: at startup it records each stage's cache sizes
+for /metrics and starts the engine's step thread; at shutdown it shuts the engine down (every rank
+process exits). Every error is answered as OpenAI does, {"error": {"message", "type", "param", "code"}}:
+FastAPI's 422 validation errors (wrong types, malformed JSON) become 400s."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tandem.server.bridge import EngineBridge
+from tandem.server.metrics import Metrics
+from tandem.server.protocol import APIError
+
+logger = logging.getLogger("tandem.server")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    if "input" in first and first.get("type") != "missing":
+        message += f" (got {first['input']!r})"[:200]
+    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+
+
+def _error_response(request: Request, error: APIError) -> JSONResponse:
+    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None and 400 <= error.status < 500:
+        metrics.invalid.labels(request.url.path).inc()
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def create_app(engine, served_model_name: str | None = None, shutdown_engine: bool = True) -> FastAPI:
+    """An app serving `engine`. The engine's step loop starts with the app; with `shutdown_engine` the
+    engine is shut down when the app stops."""
+    model_path = str(engine.args.model_path)
+    name = served_model_name or Path(model_path).name or model_path
+    metrics = Metrics(name)
+    bridge = EngineBridge(engine, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine.executor is not None and engine._loop_thread is None:
+            # NOTE: ask for the stage reports before the step thread starts: the report round trip
+            # shares the ranks' result channel with the steps and must not run concurrently with them.
+            metrics.set_stages(engine.stage_report())
+        engine.start_background_loop()
+        logger.info("serving %s as %r", model_path, name)
+        try:
+            yield
+        finally:
+            if shutdown_engine:
+                logger.info("shutting down the engine")
+                engine.shutdown()
+
+    app = FastAPI(title="Tandem", lifespan=lifespan)
+    app.state.bridge = bridge
+    app.state.metrics = metrics
+    app.state.served_model_name = name
+    app.state.model_path = model_path
+    app.state.model_names = {name, model_path}
+    app.state.created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return _error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return _error_response(request, APIError(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(request, APIError(str(exc.detail), status=exc.status_code, type=kind, code=code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        logger.exception("error while serving %s", request.url.path)
+        return _error_response(request, APIError(f"internal error: {exc}", status=500, type="server_error"))
+
+    from tandem.server import native_api, openai_api
+
+    app.include_router(openai_api.router)
+    app.include_router(native_api.router)
+    return app

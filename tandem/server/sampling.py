@@ -1,0 +1,69 @@
+"""OpenAI request fields -> the engine's `SamplingParams`, with the checks that give 400s instead of
+surprises: n=1 only, no unsupported penalties, and max_tokens within the context left by the prompt."""
+
+from __future__ import annotations
+
+from tandem.errors import ConfigError
+from tandem.runtime.sampler import SamplingParams
+from tandem.server.protocol import APIError
+
+# SamplingParams field -> the OpenAI request field a ConfigError about it should name
+_PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                "min_p": "min_p", "seed": "seed", "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
+                "stop": "stop"}
+
+
+def config_error(exc: ConfigError, openai_names: bool = True) -> APIError:
+    """A 400 naming the field the engine's message is about (OpenAI's name for it, or the raw one)."""
+    message = str(exc)
+    first = message.split(" ", 1)[0]
+    if first not in _PARAM_NAMES:
+        return APIError(message, param="sampling_params" if first == "unknown" else None)
+    return APIError(message, param=_PARAM_NAMES[first] if openai_names else f"sampling_params.{first}")
+
+
+def check_unsupported(body) -> None:
+    if body.n != 1:
+        raise APIError(f"n={body.n} is not supported: only n=1", param="n")
+    if getattr(body, "best_of", None) not in (None, 1):
+        raise APIError("best_of is not supported (only 1)", param="best_of")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0, 0.0):
+            raise APIError(f"{name} is not supported (only 0)", param=name)
+    if body.logit_bias:
+        raise APIError("logit_bias is not supported", param="logit_bias")
+    if getattr(body, "suffix", None):
+        raise APIError("suffix is not supported", param="suffix")
+
+
+def max_tokens_for(requested: int | None, prompt_len: int, max_len: int, default: int | None,
+                   param: str = "max_tokens") -> int:
+    """Tokens to generate: `requested`, or `default` capped to the context left (None: all of it)."""
+    room = max_len - prompt_len
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested < 0:
+        raise APIError(f"{param} must be a non-negative integer, got {requested}", param=param)
+    if requested > room:
+        raise APIError(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                       f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                       f"completion). Please reduce the prompt or {param}.", param=param,
+                       code="context_length_exceeded")
+    return requested
+
+
+def sampling_params(body, max_new_tokens: int) -> SamplingParams:
+    values = {"max_new_tokens": max_new_tokens, "ignore_eos": body.ignore_eos}
+    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids"):
+        value = getattr(body, name)
+        if value is not None:
+            values[name] = value
+    try:
+        return SamplingParams.from_dict(values)
+    except ConfigError as exc:
+        raise config_error(exc) from None
+
+
+def finish_reason(req) -> str | None:
+    reason = req.finish_reason
+    return None if reason is None else reason.get("type", "stop")

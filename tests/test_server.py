@@ -1,0 +1,367 @@
+"""`tandem serve` end to end: one live server (a subprocess, pp=2, fp32) driven with the official `openai`
+client and raw HTTP. Greedy outputs equal transformers' greedy continuation of the same tokens; streamed
+text equals non-streamed text; 16 concurrent requests equal their single-request results; bad input gets
+OpenAI-style 400s and the server keeps serving; SIGTERM stops the server and both rank processes.
+
+Everything runs against one server process (module-scoped) to keep the module fast; the SIGTERM test
+stops it, so it runs last."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+REPO = Path(__file__).resolve().parents[1]
+CONTEXT = 512
+EOS = 2  # <|im_end|> of the test tokenizer (tests/support/tokenizer.py)
+PROMPTS = ["Hello, world!", "The cat sees a red ball", "12+34=", "How are you?"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_processes(parent: int) -> list[int]:
+    """PIDs of `python -m tandem.runtime.worker` processes whose parent is `parent`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"tandem.runtime.worker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return b"tandem.runtime.worker" in cmdline and state != "Z"
+
+
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory):
+    try:
+        ckpt = request.getfixturevalue("ckpt")
+    except pytest.FixtureLookupError:  # no shared checkpoint cache: build one for this module
+        from support.checkpoints import build_checkpoint
+
+        return build_checkpoint("qwen3_5_moe", tmp_path_factory.mktemp("server_ckpt"), with_tokenizer=True)
+    return ckpt("qwen3_5_moe", with_tokenizer=True)
+
+
+class Server:
+    def __init__(self, model_dir: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", "serve", "--model-path", str(model_dir), "--pp-size", "2",
+             "--port", str(self.port), "--dtype", "float32", "--context-length", str(CONTEXT)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+    def wait_healthy(self, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        pytest.fail(f"server not healthy after {timeout_s} s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    srv = Server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def expected(model_dir, tokenizer, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str, str]:
+    """transformers' greedy continuation, cut after EOS: (ids, text, finish_reason)."""
+    from support.reference import hf_greedy
+
+    ids = hf_greedy(model_dir, [prompt_ids], max_tokens)[0]["output_ids"]
+    reason = "length"
+    if EOS in ids:
+        ids, reason = ids[: ids.index(EOS) + 1], "stop"
+    return ids, tokenizer.decode(ids, skip_special_tokens=True), reason
+
+
+def chat_ids(tokenizer, messages) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+def post(server, path: str, body, raw: bool = False) -> httpx.Response:
+    content = body if raw else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+
+
+def test_models_and_health(server, client, model_dir):
+    assert httpx.get(server.url + "/health").status_code == 200
+    models = client.models.list().data
+    assert [m.id for m in models] == [Path(model_dir).name]
+    assert models[0].model_extra["max_model_len"] == CONTEXT
+
+
+def test_generate_matches_transformers(server, model_dir, tokenizer):
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    from support.reference import hf_greedy
+
+    for ids in prompts:
+        ref = hf_greedy(model_dir, [ids], 10)[0]
+        out = post(server, "/generate", {"input_ids": ids, "return_logprob": True,
+                                         "sampling_params": {"temperature": 0, "max_new_tokens": 10,
+                                                             "ignore_eos": True}}).json()
+        assert out["output_ids"] == ref["output_ids"]
+        logprobs = [lp for lp, _ in out["meta_info"]["output_token_logprobs"]]
+        assert max(abs(a - b) for a, b in zip(logprobs, ref["logprobs"])) < 1e-4
+        assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 10}
+    # a batch of texts answers a list
+    batch = post(server, "/generate", {"text": PROMPTS[:2], "sampling_params": {"temperature": 0,
+                                                                               "max_new_tokens": 3}}).json()
+    assert isinstance(batch, list) and len(batch) == 2 and all(len(r["output_ids"]) <= 3 for r in batch)
+
+
+def test_completion_matches_transformers_and_stream(server, client, model_dir, tokenizer):
+    for prompt in PROMPTS:
+        ids, text, reason = expected(model_dir, tokenizer, tokenizer.encode(prompt), 12)
+        out = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=12,
+                                        temperature=0)
+        assert out.choices[0].text == text
+        assert out.choices[0].finish_reason == reason
+        assert out.usage.prompt_tokens == len(tokenizer.encode(prompt))
+        assert out.usage.completion_tokens == len(ids)
+        chunks = list(client.completions.create(model=out.model, prompt=prompt, max_tokens=12, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert streamed == text
+        finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finals == [reason]
+        assert chunks[-1].usage.completion_tokens == len(ids) and not chunks[-1].choices
+    # token-id prompts and logprobs
+    ids = tokenizer.encode(PROMPTS[0])
+    out = client.completions.create(model=out.model, prompt=ids, max_tokens=5, temperature=0, logprobs=1,
+                                    extra_body={"ignore_eos": True})
+    assert len(out.choices[0].logprobs.token_logprobs) == 5
+
+
+def test_chat_matches_transformers_and_stream(server, client, model_dir, tokenizer):
+    prompt_ids = chat_ids(tokenizer, CHAT)
+    ids, text, reason = expected(model_dir, tokenizer, prompt_ids, 16)
+    model = client.models.list().data[0].id
+    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == text
+    assert out.choices[0].finish_reason == reason
+    assert out.usage.prompt_tokens == len(prompt_ids) and out.usage.completion_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [reason]
+    assert chunks[-1].usage.total_tokens == len(prompt_ids) + len(ids)
+    # without max_tokens the chat default is the rest of the context
+    out = client.chat.completions.create(model=model, messages=CHAT, temperature=0,
+                                         extra_body={"ignore_eos": True, "stop_token_ids": [EOS]})
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_stream_like_non_stream(server, client, tokenizer):
+    model = client.models.list().data[0].id
+    base = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[len(base) // 2: len(base) // 2 + 2]
+    if not stop.strip("\ufffd"):
+        pytest.skip("no usable stop string in this continuation")
+    out = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=stop,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == base[: base.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop],
+                                       stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+
+
+def test_concurrent_requests_equal_single(server, client, tokenizer):
+    model = client.models.list().data[0].id
+    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(16)]
+    lengths = [4 + (i * 5) % 13 for i in range(16)]
+    single = [client.completions.create(model=model, prompt=p, max_tokens=n, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices[0].text
+              for p, n in zip(prompts, lengths)]
+
+    async def run_all():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        async with aclient:
+            async def one(i):
+                if i % 2:
+                    stream = await aclient.completions.create(model=model, prompt=prompts[i], max_tokens=lengths[i],
+                                                              temperature=0, stream=True,
+                                                              extra_body={"ignore_eos": True})
+                    return "".join([c.choices[0].text async for c in stream])
+                out = await aclient.completions.create(model=model, prompt=prompts[i], max_tokens=lengths[i],
+                                                       temperature=0, extra_body={"ignore_eos": True})
+                return out.choices[0].text
+
+            return await asyncio.gather(*(one(i) for i in range(16)))
+
+    assert asyncio.run(run_all()) == single
+
+
+BAD = [
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 10**9}, "max_tokens"),
+    ("/v1/completions", {"prompt": [5] * (CONTEXT + 10), "max_tokens": 1}, "prompt"),
+    ("/v1/completions", {"prompt": "Hello " * CONTEXT}, "prompt"),
+    ("/v1/completions", {"prompt": "Hello", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "Hello", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": "Hello", "top_p": 2}, "top_p"),
+    ("/v1/completions", {"prompt": "Hello", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": [10**6]}, "prompt"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"max_tokens": 4}, "prompt"),
+    ("/v1/completions", "{\"prompt\": \"Hello\", ", None),
+    ("/v1/completions", "not json at all", None),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": CONTEXT}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ("/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": -3}}, "sampling_params.max_new_tokens"),
+    ("/generate", {"text": "Hello", "sampling_params": {"bogus": 1}}, "sampling_params"),
+    ("/generate", {"sampling_params": {}}, "text"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_input_is_400(server, path, body, param):
+    resp = post(server, path, body, raw=isinstance(body, str))
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_bad_input_via_openai_client_and_still_serving(server, client):
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt="Hello", max_tokens=-5)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=CHAT, n=3)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="Hello", max_tokens=2)
+    assert httpx.get(server.url + "/health").status_code == 200
+    out = client.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 3
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_disconnect_aborts_and_metrics(server):
+    # a streaming client that goes away: its request is aborted and its cache slot freed
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": "Hello", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": True,
+                            "ignore_eos": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = httpx.get(server.url + "/metrics").text
+        if _metric(text, "tandem_num_requests_running") == 0 and 'finish_reason="abort"' in text:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the disconnected request was not aborted:\n" + text)
+    for name in ("tandem_requests_total", "tandem_prompt_tokens_total", "tandem_generation_tokens_total",
+                 "tandem_time_to_first_token_seconds_bucket", "tandem_inter_token_latency_seconds_bucket",
+                 "tandem_e2e_request_latency_seconds_bucket", "tandem_num_requests_running",
+                 "tandem_num_requests_waiting", "tandem_kv_cache_usage_ratio", "tandem_cache_slots_usage_ratio",
+                 "tandem_cache_bytes", "tandem_cache_used_bytes"):
+        assert name in text, name
+    assert _metric(text, "tandem_requests_total") >= 16
+    assert _metric(text, "tandem_generation_tokens_total") > 0
+    assert 'pp_rank="1",tp_rank="0"' in text and _metric(text, 'tandem_cache_bytes{cache="kv"') > 0
+
+
+def test_sigterm_stops_server_and_ranks(server):
+    ranks = rank_processes(server.proc.pid)
+    assert len(ranks) == 2  # pp=2
+    # an open stream must not hold the shutdown up
+    stream_open = threading.Event()
+
+    def long_stream():
+        try:
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                              json={"prompt": "Hello", "max_tokens": CONTEXT - 8, "stream": True,
+                                    "ignore_eos": True}) as resp:
+                for _ in resp.iter_lines():
+                    stream_open.set()
+        except httpx.HTTPError:
+            pass
+
+    thread = threading.Thread(target=long_stream, daemon=True)
+    thread.start()
+    assert stream_open.wait(30)
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(15)
+    took = time.monotonic() - start
+    assert took < 10, f"server took {took:.1f} s to stop"
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in ranks), "rank processes outlived the server"
+    assert server.proc.returncode == 0, server.log.read_text()[-3000:]
