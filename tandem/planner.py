@@ -24,6 +24,7 @@ from tandem.config import EngineArgs, ModelConfig
 from tandem.errors import PartitionError
 from tandem.parallel import state
 from tandem.parallel.partition import parse_partition, stage_bounds, uniform_partition
+from tandem.runtime.cache import GDNStatePool, KVCachePool
 
 AUTO_KINDS = ("auto", "auto-compute")
 
@@ -129,7 +130,6 @@ def model_costs(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, slo
     context tokens assumed for the attention term of the compute estimate (default max_len // 2)."""
     context = max_len // 2 if context is None else context
     L = model_config.num_layers
-    esize = torch.empty((), dtype=dtype).element_size()
     full = build_stage_on_meta(model_config, dtype, tp_size)
     layers = full.model.layers
     weights, kv, gdn_state, flops = [], [], [], []
@@ -139,13 +139,13 @@ def model_costs(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, slo
         flops.append(_layer_flops(layer, _active_params(layer, model_config), context))
         if model_config.layer_types[i] == "linear_attention":
             g = layer.linear_attn
-            kernel = max(model_config.linear_conv_kernel_dim - 1, 0)
             kv.append(0)
-            gdn_state.append(slots * g.conv_channels * kernel * esize
-                             + slots * g.num_v_heads * model_config.linear_key_head_dim
-                             * model_config.linear_value_head_dim * 4)  # recurrent state is float32
+            gdn_state.append(GDNStatePool.layer_bytes(slots, g.conv_channels, model_config.linear_conv_kernel_dim,
+                                                      g.num_v_heads, model_config.linear_key_head_dim,
+                                                      model_config.linear_value_head_dim, dtype))
         else:
-            kv.append(2 * slots * max_len * layer.self_attn.num_kv_heads * model_config.head_dim * esize)
+            kv.append(KVCachePool.layer_bytes(slots, max_len, layer.self_attn.num_kv_heads, model_config.head_dim,
+                                              dtype))
             gdn_state.append(0)
     head_rows = full.lm_head.weight.shape[0]
     head_flops = 2.0 * head_rows * model_config.hidden_size  # logits for the sampled token

@@ -28,7 +28,7 @@ CASES = [
     ("qwen3_5_moe_mm", 1, 2, "1,5"), ("qwen3_5_moe_mm", 2, 1, None), ("qwen3_5_moe_mm", 2, 2, None),
     ("qwen3_5_tied", 1, 2, None), ("qwen3_5_tied", 2, 2, None),
     ("qwen3_moe", 1, 3, None), ("qwen3_moe", 2, 1, None),
-    ("llama", 1, 4, None), ("llama", 1, 2, "1,3"),
+    ("llama", 1, 4, None), ("llama", 1, 2, "1,3"), ("llama", 4, 1, None),  # tp4 > 2 KV heads: replicated
 ]
 
 _reference: dict[str, list[dict]] = {}

@@ -160,3 +160,12 @@ def test_two_nodes_on_localhost(ckpt):
     finally:
         if node1.poll() is None:
             node1.kill()
+
+
+def test_not_enough_memory_is_refused_with_the_stage_named(ckpt):
+    too_many = 10 ** 8  # requests: the KV cache alone would need far more than this machine has
+    with pytest.raises(MemoryError, match="not enough memory on \\[pp 0/1 tp 0/1\\]"):
+        Engine(ckpt("llama"), max_running_requests=too_many, progress=False)
+    with pytest.raises(RankFailedError, match="not enough memory on \\[pp [01]/2 tp 0/1\\]"):
+        Engine(ckpt("llama"), pp_size=2, max_running_requests=too_many, progress=False)
+    assert worker_processes() == []

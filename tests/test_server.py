@@ -211,9 +211,14 @@ def test_chat_matches_transformers_and_stream(server, client, model_dir, tokeniz
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [reason]
     assert chunks[-1].usage.total_tokens == len(prompt_ids) + len(ids)
     # without max_tokens the chat default is the rest of the context
-    out = client.chat.completions.create(model=model, messages=CHAT, temperature=0,
-                                         extra_body={"ignore_eos": True, "stop_token_ids": [EOS]})
-    assert out.choices[0].finish_reason in ("stop", "length")
+    words = 1
+    while len(chat_ids(tokenizer, [{"role": "user", "content": "Hello " * (words + 1)}])) <= CONTEXT - 4:
+        words += 1
+    long_chat = [{"role": "user", "content": "Hello " * words}]
+    room = CONTEXT - len(chat_ids(tokenizer, long_chat))
+    out = client.chat.completions.create(model=model, messages=long_chat, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == room
 
 
 def test_stop_strings_stream_like_non_stream(server, client, tokenizer):

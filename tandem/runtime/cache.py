@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class KVCachePool:
+    @staticmethod
+    def layer_bytes(num_slots: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one full-attention layer's keys and values take."""
+        return 2 * num_slots * max_len * num_kv_heads * head_dim * _element_size(dtype)
+
     def __init__(self, layer_ids: list[int], num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device):
         self.index = {layer: i for i, layer in enumerate(layer_ids)}
@@ -28,6 +37,13 @@ class KVCachePool:
 
 
 class GDNStatePool:
+    @staticmethod
+    def layer_bytes(num_slots: int, conv_channels: int, conv_kernel: int, num_v_heads: int, key_dim: int,
+                    value_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one Gated-DeltaNet layer's conv state and float32 recurrent state take."""
+        conv = num_slots * conv_channels * max(conv_kernel - 1, 0) * _element_size(dtype)
+        return conv + num_slots * num_v_heads * key_dim * value_dim * 4
+
     def __init__(self, layer_ids: list[int], num_slots: int, conv_channels: int, conv_kernel: int, num_v_heads: int,
                  key_dim: int, value_dim: int, dtype: torch.dtype, device):
         self.index = {layer: i for i, layer in enumerate(layer_ids)}

@@ -48,6 +48,18 @@ def stage_label() -> str:
     return f"[pp {pp.rank}/{pp.size} tp {tp.rank}/{tp.size}]"
 
 
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
 def build_model(model_config: ModelConfig, dtype: torch.dtype, device: str):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -64,11 +76,12 @@ class ModelRunner:
         self.dtype = args.resolve_dtype(model_config)
         self.device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         start = time.perf_counter()
-        self.model = build_model(model_config, self.dtype, self.device)
-        self.load_report = load_weights(self.model, args.model_path, stage_label(), progress=progress)
-        self.layer_start, self.layer_end = self.model.layer_range
         self.max_len = args.context_length or min(model_config.max_position_embeddings, 4096)
         self.num_slots = args.max_running_requests
+        self.model = build_model(model_config, self.dtype, self.device)  # parameters not yet touched
+        self.layer_start, self.layer_end = self.model.layer_range
+        self._check_memory()
+        self.load_report = load_weights(self.model, args.model_path, stage_label(), progress=progress)
         self._allocate_caches()
         self.load_seconds = time.perf_counter() - start
         self.sampler = Sampler()
@@ -78,18 +91,44 @@ class ModelRunner:
         self._compute_start = 0.0
         logger.info(self.report_line())
 
-    def _allocate_caches(self) -> None:
+    def _cache_layout(self) -> dict:
+        """What the stage's caches hold: its own full-attention and Gated-DeltaNet layers only."""
         cfg = self.config
         local = range(self.layer_start, self.layer_end)
-        attn_layers = [i for i in local if cfg.layer_types[i] != "linear_attention"]
-        gdn_layers = [i for i in local if cfg.layer_types[i] == "linear_attention"]
-        kv_heads = self.model.model.layers[attn_layers[0]].self_attn.num_kv_heads if attn_layers else 0
-        self.kv_cache = KVCachePool(attn_layers, self.num_slots, self.max_len, kv_heads, cfg.head_dim, self.dtype,
-                                    self.device)
-        gdn = self.model.model.layers[gdn_layers[0]].linear_attn if gdn_layers else None
+        attn = [i for i in local if cfg.layer_types[i] != "linear_attention"]
+        gdn = [i for i in local if cfg.layer_types[i] == "linear_attention"]
+        first_gdn = self.model.model.layers[gdn[0]].linear_attn if gdn else None
+        return {
+            "attn_layers": attn, "gdn_layers": gdn,
+            "kv_heads": self.model.model.layers[attn[0]].self_attn.num_kv_heads if attn else 0,
+            "conv_channels": first_gdn.conv_channels if first_gdn else 0,
+            "v_heads": first_gdn.num_v_heads if first_gdn else 0,
+        }
+
+    def _check_memory(self) -> None:
+        """Refuse to start when weights + caches cannot fit, instead of failing mid-load."""
+        cfg, layout = self.config, self._cache_layout()
+        need_cache = len(layout["attn_layers"]) * KVCachePool.layer_bytes(
+            self.num_slots, self.max_len, layout["kv_heads"], cfg.head_dim, self.dtype)
+        need_cache += len(layout["gdn_layers"]) * GDNStatePool.layer_bytes(
+            self.num_slots, layout["conv_channels"], cfg.linear_conv_kernel_dim, layout["v_heads"],
+            cfg.linear_key_head_dim, cfg.linear_value_head_dim, self.dtype)
+        need_weights = self.weight_bytes
+        available = available_memory_bytes(self.device)
+        if need_weights + need_cache > available:
+            gb = lambda n: f"{n / 1e9:.2f} GB"
+            raise MemoryError(
+                f"not enough memory on {stage_label()}: weights {gb(need_weights)} + caches {gb(need_cache)} "
+                f"({self.num_slots} requests x {self.max_len} tokens) exceed the {gb(available)} available; "
+                f"lower --max-running-requests or --context-length, or use more stages / TP ranks")
+
+    def _allocate_caches(self) -> None:
+        cfg, layout = self.config, self._cache_layout()
+        self.kv_cache = KVCachePool(layout["attn_layers"], self.num_slots, self.max_len, layout["kv_heads"],
+                                    cfg.head_dim, self.dtype, self.device)
         self.state_cache = GDNStatePool(
-            gdn_layers, self.num_slots, gdn.conv_channels if gdn else 0, cfg.linear_conv_kernel_dim,
-            gdn.num_v_heads if gdn else 0, cfg.linear_key_head_dim, cfg.linear_value_head_dim, self.dtype, self.device)
+            layout["gdn_layers"], self.num_slots, layout["conv_channels"], cfg.linear_conv_kernel_dim,
+            layout["v_heads"], cfg.linear_key_head_dim, cfg.linear_value_head_dim, self.dtype, self.device)
 
     @property
     def weight_bytes(self) -> int:
