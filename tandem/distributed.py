@@ -14,6 +14,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import zmq
@@ -100,6 +101,7 @@ class ProcessExecutor:
         self.args = args
         self.procs: list = []
         self._context = zmq.Context()
+        self._io = threading.RLock()
         self._closed = False
         host, port = _addresses(args)
         bind_host = "*" if args.nnodes > 1 else host
@@ -125,13 +127,15 @@ class ProcessExecutor:
     # ---- messages ----------------------------------------------------------------------------------
     def _receive(self, timeout_s: float):
         """Next message from any rank, or None after timeout; raises if a local rank died."""
-        if self._results.poll(int(timeout_s * 1000)):
-            return pickle.loads(self._results.recv())
+        with self._io:  # ZMQ sockets are not thread-safe; stage_report() may run beside the step loop
+            if self._results.poll(int(min(timeout_s, 0.05) * 1000)):
+                return pickle.loads(self._results.recv())
         dead = [p for p in self.procs if p.poll() is not None]
         if dead:
             # a rank that reports an error exits right after; give its message a moment to arrive
-            if self._results.poll(1000):
-                return pickle.loads(self._results.recv())
+            with self._io:
+                if self._results.poll(1000):
+                    return pickle.loads(self._results.recv())
             proc = dead[0]
             self._fail(f"{proc.name} exited unexpectedly with code {proc.returncode}"
                        + (" (killed: out of memory?)" if proc.returncode == -9 else ""))
@@ -164,7 +168,8 @@ class ProcessExecutor:
     # ---- steps -------------------------------------------------------------------------------------
     def submit(self, step: StepInput) -> int:
         step_id = next(self._step_ids)
-        self._steps.send(pickle.dumps(("step", step_id, step)))
+        with self._io:
+            self._steps.send(pickle.dumps(("step", step_id, step)))
         return step_id
 
     def collect(self, step_id: int) -> StepOutput:
@@ -180,7 +185,8 @@ class ProcessExecutor:
     def reports(self) -> list[dict]:
         """Every rank's current report (asked after all submitted steps, which ranks run in order)."""
         self._fresh.clear()
-        self._steps.send(pickle.dumps(("report",)))
+        with self._io:
+            self._steps.send(pickle.dumps(("report",)))
         while len(self._fresh) < self.args.world_size:
             message = self._receive(0.5)
             if message is not None:

@@ -130,6 +130,15 @@ class Engine:
             self._loop_thread = threading.Thread(target=self._loop_forever, name="tandem-steps", daemon=True)
             self._loop_thread.start()
 
+    @property
+    def loop_running(self) -> bool:
+        return self._loop_thread is not None
+
+    def queue_stats(self) -> tuple[list[int], int]:
+        """(tokens cached per running request, number of waiting requests), read consistently."""
+        with self._lock:
+            return [req.num_cached for req in self.scheduler.running], len(self.scheduler.waiting)
+
     def _loop_forever(self) -> None:
         try:
             self._run_steps(stop_when_idle=False)

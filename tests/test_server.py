@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 512
 EOS = 2  # <|im_end|> of the test tokenizer (tests/support/tokenizer.py)
 PROMPTS = ["Hello, world!", "The cat sees a red ball", "12+34=", "How are you?"]
+REF_TOKENS = 12
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
 
 
@@ -104,9 +105,40 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def chat_ids(tokenizer, messages) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+class Reference:
+    """transformers' greedy continuation (EOS ignored) of the test prompts and of the chat prompt."""
+
+    def __init__(self, model_dir, tokenizer):
+        from support.reference import hf_greedy
+
+        self.tokenizer = tokenizer
+        self.prompt_ids = {p: tokenizer.encode(p) for p in PROMPTS[:2]}
+        self.prompt_ids["chat"] = chat_ids(tokenizer, CHAT)
+        self.greedy = {key: hf_greedy(model_dir, [ids], REF_TOKENS)[0] for key, ids in self.prompt_ids.items()}
+
+    def expected(self, key: str) -> tuple[list[int], str, str]:
+        """Greedy output cut after EOS: (ids, text, finish_reason)."""
+        ids, reason = self.greedy[key]["output_ids"], "length"
+        if EOS in ids:
+            ids, reason = ids[: ids.index(EOS) + 1], "stop"
+        return ids, self.tokenizer.decode(ids, skip_special_tokens=True), reason
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tokenizer, tmp_path_factory):
     srv = Server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
     try:
+        srv.reference = Reference(model_dir, tokenizer)  # while the server loads
         srv.wait_healthy()
         yield srv
     finally:
@@ -116,28 +148,6 @@ def server(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def expected(model_dir, tokenizer, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str, str]:
-    """transformers' greedy continuation, cut after EOS: (ids, text, finish_reason)."""
-    from support.reference import hf_greedy
-
-    ids = hf_greedy(model_dir, [prompt_ids], max_tokens)[0]["output_ids"]
-    reason = "length"
-    if EOS in ids:
-        ids, reason = ids[: ids.index(EOS) + 1], "stop"
-    return ids, tokenizer.decode(ids, skip_special_tokens=True), reason
-
-
-def chat_ids(tokenizer, messages) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
 
 
 def post(server, path: str, body, raw: bool = False) -> httpx.Response:
@@ -152,36 +162,41 @@ def test_models_and_health(server, client, model_dir):
     assert models[0].model_extra["max_model_len"] == CONTEXT
 
 
-def test_generate_matches_transformers(server, model_dir, tokenizer):
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
-    from support.reference import hf_greedy
-
-    for ids in prompts:
-        ref = hf_greedy(model_dir, [ids], 10)[0]
-        out = post(server, "/generate", {"input_ids": ids, "return_logprob": True,
-                                         "sampling_params": {"temperature": 0, "max_new_tokens": 10,
+def test_generate_matches_transformers(server):
+    ref = server.reference
+    for key in PROMPTS[:2]:
+        greedy = ref.greedy[key]
+        out = post(server, "/generate", {"input_ids": ref.prompt_ids[key], "return_logprob": True,
+                                         "sampling_params": {"temperature": 0, "max_new_tokens": REF_TOKENS,
                                                              "ignore_eos": True}}).json()
-        assert out["output_ids"] == ref["output_ids"]
+        assert out["output_ids"] == greedy["output_ids"]
         logprobs = [lp for lp, _ in out["meta_info"]["output_token_logprobs"]]
-        assert max(abs(a - b) for a, b in zip(logprobs, ref["logprobs"])) < 1e-4
-        assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 10}
+        assert max(abs(a - b) for a, b in zip(logprobs, greedy["logprobs"])) < 1e-4
+        assert out["meta_info"]["finish_reason"] == {"type": "length", "length": REF_TOKENS}
+    # streaming: cumulative results, the last one complete, then [DONE]
+    resp = post(server, "/generate", {"input_ids": ref.prompt_ids[PROMPTS[0]], "stream": True,
+                                      "sampling_params": {"temperature": 0, "max_new_tokens": REF_TOKENS,
+                                                          "ignore_eos": True}})
+    events = [e[len("data: "):] for e in resp.text.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) > 2
+    assert json.loads(events[-2])["output_ids"] == ref.greedy[PROMPTS[0]]["output_ids"]
     # a batch of texts answers a list
     batch = post(server, "/generate", {"text": PROMPTS[:2], "sampling_params": {"temperature": 0,
                                                                                "max_new_tokens": 3}}).json()
     assert isinstance(batch, list) and len(batch) == 2 and all(len(r["output_ids"]) <= 3 for r in batch)
 
 
-def test_completion_matches_transformers_and_stream(server, client, model_dir, tokenizer):
-    for prompt in PROMPTS:
-        ids, text, reason = expected(model_dir, tokenizer, tokenizer.encode(prompt), 12)
-        out = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=12,
-                                        temperature=0)
+def test_completion_matches_transformers_and_stream(server, client, tokenizer):
+    for prompt in PROMPTS[:2]:
+        ids, text, reason = server.reference.expected(prompt)
+        out = client.completions.create(model=client.models.list().data[0].id, prompt=prompt,
+                                        max_tokens=REF_TOKENS, temperature=0)
         assert out.choices[0].text == text
         assert out.choices[0].finish_reason == reason
         assert out.usage.prompt_tokens == len(tokenizer.encode(prompt))
         assert out.usage.completion_tokens == len(ids)
-        chunks = list(client.completions.create(model=out.model, prompt=prompt, max_tokens=12, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}))
+        chunks = list(client.completions.create(model=out.model, prompt=prompt, max_tokens=REF_TOKENS,
+                                                temperature=0, stream=True, stream_options={"include_usage": True}))
         streamed = "".join(c.choices[0].text for c in chunks if c.choices)
         assert streamed == text
         finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -194,16 +209,16 @@ def test_completion_matches_transformers_and_stream(server, client, model_dir, t
     assert len(out.choices[0].logprobs.token_logprobs) == 5
 
 
-def test_chat_matches_transformers_and_stream(server, client, model_dir, tokenizer):
-    prompt_ids = chat_ids(tokenizer, CHAT)
-    ids, text, reason = expected(model_dir, tokenizer, prompt_ids, 16)
+def test_chat_matches_transformers_and_stream(server, client, tokenizer):
+    prompt_ids = server.reference.prompt_ids["chat"]
+    ids, text, reason = server.reference.expected("chat")
     model = client.models.list().data[0].id
-    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0)
+    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=REF_TOKENS, temperature=0)
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == text
     assert out.choices[0].finish_reason == reason
     assert out.usage.prompt_tokens == len(prompt_ids) and out.usage.completion_tokens == len(ids)
-    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=16, temperature=0,
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=REF_TOKENS, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -272,6 +287,8 @@ BAD = [
     ("/v1/completions", {"prompt": "Hello", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "Hello", "top_p": 2}, "top_p"),
     ("/v1/completions", {"prompt": "Hello", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "Hello", "seed": 2**70}, "seed"),
+    ("/v1/completions", {"prompt": "Hello", "stop": ["ok", ""]}, "stop"),
     ("/v1/completions", {"prompt": [10**6]}, "prompt"),
     ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"max_tokens": 4}, "prompt"),
@@ -283,6 +300,7 @@ BAD = [
     ("/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": -3}}, "sampling_params.max_new_tokens"),
     ("/generate", {"text": "Hello", "sampling_params": {"bogus": 1}}, "sampling_params"),
     ("/generate", {"sampling_params": {}}, "text"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"seed": -2**70}}, "sampling_params.seed"),
 ]
 
 
@@ -370,3 +388,62 @@ def test_sigterm_stops_server_and_ranks(server):
         time.sleep(0.1)
     assert not any(alive(pid) for pid in ranks), "rank processes outlived the server"
     assert server.proc.returncode == 0, server.log.read_text()[-3000:]
+
+
+# ---- in process, without a model: a failed engine ---------------------------------------------------
+
+class _FakeEngine:
+    """Just what the app touches; `error` is set as the engine's loop does when a rank fails."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        from tandem.runtime.scheduler import Scheduler
+
+        self.args = SimpleNamespace(model_path="/models/fake", tp_size=1, pp_size=2)
+        self.model_config = SimpleNamespace(vocab_size=100, architecture="Fake")
+        self.scheduler = Scheduler(4, 64, 16)
+        self.executor = SimpleNamespace(max_len=64, procs=[])
+        self.tokenizer = None
+        self.error = None
+        self.loop_running = False
+        self.shut_down = False
+
+    def stage_report(self):
+        return [{"pp_rank": r, "tp_rank": 0, "kv_cache_bytes": 1000 * r, "state_cache_bytes": 10, "num_slots": 4,
+                 "max_len": 64} for r in range(2)]
+
+    def start_background_loop(self):
+        self.loop_running = True
+
+    def queue_stats(self):
+        return [r.num_cached for r in self.scheduler.running], len(self.scheduler.waiting)
+
+    def add_request(self, req):
+        raise AssertionError("no request may reach a failed engine")
+
+    def shutdown(self):
+        self.shut_down = True
+
+
+def test_failed_engine_answers_503():
+    from fastapi.testclient import TestClient
+
+    from tandem.errors import RankFailedError
+    from tandem.server import create_app
+
+    engine = _FakeEngine()
+    with TestClient(create_app(engine)) as http:
+        assert http.get("/health").status_code == 200
+        assert 'tandem_cache_bytes{cache="kv",pp_rank="1",tp_rank="0"} 1000.0' in http.get("/metrics").text
+        engine.error = RankFailedError("rank 1 [pp 1/2 tp 0/1] exited unexpectedly with code -9")
+        resp = http.get("/health")
+        assert resp.status_code == 503 and "rank 1" in resp.json()["error"]
+        resp = http.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2})
+        assert resp.status_code == 503 and resp.json()["error"]["type"] == "server_error"
+        assert http.post("/generate", json={"input_ids": [1, 2]}).status_code == 503
+        assert "tandem_engine_healthy 0.0" in http.get("/metrics").text
+        # bad input is still a 400, not a 503 or a crash
+        assert http.post("/v1/completions", content=b"{", headers={"content-type": "application/json"}
+                         ).status_code == 400
+    assert engine.shut_down

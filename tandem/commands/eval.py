@@ -63,6 +63,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--max-drop", type=float, default=2.0,
                         help="Fail when accuracy is more than this many points below the baseline (default: 2).")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the in-process (tp1pp1) engine; 1 (default) does each step's "
+                             "arithmetic the way a one-thread rank of a multi-process run does.")
     for f in dataclasses.fields(EngineArgs):
         if f.name in _PER_CONFIG or f.name == "model_path":
             continue
@@ -89,8 +92,15 @@ def build_prompts(problems, fmt: str, tokenizer) -> list[tuple[str, object, str]
 
 
 def evaluate(model_path: str, configs: list[ParallelConfig], limit: int | None = None, fmt: str = "completion",
-             max_new_tokens: int | None = None, engine_kwargs: dict | None = None, log=None) -> dict:
-    """Run every configuration; return {"configs": [...], "baseline": name, "num_problems": n}."""
+             max_new_tokens: int | None = None, engine_kwargs: dict | None = None, threads: int | None = 1,
+             log=None) -> dict:
+    """Run every configuration; return {"configs": [...], "baseline": name, "num_problems": n}.
+
+    NOTE: a tp1pp1 engine runs in this process with this process's torch threads, while each rank of a
+    multi-process run sets its own (cpu_count // ranks, 1 on a 2-core machine). `threads` (default 1)
+    makes the in-process run match, and avoids OpenMP oversubscription on a busy machine."""
+    import torch
+
     from tandem.engine import Engine, load_tokenizer
     from tandem.evaluation import MAX_ANSWER_TOKENS, heldout_problems, is_correct
 
@@ -106,10 +116,16 @@ def evaluate(model_path: str, configs: list[ParallelConfig], limit: int | None =
     results, baseline_ids = [], None
     for cfg in configs:
         start = time.perf_counter()
-        with Engine(model_path, tp_size=cfg.tp_size, pp_size=cfg.pp_size, **engine_kwargs) as engine:
-            if engine.tokenizer is None:
-                raise ConfigError(f"{model_path} has no tokenizer; tandem eval needs one")
-            outs = engine.generate(prompt=[text for _, _, text in items], sampling_params=params)
+        saved_threads = torch.get_num_threads()
+        if threads and cfg.tp_size * cfg.pp_size == 1:
+            torch.set_num_threads(threads)
+        try:
+            with Engine(model_path, tp_size=cfg.tp_size, pp_size=cfg.pp_size, **engine_kwargs) as engine:
+                if engine.tokenizer is None:
+                    raise ConfigError(f"{model_path} has no tokenizer; tandem eval needs one")
+                outs = engine.generate(prompt=[text for _, _, text in items], sampling_params=params)
+        finally:
+            torch.set_num_threads(saved_threads)
         seconds = time.perf_counter() - start
         correct = [is_correct(out["text"], p) for (_, p, _), out in zip(items, outs)]
         ids = [out["output_ids"] for out in outs]
@@ -160,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
                      if f.name not in _PER_CONFIG and f.name != "model_path"}
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     report = evaluate(args.model_path, configs, limit=args.limit, fmt=args.format,
-                      max_new_tokens=args.max_new_tokens, engine_kwargs=engine_kwargs, log=log)
+                      max_new_tokens=args.max_new_tokens, engine_kwargs=engine_kwargs, threads=args.threads,
+                      log=log)
     failed = check(report, args.max_drop)
     report["failed"] = failed
     report["passed"] = not failed

@@ -51,7 +51,8 @@ class SamplingParams:
               f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}")
         check(is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
         check(is_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
-        check(self.seed is None or is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        check(self.seed is None or (is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64),
+              f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
         check(isinstance(self.stop_token_ids, (list, tuple)) and all(is_int(t) for t in self.stop_token_ids),
               f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")

@@ -52,15 +52,13 @@ def create_app(engine, served_model_name: str | None = None, shutdown_engine: bo
     engine is shut down when the app stops."""
     model_path = str(engine.args.model_path)
     name = served_model_name or Path(model_path).name or model_path
-    metrics = Metrics(name)
+    metrics = Metrics()
     bridge = EngineBridge(engine, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if engine.executor is not None and engine._loop_thread is None:
-            # NOTE: ask for the stage reports before the step thread starts: the report round trip
-            # shares the ranks' result channel with the steps and must not run concurrently with them.
-            metrics.set_stages(engine.stage_report())
+        if engine.executor is not None and not engine.loop_running:
+            metrics.set_stages(engine.stage_report())  # static cache sizes, read once
         engine.start_background_loop()
         logger.info("serving %s as %r", model_path, name)
         try:

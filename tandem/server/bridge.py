@@ -74,11 +74,23 @@ class EngineBridge:
 
     @property
     def healthy(self) -> bool:
-        return self.engine.error is None and self.engine.executor is not None
+        """No rank failed, and (checked without waiting for the next step) no rank process has exited."""
+        executor = self.engine.executor
+        if self.engine.error is not None or executor is None:
+            return False
+        return all(p.poll() is None for p in getattr(executor, "procs", ()))
+
+    def health_error(self) -> str:
+        if self.engine.error is not None:
+            return str(self.engine.error)
+        if self.engine.executor is None:
+            return "the engine is shut down"
+        dead = [p for p in getattr(self.engine.executor, "procs", ()) if p.poll() is not None]
+        return "; ".join(f"{getattr(p, 'name', 'a rank')} exited with code {p.returncode}" for p in dead)
 
     def check_healthy(self) -> None:
         if not self.healthy:
-            raise APIError(f"the engine is not running: {self.engine.error or 'shut down'}", status=503,
+            raise APIError(f"the engine is not running: {self.health_error()}", status=503,
                            type="server_error", code="engine_unavailable")
 
     def validate(self, prompt_ids: list[int], param: str) -> None:
@@ -100,8 +112,6 @@ class EngineBridge:
                       input_logprobs_wanted=input_logprobs)
         tracked = Tracked(req, index, queue, asyncio.get_running_loop(), self.metrics, endpoint)
         req.on_update = tracked.on_update
-        if self.metrics is not None:
-            self.metrics.request_started(tracked)
         try:
             self.engine.add_request(req)
         except ValueError as exc:
@@ -109,6 +119,8 @@ class EngineBridge:
         except Exception as exc:
             raise APIError(f"the engine failed: {exc}", status=503, type="server_error",
                            code="engine_unavailable") from None
+        if self.metrics is not None:
+            self.metrics.request_started(tracked)
         return tracked
 
     def abort(self, tracked: Tracked) -> None:

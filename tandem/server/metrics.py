@@ -10,16 +10,14 @@ cache only for its full-attention layers and state cache only for its linear-att
 
 from __future__ import annotations
 
-import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0, 300.0)
 
 
 class Metrics:
-    def __init__(self, model_name: str = ""):
+    def __init__(self):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("tandem_requests", "Requests admitted to the engine.", ["endpoint"],
                                 registry=registry)
@@ -72,15 +70,11 @@ class Metrics:
             self.cache_bytes.labels(*labels, "kv").set(s["kv_cache_bytes"] or 0)
             self.cache_bytes.labels(*labels, "state").set(s["state_cache_bytes"] or 0)
 
-    def refresh(self, engine) -> None:
-        scheduler = engine.scheduler
-        lock = getattr(engine, "_lock", None) or contextlib.nullcontext()
-        with lock:
-            running = [r.num_cached for r in scheduler.running]
-            waiting = len(scheduler.waiting)
+    def refresh(self, engine, healthy: bool = True) -> None:
+        running, waiting = engine.queue_stats()
         self.running.set(len(running))
         self.waiting.set(waiting)
-        self.healthy.set(1 if engine.error is None and engine.executor is not None else 0)
+        self.healthy.set(1 if healthy else 0)
         for s in self.stages:
             labels = (str(s["pp_rank"]), str(s["tp_rank"]))
             slots, max_len = s["num_slots"] or 1, s["max_len"] or 1
@@ -92,7 +86,7 @@ class Metrics:
             self.cache_used_bytes.labels(*labels, "kv").set(int(kv_bytes * token_ratio))
             self.cache_used_bytes.labels(*labels, "state").set(int(state_bytes * slot_ratio))
 
-    def render(self, engine=None) -> bytes:
+    def render(self, engine=None, healthy: bool = True) -> bytes:
         if engine is not None:
-            self.refresh(engine)
+            self.refresh(engine, healthy)
         return generate_latest(self.registry)

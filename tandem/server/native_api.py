@@ -11,14 +11,14 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from tandem.errors import ConfigError
 from tandem.runtime.sampler import SamplingParams
 from tandem.server.bridge import EngineBridge, Tracked
-from tandem.server.metrics import CONTENT_TYPE_LATEST
 from tandem.server.openai_api import client_gone, sse, submit_all, wait_all
 from tandem.server.protocol import APIError, GenerateRequest
-from tandem.server.sampling import config_error, max_tokens_for
+from tandem.server.sampling import check_params, config_error, max_tokens_for
 
 router = APIRouter()
 
@@ -50,7 +50,7 @@ def _params(bridge: EngineBridge, body: GenerateRequest, prompts: list[list[int]
     out = []
     for ids, values in zip(prompts, dicts):
         try:
-            params = SamplingParams.from_dict(values)
+            params = check_params(SamplingParams.from_dict(values), "sampling_params.")
         except ConfigError as exc:
             raise config_error(exc, openai_names=False) from None
         except TypeError as exc:
@@ -122,14 +122,14 @@ async def health(request: Request):
     bridge: EngineBridge = request.app.state.bridge
     if bridge.healthy:
         return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "error", "error": str(bridge.engine.error or "the engine is shut down")},
-                        status_code=503)
+    return JSONResponse({"status": "error", "error": bridge.health_error()}, status_code=503)
 
 
 @router.get("/metrics")
 async def metrics(request: Request):
     state = request.app.state
-    return Response(state.metrics.render(state.bridge.engine), media_type=CONTENT_TYPE_LATEST)
+    bridge: EngineBridge = state.bridge
+    return Response(state.metrics.render(bridge.engine, bridge.healthy), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/get_model_info")

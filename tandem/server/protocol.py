@@ -6,7 +6,7 @@ depend on the engine, such as the context length) is checked by the endpoints.""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,5 +89,3 @@ class GenerateRequest(_Strict):
     return_logprob: bool = False
     rid: Union[str, None] = None
 
-
-FinishReason = Literal["stop", "length", "abort"]

@@ -52,6 +52,13 @@ def max_tokens_for(requested: int | None, prompt_len: int, max_len: int, default
     return requested
 
 
+def check_params(params: SamplingParams, param_prefix: str = "") -> SamplingParams:
+    """Checks beyond `SamplingParams.validate` that keep bad input from reaching (and failing) a rank."""
+    if params.seed is not None and not -2**63 <= params.seed < 2**64:
+        raise APIError(f"seed must fit in 64 bits, got {params.seed}", param=param_prefix + "seed")
+    return params
+
+
 def sampling_params(body, max_new_tokens: int) -> SamplingParams:
     values = {"max_new_tokens": max_new_tokens, "ignore_eos": body.ignore_eos}
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids"):
@@ -59,9 +66,10 @@ def sampling_params(body, max_new_tokens: int) -> SamplingParams:
         if value is not None:
             values[name] = value
     try:
-        return SamplingParams.from_dict(values)
+        params = SamplingParams.from_dict(values)
     except ConfigError as exc:
         raise config_error(exc) from None
+    return check_params(params)
 
 
 def finish_reason(req) -> str | None:

@@ -40,6 +40,12 @@ def load_hf_model(model_dir, dtype: torch.dtype = torch.float32) -> torch.nn.Mod
         kwargs["experts_implementation"] = "eager"
     model = model_cls.from_pretrained(key[0], **kwargs)
     model.eval()
+    # Move every parameter into fresh (aligned, non-mmapped) memory: CPU kernels take alignment-dependent code
+    # paths, so otherwise the same weights loaded from different layouts (fused vs per-expert, sharded, ...)
+    # give results that differ at the 1e-5 level.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
     _MODELS[key] = model
     return model
 
