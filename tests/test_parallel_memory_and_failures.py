@@ -15,26 +15,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from support.checkpoints import checkpoint_tensor_names
+from support.processes import rank_processes
 from tandem.engine import Engine
 from tandem.errors import PartitionError, RankFailedError
 
 LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def worker_processes() -> list[int]:
-    """PIDs of rank processes whose parent is this test process."""
-    me, found = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == me and b"tandem.runtime.worker" in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def text_tensors(model_dir) -> dict[str, int]:
@@ -118,23 +103,23 @@ def test_missing_tensor_on_stage_1_names_tensor_and_stage(ckpt, tmp_path):
     message = str(info.value)
     assert victim in message and "pp 1/2" in message
     deadline = time.monotonic() + 5
-    while worker_processes() and time.monotonic() < deadline:
+    while rank_processes() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert worker_processes() == []
+    assert rank_processes() == []
 
 
 @pytest.mark.parametrize("partition", ["1,1", "4,0", "2,2,0", "a,b", [2.5, 1.5]])
 def test_invalid_partition_refused_before_any_process_starts(ckpt, partition):
     with pytest.raises(PartitionError):
         Engine(ckpt("llama"), pp_size=2, pp_layer_partition=partition, progress=False)
-    assert worker_processes() == []
+    assert rank_processes() == []
 
 
 def test_shutdown_leaves_no_process(ckpt):
     engine = Engine(ckpt("llama"), pp_size=2, dtype="float32", progress=False)
-    assert len(worker_processes()) == 2
+    assert len(rank_processes()) == 2
     engine.shutdown()
-    assert worker_processes() == []
+    assert rank_processes() == []
 
 
 def test_two_nodes_on_localhost(ckpt):
@@ -168,4 +153,4 @@ def test_not_enough_memory_is_refused_with_the_stage_named(ckpt):
         Engine(ckpt("llama"), max_running_requests=too_many, progress=False)
     with pytest.raises(RankFailedError, match="not enough memory on \\[pp [01]/2 tp 0/1\\]"):
         Engine(ckpt("llama"), pp_size=2, max_running_requests=too_many, progress=False)
-    assert worker_processes() == []
+    assert rank_processes() == []

@@ -3,7 +3,6 @@ real engine runs, optimality of the `auto` partitions, and the CLI."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import random
@@ -19,7 +18,6 @@ from tandem.errors import PartitionError
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 REAL = ["Qwen3.5-35B-A3B", "Qwen3.5-122B-A10B", "Qwen3.5-397B-A17B", "Qwen3.5-27B", "Qwen3-30B-A3B"]
-HAS_MULTIPROCESS = importlib.util.find_spec("tandem.distributed") is not None
 
 
 # ---- an independent parameter count, written from the checkpoint layout -----------------------------------
@@ -296,19 +294,16 @@ def test_plan_equals_stage_report_single_process(small, kind):
     check_against_plan(small[kind], 1, 1, "auto", "bfloat16")
 
 
-@pytest.mark.skipif(not HAS_MULTIPROCESS, reason="multi-process runs (tandem.distributed) not available yet")
 @pytest.mark.parametrize("spec", ["2,4", "auto"])
 def test_plan_equals_stage_report_pp2(small, spec):
     check_against_plan(small["qwen3_5_moe"], 2, 1, spec, "float32")
 
 
-@pytest.mark.skipif(not HAS_MULTIPROCESS, reason="multi-process runs (tandem.distributed) not available yet")
 def test_plan_equals_stage_report_tied_pp2(small):
     # uniform; the last stage loads its own LM head from embed_tokens.weight
     check_against_plan(small["llama_tied"], 2, 1, None, "bfloat16")
 
 
-@pytest.mark.skipif(not HAS_MULTIPROCESS, reason="multi-process runs (tandem.distributed) not available yet")
 def test_plan_equals_stage_report_tp2(small):
     check_against_plan(small["qwen3_5_moe"], 1, 2, "auto", "float32")
 
