@@ -211,7 +211,7 @@ def train(args) -> dict:
         progress = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     history = []
     model.train()
     step = 0
@@ -227,22 +227,24 @@ def train(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.log_every == 0 or step == args.steps - 1:
-            elapsed = time.time() - start
-            line = f"step {step:5d}  loss {out.loss.item():.4f}  lr {lr_at(step):.2e}  {elapsed:6.0f}s"
+            elapsed, cpu = time.time() - start, time.process_time() - cpu_start
+            line = (f"step {step:5d}  loss {out.loss.item():.4f}  lr {lr_at(step):.2e}  {elapsed:6.0f}s "
+                    f"(cpu {cpu:5.0f}s)")
             if step % args.eval_every == 0 or step == args.steps - 1:
                 acc = exact_match(model, tokenizer, heldout, chat=False)
                 acc_chat = exact_match(model, tokenizer, heldout, chat=True)
-                history.append({"step": step, "seconds": round(elapsed), "heldout_acc": acc, "chat_acc": acc_chat})
+                history.append({"step": step, "seconds": round(elapsed), "cpu_seconds": round(cpu),
+                                "heldout_acc": acc, "chat_acc": acc_chat})
                 line += f"  held-out {acc:.3f}  chat {acc_chat:.3f}"
             print(line, flush=True)
         if args.max_minutes and time.time() - start > args.max_minutes * 60:
             print(f"time budget of {args.max_minutes} min reached at step {step}", flush=True)
             break
-    seconds = time.time() - start
+    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     acc = exact_match(model, tokenizer, heldout, chat=False)
     acc_chat = exact_match(model, tokenizer, heldout, chat=True)
     print(f"final held-out exact match: completion {acc:.3f}, chat {acc_chat:.3f} after {step + 1} steps, "
-          f"{seconds:.0f}s", flush=True)
+          f"{seconds:.0f}s wall, {cpu_seconds:.0f}s CPU", flush=True)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,8 +255,8 @@ def train(args) -> dict:
     model.generation_config.bos_token_id = None
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    summary = {"steps": step + 1, "train_seconds": round(seconds), "heldout_exact_match": acc,
-               "heldout_chat_exact_match": acc_chat, "parameters": n_params, "args": vars(args),
+    summary = {"steps": step + 1, "train_seconds": round(seconds), "train_cpu_seconds": round(cpu_seconds),
+               "heldout_exact_match": acc, "heldout_chat_exact_match": acc_chat, "parameters": n_params, "args": vars(args),
                "history": history}
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())

@@ -17,7 +17,10 @@ if _TESTS_DIR not in sys.path:  # make `import support.checkpoints` work regardl
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# NOTE: one thread: on this 2-core machine, shared with other test runs, two OpenMP threads make tiny ops
+# 5-15x slower (each parallel region waits for a descheduled thread); measured 407 s vs 28 s for the
+# single-process model tests under load.
+torch.set_num_threads(1)
 
 
 def _freeze(value):

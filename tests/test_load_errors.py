@@ -175,7 +175,7 @@ def test_unexpected_tensor_is_named(ckpt, tmp_path, case, name, shape):
 
 def test_ignorable_tensors_load(ckpt):
     """The multimodal+MTP checkpoint really has vision and MTP tensors, and they are not read."""
-    from tests.support.checkpoints import checkpoint_tensor_names
+    from support.checkpoints import checkpoint_tensor_names
 
     model_dir = source(ckpt, "qwen3_5_moe_mm")
     names = checkpoint_tensor_names(model_dir)

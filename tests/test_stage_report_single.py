@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tandem.engine import Engine
-from tests.support.checkpoints import checkpoint_tensor_names
+from support.checkpoints import checkpoint_tensor_names
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SLOTS, CONTEXT = 3, 96

@@ -2,7 +2,9 @@
 
 Everything is built locally with the installed transformers (no hub access).  Every parameter is
 re-randomized with a fixed seed (norm weights, A_log, dt_bias, conv1d, routers, ... included), with
-scales chosen so that fp32 activations stay O(1) while greedy decoding is far from degenerate.
+scales chosen so that fp32 activations stay O(1) (residual RMS ~1-3) while greedy decoding is far from
+degenerate.  Parameters are seeded per canonical name, so e.g. the text-only, multimodal, fused-expert and
+per-expert variants of a kind with the same seed hold the same text weights.
 
     build_checkpoint("qwen3_5_moe", tmp / "ckpt", multimodal=True, fused_experts=True, add_mtp=True)
     checkpoint_tensor_names(tmp / "ckpt")  # {name: (shape, dtype_str)} from safetensors headers
@@ -39,13 +41,18 @@ MAX_POS = 2048
 # Multimodal placeholder ids (inside the model vocab, outside the tokenizer vocab).
 VISION_START_ID, VISION_END_ID, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = 316, 317, 318, 319
 
-# Randomization scales (see _random_value).
+# Randomization scales (see _random_value).  Chosen empirically as a trade-off: larger gains make greedy output
+# more varied but the model more chaotic (bf16 rounding then moves logprobs a lot); smaller gains make attention
+# models fall into repeated-token loops.  The final (non zero-centred) RMSNorm weight is N(0, 1) rather than ~1: a
+# zero-mean final norm removes the "predict the current token again" bias of tied-embedding models.
 EMBED_STD = 0.5
-EMBED_STD_TIED = 0.25
+EMBED_STD_TIED = 0.5
 LM_HEAD_STD = 0.5
-OUT_GAIN = 3.0
-QK_GAIN = 3.0
-QK_NORM_MEAN = 2.0
+OUT_GAIN = 1.5  # o_proj / down_proj / out_proj / experts.down_proj: std = OUT_GAIN / sqrt(fan_in)
+QK_GAIN = 1.5  # q_proj / k_proj of models without q/k norms (llama, qwen2, qwen2_moe)
+QK_NORM_MEAN = 1.25  # Qwen3 / Qwen3-MoE q_norm, k_norm weights ~ N(1.25, 0.1)
+FINAL_NORM_MEAN = 0.0
+FINAL_NORM_STD = 1.0
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -196,7 +203,11 @@ def _random_value(module: torch.nn.Module, pname: str, mod_name: str, p: torch.T
         if cls.startswith("Qwen3_5"):  # zero-centred: x * (1 + weight)
             return _normal(gen, shape, 0.0, 0.1)
         # Qwen3 q_norm/k_norm set the attention-score scale: mean QK_NORM_MEAN for sharper attention.
-        return _normal(gen, shape, QK_NORM_MEAN if leaf in ("q_norm", "k_norm") else 1.0, 0.1)
+        if leaf in ("q_norm", "k_norm"):
+            return _normal(gen, shape, QK_NORM_MEAN, 0.1)
+        if mod_name in ("model.norm", "model.language_model.norm"):
+            return _normal(gen, shape, FINAL_NORM_MEAN, FINAL_NORM_STD)
+        return _normal(gen, shape, 1.0, 0.1)
     if isinstance(module, torch.nn.LayerNorm):
         return _normal(gen, shape, 1.0, 0.1) if pname == "weight" else _normal(gen, shape, 0.0, 0.05)
     if pname == "A_log":  # A = exp(A_log) in [0.5, 4]
@@ -397,6 +408,9 @@ def _add_mtp(out_dir: pathlib.Path, tensors: dict[str, torch.Tensor]) -> None:
         index.setdefault("metadata", {})
         if "total_size" in index["metadata"]:
             index["metadata"]["total_size"] = int(index["metadata"]["total_size"]) + extra
+        if "total_parameters" in index["metadata"]:
+            index["metadata"]["total_parameters"] = int(index["metadata"]["total_parameters"]) + sum(
+                v.numel() for v in tensors.values())
         index_path.write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
 
 
@@ -456,10 +470,18 @@ def build_checkpoint(
     text_cfg = config.get_text_config()
     if add_mtp:
         _add_mtp(out_dir, _mtp_tensors(text_cfg, kind, fused_experts, torch_dtype, seed))
-        cfg_path = out_dir / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        (cfg["text_config"] if multimodal else cfg)["mtp_num_hidden_layers"] = 1
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+    # config.json fix-ups (in the text config for multimodal checkpoints).
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    text_json = cfg["text_config"] if multimodal else cfg
+    if "num_local_experts" in text_json and "num_experts" not in text_json:
+        # Qwen3MoeConfig serializes num_experts as "num_local_experts" (attribute_map); real Qwen3-MoE checkpoints
+        # use "num_experts", which transformers maps back on load.
+        text_json["num_experts"] = text_json.pop("num_local_experts")
+    if add_mtp:
+        text_json["mtp_num_hidden_layers"] = 1
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     if with_tokenizer:
         tok = build_tokenizer(out_dir, vocab_size=TOKENIZER_VOCAB_SIZE)
