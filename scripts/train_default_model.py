@@ -67,7 +67,7 @@ def build_tokenizer():
 
 def _byte_of(ch: str) -> int:
     """Inverse of GPT-2's bytes_to_unicode, so that token id == byte value."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -256,9 +256,12 @@ def train(args) -> dict:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     summary = {"steps": step + 1, "train_seconds": round(seconds), "train_cpu_seconds": round(cpu_seconds),
-               "heldout_exact_match": acc, "heldout_chat_exact_match": acc_chat, "parameters": n_params, "args": vars(args),
-               "history": history}
+               "heldout_exact_match": acc, "heldout_chat_exact_match": acc_chat, "parameters": n_params,
+               "args": vars(args), "history": history}
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for f in out_dir.iterdir():  # save_pretrained writes the safetensors file owner-only (0600)
+        if f.is_file():
+            f.chmod(0o644)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     print(f"saved {out_dir} ({size / 1e6:.1f} MB)", flush=True)
     if size > 20e6:

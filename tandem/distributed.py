@@ -58,7 +58,8 @@ def _addresses(args: EngineArgs) -> tuple[str, int]:
     return "127.0.0.1", _free_port_triple()
 
 
-def start_node_ranks(args: EngineArgs, partition: list[int], host: str, port: int) -> list[subprocess.Popen]:
+def start_node_ranks(args: EngineArgs, partition: list[int], host: str, port: int,
+                     progress: bool = True) -> list[subprocess.Popen]:
     """Start this node's share of the ranks as fresh interpreters (`python -m tandem.runtime.worker`), so
     nothing depends on the caller's __main__ and no torch threads are forked."""
     per_node = args.world_size // args.nnodes
@@ -66,7 +67,7 @@ def start_node_ranks(args: EngineArgs, partition: list[int], host: str, port: in
     for local in range(per_node):
         rank = args.node_rank * per_node + local
         spec = RankSpec(rank, args.world_size, per_node, f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}",
-                        f"tcp://{host}:{port + 2}", list(partition))
+                        f"tcp://{host}:{port + 2}", list(partition), progress)
         proc = subprocess.Popen([sys.executable, "-m", "tandem.runtime.worker"], stdin=subprocess.PIPE,
                                 start_new_session=True)
         proc.stdin.write(pickle.dumps((spec, args)))
@@ -95,7 +96,7 @@ def stop_processes(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 
 
 class ProcessExecutor:
-    def __init__(self, args: EngineArgs, model_config: ModelConfig, partition: list[int]):
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, partition: list[int], progress: bool = True):
         if args.node_rank != 0:
             raise ValueError("the driver runs on node 0; other nodes run `run_node`")
         self.args = args
@@ -113,7 +114,7 @@ class ProcessExecutor:
         self._step_ids = itertools.count()
         self._done: dict[int, StepOutput] = {}
         atexit.register(self.shutdown)
-        self.procs = start_node_ranks(args, partition, host, port)
+        self.procs = start_node_ranks(args, partition, host, port, progress)
         self._reports: dict[int, dict] = {}
         self._fresh: set[int] = set()
         try:

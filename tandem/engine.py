@@ -55,7 +55,7 @@ class Engine:
         else:
             from tandem.distributed import ProcessExecutor
 
-            self.executor = ProcessExecutor(self.args, self.model_config, self.partition)
+            self.executor = ProcessExecutor(self.args, self.model_config, self.partition, progress)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

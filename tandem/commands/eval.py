@@ -53,7 +53,8 @@ def add_parser(sub) -> None:
         "eval", help="Check accuracy across parallel configurations (pipeline accuracy check).",
         description="Run the default model's held-out addition problems through each configuration "
                     "(greedy) and compare accuracy and generated tokens with the first configuration.")
-    parser.add_argument("--model-path", default="models/default", help="Checkpoint directory (default: models/default).")
+    parser.add_argument("--model-path", default=None,
+                        help="Checkpoint directory (default: models/default, the bundled model).")
     parser.add_argument("--configs", default="pp1,pp2",
                         help="Comma-separated configurations tpXppY, the first is the baseline (default: pp1,pp2).")
     parser.add_argument("--limit", type=int, default=None, help="Evaluate only the first N held-out problems.")
@@ -170,12 +171,23 @@ def format_table(report: dict) -> str:
     return "\n".join([head, *lines])
 
 
+def default_model_path() -> str:
+    """models/default of the current directory, else the one next to the tandem package (a checkout)."""
+    from pathlib import Path
+
+    local = Path("models/default")
+    if local.is_dir():
+        return str(local)
+    return str(Path(__file__).resolve().parents[2] / "models" / "default")
+
+
 def run(args: argparse.Namespace) -> int:
     configs = parse_configs(args.configs)
+    model_path = args.model_path or default_model_path()
     engine_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)
                      if f.name not in _PER_CONFIG and f.name != "model_path"}
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    report = evaluate(args.model_path, configs, limit=args.limit, fmt=args.format,
+    report = evaluate(model_path, configs, limit=args.limit, fmt=args.format,
                       max_new_tokens=args.max_new_tokens, engine_kwargs=engine_kwargs, threads=args.threads,
                       log=log)
     failed = check(report, args.max_drop)

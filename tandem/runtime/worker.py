@@ -29,6 +29,7 @@ class RankSpec:
     steps_addr: str  # driver's PUB socket
     results_addr: str  # driver's PULL socket
     partition: list[int]
+    progress: bool = True  # show the loading progress bar (rank 0 only)
 
 
 def _die_with_parent() -> None:
@@ -75,7 +76,7 @@ def rank_main(spec: RankSpec, args) -> None:
         init_parallel(args.tp_size, args.pp_size, spec.rank, backend, spec.init_method)
         where = f"rank {spec.rank} {stage_label()}"
         set_partition(spec.partition)
-        runner = ModelRunner(args, ModelConfig.from_hf(args.model_path), progress=spec.rank == 0)
+        runner = ModelRunner(args, ModelConfig.from_hf(args.model_path), progress=spec.progress and spec.rank == 0)
         send("ready", spec.rank, runner.report())
         is_reporter = get_pp().is_last and get_tp().rank == 0
         while True:
