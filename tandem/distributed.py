@@ -180,9 +180,6 @@ class ProcessExecutor:
                 self._handle(message)
         return self._done.pop(step_id)
 
-    def execute(self, step: StepInput) -> StepOutput:
-        return self.collect(self.submit(step))
-
     def reports(self) -> list[dict]:
         """Every rank's current report (asked after all submitted steps, which ranks run in order)."""
         self._fresh.clear()

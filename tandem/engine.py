@@ -80,8 +80,7 @@ class Engine:
             params = [SamplingParams.from_dict(p) for p in sampling_params]
         else:
             params = [SamplingParams.from_dict(sampling_params)] * len(prompts)
-        reqs = [Request(ids, p, return_logprob=return_logprob,
-                        input_logprobs_wanted=return_logprob and logprob_start_len >= 0)
+        reqs = [Request(ids, p, input_logprobs_wanted=return_logprob and logprob_start_len >= 0)
                 for ids, p in zip(prompts, params)]
         for req in reqs:
             self.scheduler.validate(req)

@@ -15,12 +15,8 @@ class LocalExecutor:
         self.runner = ModelRunner(args, model_config, progress=progress)
         self.num_slots = self.runner.num_slots
         self.max_len = self.runner.max_len
-
         self._results: dict[int, StepOutput] = {}
         self._next_id = 0
-
-    def execute(self, step: StepInput) -> StepOutput:
-        return self.runner.execute(step)
 
     def submit(self, step: StepInput) -> int:
         """Runs the step now (one process has nothing to overlap); `collect` hands the result over."""

@@ -25,7 +25,6 @@ class KVCachePool:
         shape = (len(layer_ids), num_slots, max_len, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.index[layer_idx]

@@ -80,9 +80,10 @@ class ModelRunner:
         self.num_slots = args.max_running_requests
         self.model = build_model(model_config, self.dtype, self.device)  # parameters not yet touched
         self.layer_start, self.layer_end = self.model.layer_range
-        self._check_memory()
+        layout = self._cache_layout()
+        self._check_memory(layout)
         self.load_report = load_weights(self.model, args.model_path, stage_label(), progress=progress)
-        self._allocate_caches()
+        self._allocate_caches(layout)
         self.load_seconds = time.perf_counter() - start
         self.sampler = Sampler()
         self._pending_sends: list = []
@@ -105,9 +106,9 @@ class ModelRunner:
             "v_heads": first_gdn.num_v_heads if first_gdn else 0,
         }
 
-    def _check_memory(self) -> None:
+    def _check_memory(self, layout: dict) -> None:
         """Refuse to start when weights + caches cannot fit, instead of failing mid-load."""
-        cfg, layout = self.config, self._cache_layout()
+        cfg = self.config
         need_cache = len(layout["attn_layers"]) * KVCachePool.layer_bytes(
             self.num_slots, self.max_len, layout["kv_heads"], cfg.head_dim, self.dtype)
         need_cache += len(layout["gdn_layers"]) * GDNStatePool.layer_bytes(
@@ -122,8 +123,8 @@ class ModelRunner:
                 f"({self.num_slots} requests x {self.max_len} tokens) exceed the {gb(available)} available; "
                 f"lower --max-running-requests or --context-length, or use more stages / TP ranks")
 
-    def _allocate_caches(self) -> None:
-        cfg, layout = self.config, self._cache_layout()
+    def _allocate_caches(self, layout: dict) -> None:
+        cfg = self.config
         self.kv_cache = KVCachePool(layout["attn_layers"], self.num_slots, self.max_len, layout["kv_heads"],
                                     cfg.head_dim, self.dtype, self.device)
         self.state_cache = GDNStatePool(

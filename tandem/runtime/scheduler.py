@@ -24,7 +24,6 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     rid: object = field(default_factory=lambda: next(_ids))
-    return_logprob: bool = False
     input_logprobs_wanted: bool = False
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)

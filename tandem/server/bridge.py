@@ -106,10 +106,9 @@ class EngineBridge:
                            if prompt_ids else None) from None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0,
-               return_logprob: bool = False, input_logprobs: bool = False, endpoint: str = "generate") -> Tracked:
+               input_logprobs: bool = False, endpoint: str = "generate") -> Tracked:
         self.check_healthy()
-        req = Request(list(prompt_ids), params, return_logprob=return_logprob,
-                      input_logprobs_wanted=input_logprobs)
+        req = Request(list(prompt_ids), params, input_logprobs_wanted=input_logprobs)
         tracked = Tracked(req, index, queue, asyncio.get_running_loop(), self.metrics, endpoint)
         req.on_update = tracked.on_update
         try:

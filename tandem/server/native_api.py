@@ -88,7 +88,7 @@ async def generate(body: GenerateRequest, request: Request):
     if body.stream and batch:
         raise APIError("stream=true takes one prompt", param="stream")
     queue: asyncio.Queue = asyncio.Queue()
-    trackeds = submit_all(bridge, prompts, params, queue, "generate", return_logprob=body.return_logprob)
+    trackeds = submit_all(bridge, prompts, params, queue, "generate")
     base = body.rid or f"gen-{trackeds[0].req.rid}"
     rids = [base] if not batch else [f"{base}-{i}" for i in range(len(trackeds))]
 

@@ -59,12 +59,11 @@ def client_gone() -> Response:
 
 
 def submit_all(bridge: EngineBridge, prompts: list[list[int]], params: list, queue: asyncio.Queue,
-               endpoint: str, return_logprob: bool = False, input_logprobs: bool = False) -> list[Tracked]:
+               endpoint: str, input_logprobs: bool = False) -> list[Tracked]:
     trackeds: list[Tracked] = []
     try:
         for i, (ids, p) in enumerate(zip(prompts, params)):
-            trackeds.append(bridge.submit(ids, p, queue, i, return_logprob=return_logprob,
-                                          input_logprobs=input_logprobs, endpoint=endpoint))
+            trackeds.append(bridge.submit(ids, p, queue, i, input_logprobs=input_logprobs, endpoint=endpoint))
     except BaseException:
         for t in trackeds:
             bridge.abort(t)
@@ -171,8 +170,7 @@ async def completions(body: CompletionRequest, request: Request):
         params.append(sampling_params(body, max_tokens_for(body.max_tokens, len(ids), bridge.max_len, 16)))
     want_logprobs = body.logprobs is not None
     queue: asyncio.Queue = asyncio.Queue()
-    trackeds = submit_all(bridge, prompts, params, queue, "completions", return_logprob=want_logprobs,
-                          input_logprobs=want_logprobs and body.echo)
+    trackeds = submit_all(bridge, prompts, params, queue, "completions", input_logprobs=want_logprobs and body.echo)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     stop = params[0].stop
 
@@ -263,7 +261,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = sampling_params(body, max_tokens_for(requested, len(ids), bridge.max_len, None, param))
     queue: asyncio.Queue = asyncio.Queue()
-    trackeds = submit_all(bridge, [ids], [params], queue, "chat", return_logprob=body.logprobs)
+    trackeds = submit_all(bridge, [ids], [params], queue, "chat")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choice: dict) -> dict:
