@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all serve setup clean
+.PHONY: test test-all lint serve setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check tandem tests scripts bench
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q -x --durations=15
 
 test-all: $(STAMP)

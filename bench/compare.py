@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tandem.bench import bench_engine, format_table, mean, random_prompts  # noqa: E402
-from tandem.engine import Engine  # noqa: E402
+from tandem.bench import bench_engine, mean, random_prompts
+from tandem.engine import Engine
 
 VOCAB = 32000
 

@@ -44,11 +44,6 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope_parameters: dict
     partial_rotary_factor: float
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool
-    attn_output_gate: bool
     layer_types: tuple[str, ...]
     # Gated DeltaNet (Qwen3.5 linear attention)
     linear_num_key_heads: int = 0
@@ -61,7 +56,6 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
-    norm_topk_prob: bool = True
     moe_layers: tuple[bool, ...] = ()
     # checkpoint layout
     weight_prefix: str = "model."
@@ -79,19 +73,34 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer_idx]
 
-    @classmethod
-    def from_hf(cls, model_path: str | os.PathLike) -> "ModelConfig":
+    def hf_flag(self, name: str, default=None):
+        """A setting of the checkpoint's (text) config that only some families have; model classes read
+        their own flags through this, so this module knows no family."""
+        value = getattr(self.hf_config, name, None)
+        return default if value is None else value
+
+    @staticmethod
+    def _read_raw(model_path: str | os.PathLike) -> tuple[Path, dict]:
         path = Path(model_path)
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
             raise CheckpointError(f"no config.json found at {path}: expected a Hugging Face checkpoint directory")
         raw = json.loads(config_file.read_text())
-        architectures = raw.get("architectures") or []
-        if not architectures:
+        if not raw.get("architectures"):
             raise ConfigError(f"{config_file} has no 'architectures' entry; cannot tell which model to build")
-        from tandem.models.registry import check_supported
+        return config_file, raw
 
-        architecture = check_supported(architectures[0])
+    @classmethod
+    def architecture_of(cls, model_path: str | os.PathLike) -> str:
+        """config.json's `architectures[0]`."""
+        return cls._read_raw(model_path)[1]["architectures"][0]
+
+    @classmethod
+    def from_hf(cls, model_path: str | os.PathLike) -> "ModelConfig":
+        """The text model's shape. Whether the architecture is supported is the model registry's concern
+        (`tandem.models.registry.load_model_config`)."""
+        config_file, raw = cls._read_raw(model_path)
+        architecture = raw["architectures"][0]
         from transformers import AutoConfig
 
         try:
@@ -113,7 +122,6 @@ class ModelConfig:
         rope.setdefault("rope_theta", get("rope_theta", 10000.0))
         partial = rope.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))
         model_type = hf.model_type
-        is_qwen35 = model_type.startswith("qwen3_5")
         layer_types = tuple(get("layer_types") or ["full_attention"] * num_layers)
         if len(layer_types) != num_layers:
             raise ConfigError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
@@ -143,11 +151,6 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", get("tie_word_embeddings", False))),
             rope_parameters=rope,
             partial_rotary_factor=float(partial),
-            qkv_bias=bool(get("attention_bias", False) or get("qkv_bias", False) or model_type == "qwen2"),
-            o_bias=bool(get("attention_bias", False)) and model_type in ("llama",),
-            mlp_bias=bool(get("mlp_bias", False)),
-            qk_norm=model_type in ("qwen3", "qwen3_moe") or is_qwen35,
-            attn_output_gate=is_qwen35 and bool(get("attn_output_gate", True)),
             layer_types=layer_types,
             linear_num_key_heads=get("linear_num_key_heads", 0),
             linear_num_value_heads=get("linear_num_value_heads", 0),
@@ -158,8 +161,6 @@ class ModelConfig:
             num_experts_per_tok=get("num_experts_per_tok", 0) or 0,
             moe_intermediate_size=get("moe_intermediate_size", 0) or 0,
             shared_expert_intermediate_size=get("shared_expert_intermediate_size", 0) or 0,
-            # Qwen3.5-MoE always renormalises the top-k weights (it has no such flag).
-            norm_topk_prob=bool(get("norm_topk_prob", True)) if not is_qwen35 else True,
             moe_layers=moe_layers,
             weight_prefix="model.language_model." if multimodal else "model.",
             multimodal=multimodal,
@@ -188,6 +189,7 @@ class EngineArgs:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
+    dist_auth_token: str | None = None  # shared secret of a multi-node run's control plane
     seed: int = 0
     log_level: str = "info"
 

@@ -8,10 +8,11 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from tandem.config import EngineArgs, ModelConfig
+from tandem.config import EngineArgs
 from tandem.errors import ConfigError
 from tandem.loader import checkpoint_weight_map
-from tandem.parallel.partition import resolve_partition
+from tandem.models.registry import load_model_config
+from tandem.runtime.planner import engine_partition
 from tandem.runtime.sampler import SamplingParams
 from tandem.runtime.scheduler import Request, Scheduler
 
@@ -27,33 +28,24 @@ def load_tokenizer(model_path: str):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def resolve_engine_partition(args: EngineArgs, model_config: ModelConfig) -> list[int]:
-    def auto(kind: str) -> list[int]:
-        from tandem.planner import auto_partition
-
-        return auto_partition(model_config, args, kind)
-
-    return resolve_partition(args.pp_layer_partition, model_config.num_layers, args.pp_size, auto)
-
-
 class Engine:
     def __init__(self, model_path, tp_size: int = 1, pp_size: int = 1, dtype: str = "auto", device: str = "cpu",
                  pp_layer_partition=None, progress: bool = True, **kwargs):
         self.args = EngineArgs(model_path=str(model_path), tp_size=tp_size, pp_size=pp_size, dtype=dtype,
                                device=device, pp_layer_partition=pp_layer_partition, **kwargs)
-        self.model_config = ModelConfig.from_hf(model_path)
-        self.partition = resolve_engine_partition(self.args, self.model_config)
+        self.model_config = load_model_config(model_path)
+        self.partition = engine_partition(self.model_config, self.args)
         checkpoint_weight_map(model_path)  # fail before starting anything if there is no checkpoint
         self.tokenizer = load_tokenizer(self.args.model_path)
         self.executor = None
         self._stopping = True
         self._loop_thread = None
         if self.args.world_size == 1:
-            from tandem.executor import LocalExecutor
+            from tandem.executors.local import LocalExecutor
 
             self.executor = LocalExecutor(self.args, self.model_config, self.partition, progress)
         else:
-            from tandem.distributed import ProcessExecutor
+            from tandem.executors.process import ProcessExecutor
 
             self.executor = ProcessExecutor(self.args, self.model_config, self.partition, progress)
         eos = set(self.model_config.eos_token_ids)
@@ -253,12 +245,11 @@ class Engine:
 
 def run_worker_node(**engine_kwargs) -> int:
     """Run the ranks of a node other than node 0 (`--node-rank` > 0) until the driver stops them."""
-    from tandem.distributed import run_node
+    from tandem.executors.process import run_node
 
     args = EngineArgs(**engine_kwargs)
     if args.node_rank == 0:
         raise ConfigError("node 0 runs the driver: use Engine or `tandem serve` there")
     if not args.dist_init_addr:
         raise ConfigError("--dist-init-addr host:port of node 0 is required on nodes other than 0")
-    model_config = ModelConfig.from_hf(args.model_path)
-    return run_node(args, resolve_engine_partition(args, model_config))
+    return run_node(args, engine_partition(load_model_config(args.model_path), args))

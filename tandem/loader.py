@@ -8,12 +8,10 @@ parameter; otherwise a `CheckpointError` names the tensors and the stage."""
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -27,7 +25,6 @@ SINGLE_FILE = "model.safetensors"
 class LoadReport:
     tensors_read: list[str] = field(default_factory=list)
     bytes_read: int = 0
-    seconds: float = 0.0
 
 
 def checkpoint_weight_map(model_path: str | Path) -> dict[str, Path]:
@@ -52,9 +49,8 @@ def checkpoint_weight_map(model_path: str | Path) -> dict[str, Path]:
 
 
 def load_weights(model, model_path: str | Path, stage_label: str = "", progress: bool = True) -> LoadReport:
-    from tandem.models.common import checkpoint_name_of
-
-    start_time = time.perf_counter()
+    """Load the stage's tensors into `model` (a `tandem.models` CausalLM: normalize_name, owns, targets,
+    checkpoint_name_of). Raises CheckpointError for anything missing, unexpected or mis-shaped."""
     where = f" on {stage_label}" if stage_label else ""
     params = dict(model.named_parameters())
     written: dict[str, set] = defaultdict(set)
@@ -100,11 +96,11 @@ def load_weights(model, model_path: str | Path, stage_label: str = "", progress:
             continue
         if not done and len(param.shard_ids) > 1 and ".experts." in param_name:
             # a whole expert stack: name the fused tensor rather than every per-expert piece
-            missing.append(f"{checkpoint_name_of(model, param_name, None)} (or its per-expert tensors)")
+            missing.append(f"{model.checkpoint_name_of(param_name, None)} (or its per-expert tensors)")
             continue
         for shard_id in param.shard_ids:
             if shard_id not in done:
-                missing.append(checkpoint_name_of(model, param_name, shard_id))
+                missing.append(model.checkpoint_name_of(param_name, shard_id))
     problems = []
     if missing:
         problems.append(f"missing tensor(s) {_listing(missing)} (parameters never written)")
@@ -112,7 +108,6 @@ def load_weights(model, model_path: str | Path, stage_label: str = "", progress:
         problems.append(f"unexpected tensor(s) {_listing(unexpected)} map to no parameter of the model")
     if problems:
         raise CheckpointError(f"checkpoint {model_path}{where}: " + "; ".join(problems))
-    report.seconds = time.perf_counter() - start_time
     return report
 
 

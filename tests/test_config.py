@@ -1,15 +1,16 @@
-"""ModelConfig.from_hf (text_config nesting of multimodal checkpoints, family flags, defaults of omitted keys)
-and EngineArgs validation. Expected values are read from config.json directly, not through transformers."""
+"""ModelConfig.from_hf (text_config nesting of multimodal checkpoints, defaults of omitted keys), the family
+flags each model class declares (`block_spec`), the registry's architecture check, and EngineArgs
+validation. Expected values are read from config.json directly, not through transformers."""
 
 import json
 import pathlib
-import shutil
 
 import pytest
 import torch
 
 from tandem.config import EngineArgs, ModelConfig, parse_dtype
 from tandem.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
+from tandem.models.registry import get_model_class, load_model_config
 
 REAL_CONFIGS = pathlib.Path(__file__).parent / "data" / "configs"
 
@@ -23,6 +24,11 @@ def copy_config(model_dir, tmp_path, edit=None) -> pathlib.Path:
         edit(raw)
     (out / "config.json").write_text(json.dumps(raw))
     return out
+
+
+def spec_of(cfg: ModelConfig):
+    """The block flags the config's family declares."""
+    return get_model_class(cfg.architecture).block_spec(cfg)
 
 
 def default_pattern(num_layers: int, interval: int) -> tuple[str, ...]:
@@ -52,7 +58,7 @@ def test_multimodal_text_config_nesting(ckpt, kind):
     assert cfg.linear_num_key_heads == text["linear_num_key_heads"]
     assert cfg.linear_num_value_heads == text["linear_num_value_heads"]
     assert cfg.linear_conv_kernel_dim == text["linear_conv_kernel_dim"]
-    assert cfg.qk_norm and cfg.attn_output_gate
+    assert spec_of(cfg).qk_norm and spec_of(cfg).attn_output_gate
     assert cfg.mtp_num_hidden_layers == 1
     assert cfg.eos_token_ids == (text["eos_token_id"],)
     assert cfg.tie_word_embeddings is False
@@ -63,7 +69,7 @@ def test_multimodal_text_config_nesting(ckpt, kind):
         assert cfg.moe_intermediate_size == text["moe_intermediate_size"]
         assert cfg.shared_expert_intermediate_size == text["shared_expert_intermediate_size"]
         assert cfg.moe_layers == (True,) * cfg.num_layers
-        assert cfg.norm_topk_prob is True
+        assert spec_of(cfg).norm_topk_prob is True
     else:
         assert not cfg.is_moe and cfg.intermediate_size == text["intermediate_size"]
 
@@ -128,8 +134,9 @@ def test_text_families(ckpt, kind, expected):
     assert cfg.head_dim == raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     assert cfg.rope_parameters["rope_theta"] == raw["rope_parameters"]["rope_theta"]
     assert cfg.partial_rotary_factor == 1.0
+    spec = spec_of(cfg)
     for key, value in expected.items():
-        assert getattr(cfg, key) == value, key
+        assert getattr(spec if hasattr(spec, key) else cfg, key) == value, key
     if cfg.num_experts:
         assert cfg.moe_layers == (True,) * cfg.num_layers
 
@@ -185,7 +192,7 @@ def test_unknown_architecture(ckpt, tmp_path):
         raw["architectures"] = ["MysteryForCausalLM"]
 
     with pytest.raises(UnsupportedArchitectureError, match="MysteryForCausalLM"):
-        ModelConfig.from_hf(copy_config(ckpt("llama"), tmp_path, edit))
+        load_model_config(copy_config(ckpt("llama"), tmp_path, edit))
 
 
 @pytest.mark.parametrize("field, value", [

@@ -11,8 +11,15 @@ import pytest
 from tandem.cli import main
 from tandem.commands.eval import ParallelConfig, check, parse_configs
 from tandem.errors import ConfigError
-from tandem.evaluation import (HELDOUT_SIZE, Problem, TrainingSampler, extract_answer, heldout_problems, is_correct,
-                               parse_problem)
+from tandem.evaluation import (
+    HELDOUT_SIZE,
+    Problem,
+    TrainingSampler,
+    extract_answer,
+    heldout_problems,
+    is_correct,
+    parse_problem,
+)
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
 

@@ -5,6 +5,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
 
 from tandem.layers.gated_delta_rule import (
     causal_conv1d_decode,
@@ -13,7 +14,6 @@ from tandem.layers.gated_delta_rule import (
     recurrent_gated_delta_rule_step,
 )
 
-import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5  # noqa: E402
 # The transformers functions are wrapped by a hub-kernel / FLA dispatcher; unwrap to the pure-torch code.
 hf_chunk = inspect.unwrap(qwen3_5.torch_chunk_gated_delta_rule)
 hf_recurrent = inspect.unwrap(qwen3_5.torch_recurrent_gated_delta_rule)

@@ -16,10 +16,10 @@ import math
 import pytest
 import torch
 
-from tandem.engine import Engine
-from tandem.runtime import model_runner
 from support.checkpoints import KINDS, checkpoint_tensor_names
 from support.reference import hf_greedy, hf_score
+from tandem.engine import Engine
+from tandem.runtime import model_runner
 
 FP32_TOL = 1e-4
 MAX_NEW = 8

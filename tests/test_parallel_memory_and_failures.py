@@ -4,12 +4,10 @@ Byte counts are computed independently from the checkpoint's safetensors headers
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -123,16 +121,16 @@ def test_shutdown_leaves_no_process(ckpt):
 
 
 def test_two_nodes_on_localhost(ckpt):
-    from tandem.distributed import _free_port_triple
+    from tandem.executors.process import _free_port_triple
 
     model_dir = ckpt("llama")
     port = _free_port_triple()
     node1 = subprocess.Popen([sys.executable, "-m", "tandem.cli", "generate", "--model-path", str(model_dir),
                               "--pp-size", "2", "--dtype", "float32", "--nnodes", "2", "--node-rank", "1",
-                              "--dist-init-addr", f"127.0.0.1:{port}"])
+                              "--dist-init-addr", f"127.0.0.1:{port}", "--dist-auth-token", "s3cret-of-this-test"])
     try:
         with Engine(model_dir, pp_size=2, dtype="float32", nnodes=2, dist_init_addr=f"127.0.0.1:{port}",
-                    progress=False) as engine:
+                    dist_auth_token="s3cret-of-this-test", progress=False) as engine:
             report = engine.stage_report()
             out = engine.generate(input_ids=[[5, 6, 7]], sampling_params={"temperature": 0, "max_new_tokens": 4,
                                                                           "ignore_eos": True})

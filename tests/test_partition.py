@@ -1,15 +1,23 @@
-"""Layer partitions (tandem.parallel.partition): the uniform rule, explicit partitions and their errors,
-and make_layers / PPMissingLayer under a simulated pipeline stage (no processes are started)."""
+"""Layer partitions (tandem.parallel.partition): the uniform rule, explicit partitions and their errors, the
+one resolver (tandem.runtime.planner.resolve_partition), and make_layers / PPMissingLayer for a stage's
+`ParallelLayout` (no processes are started)."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from tandem.errors import PartitionError
-from tandem.parallel import state
-from tandem.parallel.partition import (PPMissingLayer, make_layers, parse_partition, resolve_partition,
-                                       stage_bounds, uniform_partition)
-from tandem.parallel.state import GroupInfo
+from tandem.parallel.layout import ParallelLayout
+from tandem.parallel.partition import PPMissingLayer, make_layers, parse_partition, stage_bounds, uniform_partition
+from tandem.runtime.planner import resolve_partition as resolve
+
+
+def no_costs():
+    raise AssertionError("the cost model must only be asked for automatic partitions")
+
+
+def resolve_partition(spec, num_layers, pp_size, costs=no_costs):
+    return resolve(spec, pp_size, num_layers, costs)
 
 
 # ---- uniform ---------------------------------------------------------------------------------------------------
@@ -50,9 +58,11 @@ def test_uniform_is_the_default_of_resolve_partition():
     assert resolve_partition("4,3", 7, 2) == [4, 3]
 
 
-def test_auto_needs_a_cost_model():
-    with pytest.raises(PartitionError, match="auto"):
+def test_auto_asks_the_cost_model():
+    with pytest.raises(AssertionError, match="cost model"):
         resolve_partition("auto", 8, 2)
+    with pytest.raises(PartitionError, match="unknown automatic partition"):
+        resolve_partition("automatic", 8, 2)
 
 
 @pytest.mark.parametrize("layers, stages", [(3, 4), (1, 2), (4, 0), (4, -1)])
@@ -110,16 +120,10 @@ def test_resolve_partition_rejects_invalid_explicit():
 
 # ---- make_layers under a simulated stage ------------------------------------------------------------------------
 
-@pytest.fixture
-def stage(monkeypatch):
-    """simulate(pp_rank, pp_size, partition): set the parallel state as a stage would see it; restored after."""
-
-    def simulate(pp_rank: int, pp_size: int, partition):
-        monkeypatch.setattr(state, "_pp", GroupInfo(pp_rank, pp_size, None, tuple(range(pp_size))))
-        monkeypatch.setattr(state, "_tp", GroupInfo(0, 1))
-        monkeypatch.setattr(state, "_partition", tuple(partition) if partition is not None else None)
-
-    yield simulate
+def stage(pp_rank: int, pp_size: int, partition, num_layers: int = 7) -> ParallelLayout:
+    """The layout a stage of pp_size stages sees (partition None: the uniform rule), without process groups."""
+    counts = partition if partition is not None else uniform_partition(num_layers, pp_size)
+    return ParallelLayout.describe(counts, pp_rank=pp_rank)
 
 
 def _layer(i: int) -> nn.Module:
@@ -134,9 +138,8 @@ def _layer(i: int) -> nn.Module:
     (0, None, (0, 4)),  # uniform 7 over 2 -> [4, 3]
     (1, None, (4, 7)),
 ])
-def test_make_layers_builds_only_the_stage_range(stage, pp_rank, partition, expected):
-    stage(pp_rank, 2, partition)
-    start, end, layers = make_layers(7, _layer)
+def test_make_layers_builds_only_the_stage_range(pp_rank, partition, expected):
+    start, end, layers = make_layers(stage(pp_rank, 2, partition), 7, _layer)
     assert (start, end) == expected
     assert len(layers) == 7
     for i, layer in enumerate(layers):
@@ -151,37 +154,33 @@ def test_make_layers_builds_only_the_stage_range(stage, pp_rank, partition, expe
     assert names == {str(i) for i in range(start, end)}, "parameter names keep their global layer index"
 
 
-def test_make_layers_single_process_builds_everything(stage):
-    stage(0, 1, None)
-    start, end, layers = make_layers(5, _layer)
+def test_make_layers_single_process_builds_everything():
+    start, end, layers = make_layers(ParallelLayout.single(5), 5, _layer)
     assert (start, end) == (0, 5)
     assert not any(isinstance(layer, PPMissingLayer) for layer in layers)
 
 
-def test_make_layers_rejects_a_partition_that_does_not_fit(stage):
-    stage(0, 2, [3, 3])
+def test_make_layers_rejects_a_partition_that_does_not_fit():
     with pytest.raises(PartitionError):
-        make_layers(7, _layer)
+        make_layers(stage(0, 2, [3, 3]), 7, _layer)
 
 
-def test_state_is_restored_after_simulation():
-    # runs after the simulated-stage tests in file order: monkeypatch must have restored the single process
-    assert state.get_pp().size == 1 and state.get_pp().rank == 0
-    assert state.get_tp().size == 1
+def test_layout_partition_must_match_the_stages():
+    with pytest.raises(PartitionError, match="pp_size"):
+        ParallelLayout(ParallelLayout.single(4).tp, ParallelLayout.describe([2, 2]).pp, (4,))
 
 
 @pytest.mark.parametrize("pp_rank", [0, 1])
-def test_stage_model_holds_only_its_parts(stage, ckpt, pp_rank):
+def test_stage_model_holds_only_its_parts(ckpt, pp_rank):
     """A real model built for one of two stages: embedding only on the first, norm/LM head only on the last,
     decoder layers only in the stage's range, and the loader reads only the stage's tensors."""
     from tandem.config import ModelConfig
     from tandem.loader import load_weights
-    from tandem.runtime.model_runner import build_model
+    from tandem.runtime.planner import build_model
 
     model_dir = ckpt("qwen3_5_moe", multimodal=True, add_mtp=True)
     config = ModelConfig.from_hf(model_dir)
-    stage(pp_rank, 2, [1, 3])
-    model = build_model(config, torch.float32, "cpu")
+    model = build_model(config, stage(pp_rank, 2, [1, 3], 4), torch.float32, "cpu")
     start, end = (0, 1) if pp_rank == 0 else (1, 4)
     assert model.layer_range == (start, end)
     params = [name for name, _ in model.named_parameters()]

@@ -1,4 +1,4 @@
-"""Stage planner (`tandem.planner`, `tandem plan`): exact byte counts against hand-written formulas and against
+"""Stage planner (`tandem.runtime.planner`, `tandem plan`): exact byte counts against hand-written formulas and against
 real engine runs, optimality of the `auto` partitions, and the CLI."""
 
 from __future__ import annotations
@@ -11,13 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem import planner
 from tandem.cli import main as cli_main
 from tandem.config import EngineArgs, ModelConfig
 from tandem.errors import PartitionError
+from tandem.runtime import planner
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 REAL = ["Qwen3.5-35B-A3B", "Qwen3.5-122B-A10B", "Qwen3.5-397B-A17B", "Qwen3.5-27B", "Qwen3-30B-A3B"]
+
+
+def resolve(spec, costs, pp: int) -> list[int]:
+    return planner.resolve_partition(spec, pp, costs.num_layers, lambda: costs)
+
+
+def auto_partition(config, args, kind: str) -> list[int]:
+    args.pp_layer_partition = kind
+    return planner.engine_partition(config, args)
 
 
 # ---- an independent parameter count, written from the checkpoint layout -----------------------------------
@@ -97,7 +106,7 @@ def test_stage_weights_sum_to_model_parameters(real, name):
     assert planner.model_weight_bytes(costs) == expected
     for pp in (1, 2, 3, 4, 8):
         for spec in ("uniform", "auto", "auto-compute"):
-            counts = planner.resolve_plan_partition(spec, costs, pp)
+            counts = resolve(spec, costs, pp)
             assert len(counts) == pp and sum(counts) == real[name].num_layers and min(counts) >= 1
             stages = planner.plan_stages(costs, counts)
             assert sum(s.weight_bytes for s in stages) == expected, (pp, spec)
@@ -119,7 +128,7 @@ def test_tied_embeddings_last_stage_holds_its_own_head(tmp_path):
     count, embed = hand_param_count(raw), t["vocab_size"] * t["hidden_size"]
     costs = planner.costs_for(config, args_for(1, dtype="float32"))
     for pp in (1, 2, 4):
-        stages = planner.plan_stages(costs, planner.resolve_plan_partition("auto", costs, pp))
+        stages = planner.plan_stages(costs, resolve("auto", costs, pp))
         assert sum(s.weight_bytes for s in stages) == 4 * (count + (embed if pp > 1 else 0))
 
 
@@ -127,7 +136,7 @@ def test_tied_embeddings_last_stage_holds_its_own_head(tmp_path):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_additive_model_matches_whole_stage_builds(real, name, tp):
     costs = planner.costs_for(real[name], args_for(3, tp))
-    counts = planner.resolve_plan_partition("auto", costs, 3)
+    counts = resolve("auto", costs, 3)
     built = planner.stage_weight_bytes_on_meta(real[name], torch.bfloat16, tp, counts)
     assert [s.weight_bytes for s in planner.plan_stages(costs, counts)] == built
 
@@ -137,9 +146,9 @@ def test_auto_never_worse_than_uniform(real, name):
     for tp in (1, 2):
         costs = planner.costs_for(real[name], args_for(2, tp, max_running_requests=64, context_length=32768))
         for pp in range(2, 9):
-            uniform = planner.plan_stages(costs, planner.resolve_plan_partition("uniform", costs, pp))
-            auto = planner.plan_stages(costs, planner.resolve_plan_partition("auto", costs, pp))
-            compute = planner.plan_stages(costs, planner.resolve_plan_partition("auto-compute", costs, pp))
+            uniform = planner.plan_stages(costs, resolve("uniform", costs, pp))
+            auto = planner.plan_stages(costs, resolve("auto", costs, pp))
+            compute = planner.plan_stages(costs, resolve("auto-compute", costs, pp))
             assert max(s.total_bytes for s in auto) <= max(s.total_bytes for s in uniform)
             assert max(s.flops_per_token for s in compute) <= max(s.flops_per_token for s in uniform) * (1 + 1e-12)
 
@@ -183,7 +192,7 @@ def test_auto_is_optimal_by_brute_force(tmp_path, name, pattern):
             for kind, metric in (("auto", "total_bytes"), ("auto-compute", "flops_per_token")):
                 best = min(max(getattr(s, metric) for s in planner.plan_stages(costs, split))
                            for split in compositions(config.num_layers, pp))
-                got = planner.resolve_plan_partition(kind, costs, pp)
+                got = resolve(kind, costs, pp)
                 assert max(getattr(s, metric) for s in planner.plan_stages(costs, got)) == pytest.approx(best, rel=1e-12)
 
 
@@ -198,7 +207,7 @@ def test_min_max_partition_random_brute_force():
         got = planner.min_max_partition(costs, p, extra)
         assert len(got) == p and sum(got) == n and min(got) >= 1
 
-        def worst(split):
+        def worst(split, costs=costs, extra=extra, p=p):
             bounds = [0, *itertools.accumulate(split)]
             return max(sum(costs[bounds[k]:bounds[k + 1]]) + extra[k] for k in range(p))
 
@@ -213,27 +222,25 @@ def test_min_max_partition_prefers_even_splits():
 
 def test_auto_partition_api(real):
     config = real["Qwen3.5-35B-A3B"]
-    assert planner.auto_partition(config, args_for(1), "auto") == [40]
-    counts = planner.auto_partition(config, args_for(4), "auto")
+    assert auto_partition(config, args_for(1), "auto") == [40]
+    counts = auto_partition(config, args_for(4), "auto")
     assert len(counts) == 4 and sum(counts) == 40
-    assert planner.auto_partition(config, args_for(2), "auto-compute") != planner.auto_partition(
+    assert auto_partition(config, args_for(2), "auto-compute") != auto_partition(
         config, args_for(2), "auto")  # the LM head's FLOPs shift layers to the first stage
     with pytest.raises(PartitionError, match="unknown automatic partition"):
-        planner.auto_partition(config, args_for(2), "automatic")
+        auto_partition(config, args_for(2), "automatic")
     with pytest.raises(PartitionError, match="exceeds"):
-        planner.auto_partition(config, args_for(41), "auto")
+        auto_partition(config, args_for(41), "auto")
 
 
-def test_parallel_context_restores_state():
-    from tandem.parallel import state
-
-    before = (state.get_tp(), state.get_pp(), state.get_partition())
-    with pytest.raises(RuntimeError):
-        with planner.parallel_context(4, 1, 2, 1, (3, 5)):
-            assert (state.get_tp().size, state.get_tp().rank, state.get_pp().size, state.get_partition()) == (
-                4, 1, 2, (3, 5))
-            raise RuntimeError
-    assert (state.get_tp(), state.get_pp(), state.get_partition()) == before
+def test_meta_builds_depend_only_on_their_layout(real):
+    """Layouts are values: building rank 1 of a (tp 4, pp 2) layout leaves a later single-rank build alone."""
+    config = real["Qwen3.5-35B-A3B"]
+    stage = planner.build_stage_on_meta(config, torch.bfloat16, 4, 2, 1, (30, 10), tp_rank=1)
+    whole = planner.build_stage_on_meta(config, torch.bfloat16, 1)
+    assert stage.layer_range == (30, 40) and whole.layer_range == (0, 40)
+    attn = next(i for i in range(30, 40) if config.layer_types[i] == "full_attention")
+    assert stage.model.layers[attn].self_attn.num_heads * 4 == whole.model.layers[attn].self_attn.num_heads
 
 
 # ---- exactness against real engine runs on small checkpoints ------------------------------------------------
@@ -274,7 +281,7 @@ def check_against_plan(path, pp: int, tp: int, spec, dtype: str):
                       context_length=ENGINE_KW["context_length"],
                       max_running_requests=ENGINE_KW["max_running_requests"])
     costs = planner.costs_for(config, args)
-    expected = planner.resolve_plan_partition(spec, costs, pp)
+    expected = resolve(spec, costs, pp)
     assert partition == expected
     if spec == "auto" and pp == 2:
         assert expected == [1, 5]  # not the uniform split: the check below is not vacuous

@@ -48,7 +48,7 @@ def test_reported_logprob_is_of_the_raw_distribution():
 def test_filters_that_leave_one_token_equal_greedy(kw):
     logits = random_logits(rows=8, seed=1)
     greedy, _ = Sampler().sample(logits, [params(temperature=0)] * 8, list(range(8)))
-    for trial in range(5):
+    for _trial in range(5):
         tokens, _ = Sampler().sample(logits, [params(**kw)] * 8, list(range(8)))
         assert tokens == greedy, kw
 

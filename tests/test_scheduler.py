@@ -5,9 +5,9 @@ and the plumbing of prompt logprobs across prefill chunks."""
 import pytest
 
 from tandem.errors import ConfigError
-from tandem.runtime.model_runner import StepInput, StepOutput
 from tandem.runtime.sampler import SamplingParams
 from tandem.runtime.scheduler import Request, Scheduler
+from tandem.runtime.step import StepInput, StepOutput
 
 VOCAB = 100
 

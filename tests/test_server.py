@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
 from support.processes import rank_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def alive(pid: int) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    return b"tandem.runtime.worker" in cmdline and state != "Z"
+    return b"tandem.executors.rank" in cmdline and state != "Z"
 
 
 @pytest.fixture(scope="module")

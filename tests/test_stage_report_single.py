@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from tandem.engine import Engine
 from support.checkpoints import checkpoint_tensor_names
+from tandem.engine import Engine
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SLOTS, CONTEXT = 3, 96

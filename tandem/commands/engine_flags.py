@@ -21,6 +21,7 @@ HELP = {
     "nnodes": "Number of machines taking part.",
     "node_rank": "This machine's index among --nnodes.",
     "dist_init_addr": "host:port of node 0's rendezvous for multi-node runs (default: a free local port).",
+    "dist_auth_token": "Shared secret authenticating control messages between nodes (required when --nnodes > 1).",
     "seed": "Random seed.",
     "log_level": "Logging level (debug, info, warning).",
 }

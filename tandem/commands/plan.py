@@ -56,10 +56,11 @@ def add_parser(sub) -> None:
 
 
 def build_plan(args) -> dict:
-    from tandem import planner
-    from tandem.config import EngineArgs, ModelConfig
+    from tandem.config import EngineArgs
+    from tandem.models.registry import load_model_config
+    from tandem.runtime import planner
 
-    model_config = ModelConfig.from_hf(args.model)
+    model_config = load_model_config(args.model)
     engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,
                              dtype=args.dtype, context_length=args.max_tokens,
                              max_running_requests=args.max_requests)
@@ -72,7 +73,7 @@ def build_plan(args) -> dict:
             specs.append(spec)
     plans = []
     for spec in specs:
-        counts = planner.resolve_plan_partition(spec, costs, args.pp_size)
+        counts = planner.resolve_partition(spec, args.pp_size, costs.num_layers, lambda: costs)
         stages = planner.plan_stages(costs, counts)
         plans.append({
             "name": spec, "partition": counts,

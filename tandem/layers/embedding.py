@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from tandem.layers.matmul import linear
 from tandem.layers.weights import check_shape, new_param
 from tandem.parallel.comm import tp_all_gather, tp_all_reduce
-from tandem.parallel.state import get_tp
+from tandem.parallel.layout import GroupInfo
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int):
+    def __init__(self, tp: GroupInfo, vocab_size: int, hidden_size: int):
         super().__init__()
-        tp = get_tp()
+        self.tp = tp
         self.vocab_size = vocab_size
         self.rows = -(-vocab_size // tp.size)
         self.start = tp.rank * self.rows
@@ -33,12 +33,12 @@ class VocabParallelEmbedding(nn.Module):
         param.data[count:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if get_tp().size == 1:
+        if self.tp.size == 1:
             return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.start) | (input_ids >= self.end)
         local = (input_ids - self.start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
-        return tp_all_reduce(out)
+        return tp_all_reduce(out, self.tp)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -46,6 +46,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden_states, self.weight)
-        if get_tp().size > 1:
-            logits = tp_all_gather(logits, dim=-1)
+        if self.tp.size > 1:
+            logits = tp_all_gather(logits, self.tp, dim=-1)
         return logits[..., : self.vocab_size]

@@ -11,32 +11,38 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tandem.layers.gated_delta_rule import (causal_conv1d_decode, causal_conv1d_prefill, chunk_gated_delta_rule,
-                                            recurrent_gated_delta_rule_step)
+from tandem.layers.forward_batch import ForwardBatch
+from tandem.layers.gated_delta_rule import (
+    causal_conv1d_decode,
+    causal_conv1d_prefill,
+    chunk_gated_delta_rule,
+    recurrent_gated_delta_rule_step,
+)
 from tandem.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear, divide
 from tandem.layers.norm import GatedRMSNorm
-from tandem.layers.weights import new_param, sharded_loader
-from tandem.parallel.state import get_tp
-from tandem.runtime.batch import ForwardBatch
+from tandem.layers.weights import load_parts, new_param, sharded_loader
+from tandem.parallel.layout import GroupInfo
 
 
-class ParallelDepthwiseConv1d(MergedColumnParallelLinear):
-    """conv1d.weight [channels, 1, K] whose channels are the q, k, v parts, each split across TP ranks."""
+class ParallelDepthwiseConv1d(nn.Module):
+    """conv1d.weight [channels, 1, K] whose channels are the q, k, v parts, each split across TP ranks
+    (loaded like a merged column-parallel weight; applied by the causal conv kernels, not as a matmul)."""
 
-    def __init__(self, part_sizes: list[int], kernel_size: int):
-        nn.Module.__init__(self)
-        tp = get_tp()
+    def __init__(self, tp: GroupInfo, part_sizes: list[int], kernel_size: int):
+        super().__init__()
+        self.tp = tp
         self.full_sizes = list(part_sizes)
-        self.local_sizes = [divide(size, tp.size, "conv channels") for size in part_sizes]
-        self.weight = new_param(sum(self.local_sizes), 1, kernel_size, weight_loader=self._load,
+        local_sizes = [divide(size, tp.size, "conv channels") for size in part_sizes]
+        self.weight = new_param(sum(local_sizes), 1, kernel_size, weight_loader=self._load,
                                 shard_ids=tuple(range(len(part_sizes))))
-        self.bias = None
+
+    def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        load_parts(param, loaded, shard_id, self.full_sizes, self.tp)
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, tp: GroupInfo, config, layer_idx: int):
         super().__init__()
-        tp = get_tp()
         self.layer_idx = layer_idx
         hidden = config.hidden_size
         self.head_k_dim = config.linear_key_head_dim
@@ -47,15 +53,15 @@ class GatedDeltaNet(nn.Module):
         value_dim = config.linear_num_value_heads * self.head_v_dim
         self.local_key_dim = self.num_k_heads * self.head_k_dim
         self.local_value_dim = self.num_v_heads * self.head_v_dim
-        self.in_proj_qkv = MergedColumnParallelLinear(hidden, [key_dim, key_dim, value_dim])
-        self.in_proj_z = ColumnParallelLinear(hidden, value_dim)
-        self.in_proj_b = ColumnParallelLinear(hidden, config.linear_num_value_heads)
-        self.in_proj_a = ColumnParallelLinear(hidden, config.linear_num_value_heads)
-        self.conv1d = ParallelDepthwiseConv1d([key_dim, key_dim, value_dim], config.linear_conv_kernel_dim)
-        self.A_log = new_param(self.num_v_heads, weight_loader=sharded_loader(0))
-        self.dt_bias = new_param(self.num_v_heads, weight_loader=sharded_loader(0))
+        self.in_proj_qkv = MergedColumnParallelLinear(tp, hidden, [key_dim, key_dim, value_dim])
+        self.in_proj_z = ColumnParallelLinear(tp, hidden, value_dim)
+        self.in_proj_b = ColumnParallelLinear(tp, hidden, config.linear_num_value_heads)
+        self.in_proj_a = ColumnParallelLinear(tp, hidden, config.linear_num_value_heads)
+        self.conv1d = ParallelDepthwiseConv1d(tp, [key_dim, key_dim, value_dim], config.linear_conv_kernel_dim)
+        self.A_log = new_param(self.num_v_heads, weight_loader=sharded_loader(0, tp))
+        self.dt_bias = new_param(self.num_v_heads, weight_loader=sharded_loader(0, tp))
         self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
-        self.out_proj = RowParallelLinear(value_dim, hidden)
+        self.out_proj = RowParallelLinear(tp, value_dim, hidden)
 
     @property
     def conv_channels(self) -> int:

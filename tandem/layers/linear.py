@@ -2,21 +2,22 @@
 
 Column-parallel layers split the output features across TP ranks (no communication); row-parallel
 layers split the input features and all-reduce the partial sums. Fused layers (merged column, QKV)
-load their pieces from separate checkpoint tensors, identified by `shard_id`.
+load their pieces from separate checkpoint tensors, identified by `shard_id`. Every layer takes the
+rank's TP group (`GroupInfo`) as its first argument.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
-from tandem.layers.matmul import linear
 from tandem.errors import CheckpointError, ConfigError
-from tandem.layers.weights import check_shape, new_param, shard_of, sharded_loader
+from tandem.layers.matmul import linear
+from tandem.layers.weights import check_shape, load_parts, new_param, shard_of, sharded_loader
 from tandem.parallel.comm import tp_all_reduce
-from tandem.parallel.state import get_tp
+from tandem.parallel.layout import GroupInfo
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -25,7 +26,17 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-class ReplicatedLinear(nn.Module):
+class _LocalLinear(nn.Module):
+    """A linear layer whose output needs no communication: y = x W^T (+ b) with this rank's weight."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(_LocalLinear):
     """The same full weight on every TP rank."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -33,75 +44,47 @@ class ReplicatedLinear(nn.Module):
         self.weight = new_param(out_features, in_features)
         self.bias = new_param(out_features) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
-
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_LocalLinear):
     """Output features split evenly across TP ranks; each rank returns its slice of the output."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, tp: GroupInfo, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        tp = get_tp()
         self.out_local = divide(out_features, tp.size, "output features")
-        self.weight = new_param(self.out_local, in_features, weight_loader=sharded_loader(0))
-        self.bias = new_param(self.out_local, weight_loader=sharded_loader(0)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        self.weight = new_param(self.out_local, in_features, weight_loader=sharded_loader(0, tp))
+        self.bias = new_param(self.out_local, weight_loader=sharded_loader(0, tp)) if bias else None
 
 
-class MergedColumnParallelLinear(nn.Module):
+class MergedColumnParallelLinear(_LocalLinear):
     """Several column-parallel outputs fused into one matmul (e.g. gate_proj + up_proj).
 
     Each part is split across TP ranks on its own, so a rank holds [part0 slice, part1 slice, ...].
     shard_id = index of the part, or None for a checkpoint tensor that already holds all parts."""
 
-    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False):
+    def __init__(self, tp: GroupInfo, in_features: int, output_sizes: Sequence[int], bias: bool = False):
         super().__init__()
-        tp = get_tp()
+        self.tp = tp
         self.full_sizes = list(output_sizes)
         self.local_sizes = [divide(size, tp.size, "output features") for size in output_sizes]
         shard_ids = tuple(range(len(output_sizes)))
         self.weight = new_param(sum(self.local_sizes), in_features, weight_loader=self._load, shard_ids=shard_ids)
         self.bias = new_param(sum(self.local_sizes), weight_loader=self._load, shard_ids=shard_ids) if bias else None
 
-    def _local_range(self, index: int) -> tuple[int, int]:
-        start = sum(self.local_sizes[:index])
-        return start, self.local_sizes[index]
-
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-        tp = get_tp()
-        if shard_id is None:
-            expected = (sum(self.full_sizes), *param.shape[1:])
-            if tuple(loaded.shape) != expected:
-                raise CheckpointError(
-                    f"shape mismatch: checkpoint tensor has shape {tuple(loaded.shape)}, the model expects {expected}"
-                )
-            parts = torch.split(loaded, self.full_sizes, dim=0)
-        else:
-            parts = {shard_id: loaded}
-        items = enumerate(parts) if shard_id is None else parts.items()
-        for index, part in items:
-            start, size = self._local_range(index)
-            check_shape((self.full_sizes[index], *param.shape[1:]), part)
-            param.data.narrow(0, start, size).copy_(shard_of(part, 0, tp.rank, tp.size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        load_parts(param, loaded, shard_id, self.full_sizes, self.tp)
 
 
-class QKVParallelLinear(nn.Module):
+class QKVParallelLinear(_LocalLinear):
     """Fused q/k/v projection split by heads. When tp_size exceeds the number of KV heads, KV heads are
     replicated: rank r uses KV head r // (tp_size // num_kv_heads).
 
     q_width is the per-head width of q_proj's output (2*head_dim for Qwen3.5, whose q_proj also emits the
     per-head output gate)."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
-                 q_width: int | None = None):
+    def __init__(self, tp: GroupInfo, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, q_width: int | None = None):
         super().__init__()
-        tp = get_tp()
+        self.tp = tp
         self.head_dim = head_dim
         self.q_width = q_width or head_dim
         self.total_kv_heads = num_kv_heads
@@ -122,7 +105,7 @@ class QKVParallelLinear(nn.Module):
         self.bias = new_param(out, weight_loader=self._load, shard_ids=shard_ids) if bias else None
 
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-        tp = get_tp()
+        tp = self.tp
         rows = param.shape[1:]
         if shard_id == "q":
             check_shape((self.q_size * tp.size, *rows), loaded, "q_proj")
@@ -136,20 +119,17 @@ class QKVParallelLinear(nn.Module):
             raise CheckpointError(f"QKV projection got unknown shard {shard_id!r}")
         param.data.narrow(0, start, size).copy_(part)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
 
 class RowParallelLinear(nn.Module):
     """Input features split across TP ranks; partial outputs are all-reduced, then the bias is added once."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, tp: GroupInfo, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        tp = get_tp()
+        self.tp = tp
         self.in_local = divide(in_features, tp.size, "input features")
-        self.weight = new_param(out_features, self.in_local, weight_loader=sharded_loader(1))
+        self.weight = new_param(out_features, self.in_local, weight_loader=sharded_loader(1, tp))
         self.bias = new_param(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(linear(x, self.weight))
+        out = tp_all_reduce(linear(x, self.weight), self.tp)
         return out + self.bias if self.bias is not None else out

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def upcast_is_faster(dtype: torch.dtype) -> bool:
     """Decided once per process and dtype by timing both paths on a representative product."""
     x = torch.randn(32, 1024).to(dtype)

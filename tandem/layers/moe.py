@@ -11,18 +11,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tandem.layers.matmul import linear
 from tandem.errors import CheckpointError
 from tandem.layers.linear import ReplicatedLinear, divide
+from tandem.layers.matmul import linear
 from tandem.layers.weights import check_shape, new_param, shard_of
 from tandem.parallel.comm import tp_all_reduce
-from tandem.parallel.state import get_tp
+from tandem.parallel.layout import GroupInfo
 
 
 class StackedExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, tp: GroupInfo, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        tp = get_tp()
+        self.tp = tp
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.local_inter = divide(intermediate_size, tp.size, "moe_intermediate_size")
         # shard ids: (expert, 0 for gate / 1 for up) and expert for down; None = a fused 3-D tensor of all experts
@@ -36,7 +36,7 @@ class StackedExperts(nn.Module):
             raise CheckpointError(f"expert {expert} does not exist: the model has {self.num_experts} experts")
 
     def _load_gate_up(self, param, loaded: torch.Tensor, shard_id=None) -> None:
-        tp, inter = get_tp(), self.local_inter
+        tp, inter = self.tp, self.local_inter
         if shard_id is None:
             check_shape((self.num_experts, 2 * self.intermediate_size, self.hidden_size), loaded, "experts.gate_up_proj")
             gate, up = loaded.chunk(2, dim=1)
@@ -49,7 +49,7 @@ class StackedExperts(nn.Module):
         param.data[expert, part * inter:(part + 1) * inter].copy_(shard_of(loaded, 0, tp.rank, tp.size))
 
     def _load_down(self, param, loaded: torch.Tensor, shard_id=None) -> None:
-        tp = get_tp()
+        tp = self.tp
         if shard_id is None:
             check_shape((self.num_experts, self.hidden_size, self.intermediate_size), loaded, "experts.down_proj")
             param.data.copy_(shard_of(loaded, 2, tp.rank, tp.size))
@@ -80,12 +80,13 @@ class StackedExperts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config, shared_mlp_factory=None):
+    def __init__(self, tp: GroupInfo, config, renormalize: bool, shared_mlp_factory=None):
         super().__init__()
+        self.tp = tp
         self.top_k = config.num_experts_per_tok
-        self.renormalize = config.norm_topk_prob
+        self.renormalize = renormalize
         self.gate = ReplicatedLinear(config.hidden_size, config.num_experts)
-        self.experts = StackedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = StackedExperts(tp, config.num_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_expert = None
         if config.shared_expert_intermediate_size and shared_mlp_factory is not None:
             self.shared_expert = shared_mlp_factory(config.shared_expert_intermediate_size)
@@ -97,7 +98,7 @@ class SparseMoE(nn.Module):
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        out = tp_all_reduce(self.experts(x, topk_ids, topk_weights.to(x.dtype)))
+        out = tp_all_reduce(self.experts(x, topk_ids, topk_weights.to(x.dtype)), self.tp)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -7,12 +7,13 @@ checkpoint tensor loaded with `shard_id=None` into a multi-piece parameter cover
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 from tandem.errors import CheckpointError
+from tandem.parallel.layout import GroupInfo
 
 
 def new_param(*shape: int, weight_loader: Callable | None = None, shard_ids: Iterable = (None,)) -> nn.Parameter:
@@ -47,12 +48,10 @@ def shard_of(loaded: torch.Tensor, dim: int, rank: int, size: int, what: str = "
     return loaded.narrow(dim, rank * step, step)
 
 
-def sharded_loader(dim: int) -> Callable:
+def sharded_loader(dim: int, tp: GroupInfo) -> Callable:
     """Loader for a parameter split evenly along `dim` across the TP ranks (the checkpoint holds the whole)."""
-    from tandem.parallel.state import get_tp
 
     def load(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-        tp = get_tp()
         full_shape = list(param.shape)
         full_shape[dim] *= tp.size
         if list(loaded.shape) != full_shape:
@@ -63,3 +62,19 @@ def sharded_loader(dim: int) -> Callable:
         param.data.copy_(shard_of(loaded, dim, tp.rank, tp.size))
 
     return load
+
+
+def load_parts(param: torch.Tensor, loaded: torch.Tensor, shard_id, full_sizes: list[int], tp: GroupInfo) -> None:
+    """Load a parameter made of parts stacked along dim 0, each split on its own across the TP ranks, so a
+    rank holds [part0 slice, part1 slice, ...]. shard_id = index of the part, or None for a checkpoint
+    tensor that already holds all parts."""
+    local_sizes = [size // tp.size for size in full_sizes]
+    if shard_id is None:
+        check_shape((sum(full_sizes), *param.shape[1:]), loaded)
+        items = enumerate(torch.split(loaded, full_sizes, dim=0))
+    else:
+        items = [(shard_id, loaded)]
+    for index, part in items:
+        check_shape((full_sizes[index], *param.shape[1:]), part)
+        start = sum(local_sizes[:index])
+        param.data.narrow(0, start, local_sizes[index]).copy_(shard_of(part, 0, tp.rank, tp.size))

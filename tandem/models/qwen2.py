@@ -1,7 +1,13 @@
-"""Qwen2 dense models: Llama blocks with biases on the q/k/v projections (config-driven)."""
+"""Qwen2 dense models: Llama blocks with biases on the q/k/v projections (always) and none on o_proj."""
 
-from tandem.models.common import CausalLM
+from __future__ import annotations
+
+from tandem.config import ModelConfig
+from tandem.models.causal_lm import CausalLM
+from tandem.models.common import BlockSpec
 
 
 class Qwen2ForCausalLM(CausalLM):
-    """Everything is the shared block; the family's differences come from its config."""
+    @classmethod
+    def block_spec(cls, config: ModelConfig) -> BlockSpec:
+        return BlockSpec(qkv_bias=True, o_bias=False)

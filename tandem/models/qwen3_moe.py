@@ -1,7 +1,7 @@
 """Qwen3-MoE: Qwen3 attention (q/k norms) with sparse MoE layers and no shared expert."""
 
-from tandem.models.common import CausalLM
+from tandem.models.qwen3 import Qwen3ForCausalLM
 
 
-class Qwen3MoeForCausalLM(CausalLM):
-    """The MoE block comes from `tandem.layers.moe`, selected by the config."""
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    pass

@@ -1,23 +1,33 @@
-"""Architecture name (config.json `architectures[0]`) -> model class, imported lazily."""
+"""Architecture name (config.json `architectures[0]`) -> model class, imported lazily; and
+`load_model_config`, which reads a checkpoint's config only for an architecture Tandem supports.
+
+Adding a family is one model file (a `CausalLM` subclass declaring its `BlockSpec`) plus one line here."""
 
 from __future__ import annotations
 
 import importlib
+import os
 
+from tandem.config import ModelConfig
 from tandem.errors import UnsupportedArchitectureError
 
 _MODELS = {
-    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
-    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
-    "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
-    "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
-    "Qwen3_5ForCausalLM": ("qwen3_5", "Qwen3_5ForCausalLM"),
-    "Qwen3_5MoeForCausalLM": ("qwen3_5", "Qwen3_5MoeForCausalLM"),
+    "LlamaForCausalLM": ("tandem.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("tandem.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("tandem.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen2MoeForCausalLM": ("tandem.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("tandem.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Qwen3_5ForCausalLM": ("tandem.models.qwen3_5", "Qwen3_5ForCausalLM"),
+    "Qwen3_5MoeForCausalLM": ("tandem.models.qwen3_5", "Qwen3_5MoeForCausalLM"),
     # multimodal checkpoints: we serve their text model
-    "Qwen3_5ForConditionalGeneration": ("qwen3_5", "Qwen3_5ForCausalLM"),
-    "Qwen3_5MoeForConditionalGeneration": ("qwen3_5", "Qwen3_5MoeForCausalLM"),
+    "Qwen3_5ForConditionalGeneration": ("tandem.models.qwen3_5", "Qwen3_5ForCausalLM"),
+    "Qwen3_5MoeForConditionalGeneration": ("tandem.models.qwen3_5", "Qwen3_5MoeForCausalLM"),
 }
+
+
+def register(architecture: str, module: str, class_name: str) -> None:
+    """Serve `architecture` with `class_name` from the importable module `module` (a full dotted path)."""
+    _MODELS[architecture] = (module, class_name)
 
 
 def supported_architectures() -> list[str]:
@@ -34,4 +44,11 @@ def check_supported(architecture: str) -> str:
 
 def get_model_class(architecture: str):
     module, name = _MODELS[check_supported(architecture)]
-    return getattr(importlib.import_module(f"tandem.models.{module}"), name)
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model_config(model_path: str | os.PathLike) -> ModelConfig:
+    """`ModelConfig.from_hf` for a supported architecture; otherwise an `UnsupportedArchitectureError`
+    naming it and listing what is supported (checked before transformers parses the config)."""
+    check_supported(ModelConfig.architecture_of(model_path))
+    return ModelConfig.from_hf(model_path)

@@ -1,19 +1,20 @@
 """Which decoder layers each pipeline stage owns: the uniform rule, explicit partitions (validated),
 `make_layers`, and the `PPMissingLayer` placeholder that stands for another stage's layer.
 
-The `auto` partitions live in `tandem.planner` because they need per-layer byte counts.
+The one resolver of a partition spec (uniform, explicit, auto, auto-compute) is
+`tandem.runtime.planner.resolve_partition`: the auto modes need per-layer costs from the model.
 """
 
 from __future__ import annotations
 
 import numbers
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn as nn
 
 from tandem.errors import PartitionError
-from tandem.parallel.state import get_partition, get_pp
+from tandem.parallel.layout import ParallelLayout
 
 
 class PPMissingLayer(nn.Module):
@@ -85,19 +86,6 @@ def parse_partition(spec: str | Sequence, num_layers: int, pp_size: int) -> list
     return counts
 
 
-def resolve_partition(spec, num_layers: int, pp_size: int, layer_costs: Callable[[str], list[float]] | None = None) -> list[int]:
-    """Turn None/"uniform"/explicit/"auto"/"auto-compute" into layer counts per stage.
-
-    layer_costs(kind) -> per-stage cost model, supplied by the planner for the auto modes."""
-    if spec is None or spec == "uniform":
-        return uniform_partition(num_layers, pp_size)
-    if isinstance(spec, str) and spec.startswith("auto"):
-        if layer_costs is None:
-            raise PartitionError(f"partition {spec!r} needs the model's layer costs")
-        return layer_costs(spec)
-    return parse_partition(spec, num_layers, pp_size)
-
-
 def stage_bounds(counts: Sequence[int]) -> list[tuple[int, int]]:
     bounds, start = [], 0
     for count in counts:
@@ -106,18 +94,10 @@ def stage_bounds(counts: Sequence[int]) -> list[tuple[int, int]]:
     return bounds
 
 
-def get_stage_range(num_layers: int) -> tuple[int, int]:
-    """[start, end) of the layers the calling process's stage owns, from the parallel state."""
-    pp = get_pp()
-    counts = get_partition() or uniform_partition(num_layers, pp.size)
-    if sum(counts) != num_layers or len(counts) != pp.size:
-        raise PartitionError(f"partition {list(counts)} does not fit {num_layers} layers on {pp.size} stages")
-    return stage_bounds(counts)[pp.rank]
-
-
-def make_layers(num_layers: int, layer_fn: Callable[[int], nn.Module]) -> tuple[int, int, nn.ModuleList]:
+def make_layers(layout: ParallelLayout, num_layers: int,
+                layer_fn: Callable[[int], nn.Module]) -> tuple[int, int, nn.ModuleList]:
     """Build only this stage's layers; other indices hold `PPMissingLayer` so names stay global."""
-    start, end = get_stage_range(num_layers)
+    start, end = layout.stage_range(num_layers)
     layers = [layer_fn(i) if start <= i < end else PPMissingLayer(i) for i in range(num_layers)]
     return start, end, nn.ModuleList(layers)
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from tandem.errors import ConfigError
-from tandem.runtime.batch import Span
-from tandem.runtime.model_runner import StepInput, StepOutput
+from tandem.layers.forward_batch import Span
 from tandem.runtime.sampler import SamplingParams
+from tandem.runtime.step import StepInput, StepOutput
 
 _ids = itertools.count()
 

@@ -148,7 +148,7 @@ async def wait_finished(trackeds: list[Tracked], queue: asyncio.Queue, request=N
     while not all(t.req.finished for t in trackeds):
         try:
             await asyncio.wait_for(queue.get(), poll_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if request is not None and time.monotonic() - last_check >= poll_s:
             last_check = time.monotonic()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def rank_processes(parent: int | None = None) -> list[int]:
-    """PIDs of `python -m tandem.runtime.worker` processes whose parent is `parent` (default: this process)."""
+    """PIDs of `python -m tandem.executors.rank` processes whose parent is `parent` (default: this process)."""
     parent = os.getpid() if parent is None else parent
     found = []
     for entry in Path("/proc").iterdir():
@@ -18,6 +18,6 @@ def rank_processes(parent: int | None = None) -> list[int]:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == parent and b"tandem.runtime.worker" in cmdline:
+        if ppid == parent and b"tandem.executors.rank" in cmdline:
             found.append(int(entry.name))
     return found

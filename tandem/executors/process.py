@@ -1,16 +1,17 @@
-"""Driver side of a multi-process world: starts this node's rank processes (spawned), publishes steps to
-every rank over ZMQ, collects results, and turns any rank failure into a `RankFailedError` that names the
-rank and the cause. `shutdown()` leaves no rank process behind.
+"""Driver side of a multi-process world: starts this node's rank processes, publishes steps to every rank
+over ZMQ, collects results, and turns any rank failure into a `RankFailedError` that names the rank and the
+cause. `shutdown()` leaves no rank process behind. Every message is a typed, authenticated struct
+(`tandem.executors.messages`); anything else that reaches the sockets is dropped.
 
 Addresses: torch.distributed rendezvous at `dist_init_addr` (host:port; default a free 127.0.0.1 port),
-the step feed at port+1 and the result channel at port+2, so ranks on other nodes can find the driver."""
+the step feed at port+1 and the result channel at port+2, so ranks on other nodes can find the driver. On
+one node every socket binds to loopback; across nodes the secret comes from `--dist-auth-token`."""
 
 from __future__ import annotations
 
 import atexit
 import itertools
 import logging
-import pickle
 import socket
 import subprocess
 import sys
@@ -20,9 +21,21 @@ import time
 import zmq
 
 from tandem.config import EngineArgs, ModelConfig
-from tandem.errors import RankFailedError
-from tandem.runtime.model_runner import StepInput, StepOutput
-from tandem.runtime.worker import RankSpec
+from tandem.errors import ConfigError, RankFailedError
+from tandem.executors import messages
+from tandem.executors.messages import (
+    AskReport,
+    Codec,
+    Failure,
+    Launch,
+    RankMessage,
+    Ready,
+    Report,
+    Result,
+    RunStep,
+    Stop,
+)
+from tandem.runtime.step import StepInput, StepOutput
 
 logger = logging.getLogger("tandem")
 STARTUP_TIMEOUT_S = 600
@@ -58,19 +71,29 @@ def _addresses(args: EngineArgs) -> tuple[str, int]:
     return "127.0.0.1", _free_port_triple()
 
 
-def start_node_ranks(args: EngineArgs, partition: list[int], host: str, port: int,
+def control_secret(args: EngineArgs) -> bytes:
+    """A fresh secret per launch on one node; across nodes, the one every node derives from the token."""
+    if args.nnodes == 1:
+        return messages.new_secret()
+    if not args.dist_auth_token:
+        raise ConfigError("--dist-auth-token is required when --nnodes > 1: every node must pass the same "
+                          "secret so that the driver and the ranks accept only each other's messages")
+    return messages.secret_from_token(args.dist_auth_token)
+
+
+def start_node_ranks(args: EngineArgs, partition: list[int], host: str, port: int, secret: bytes,
                      progress: bool = True) -> list[subprocess.Popen]:
-    """Start this node's share of the ranks as fresh interpreters (`python -m tandem.runtime.worker`), so
+    """Start this node's share of the ranks as fresh interpreters (`python -m tandem.executors.rank`), so
     nothing depends on the caller's __main__ and no torch threads are forked."""
     per_node = args.world_size // args.nnodes
     procs = []
     for local in range(per_node):
         rank = args.node_rank * per_node + local
-        spec = RankSpec(rank, args.world_size, per_node, f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}",
-                        f"tcp://{host}:{port + 2}", list(partition), progress)
-        proc = subprocess.Popen([sys.executable, "-m", "tandem.runtime.worker"], stdin=subprocess.PIPE,
+        launch = Launch(rank, args.world_size, per_node, f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}",
+                        f"tcp://{host}:{port + 2}", list(partition), secret, args, progress)
+        proc = subprocess.Popen([sys.executable, "-m", "tandem.executors.rank"], stdin=subprocess.PIPE,
                                 start_new_session=True)
-        proc.stdin.write(pickle.dumps((spec, args)))
+        proc.stdin.write(messages.encode_launch(launch))
         proc.stdin.close()
         proc.name = f"rank {rank}"
         procs.append(proc)
@@ -104,6 +127,8 @@ class ProcessExecutor:
         self._context = zmq.Context()
         self._io = threading.RLock()
         self._closed = False
+        secret = control_secret(args)
+        self._codec = Codec(secret, RankMessage)
         host, port = _addresses(args)
         bind_host = "*" if args.nnodes > 1 else host
         self._steps = self._context.socket(zmq.PUB)
@@ -114,7 +139,7 @@ class ProcessExecutor:
         self._step_ids = itertools.count()
         self._done: dict[int, StepOutput] = {}
         atexit.register(self.shutdown)
-        self.procs = start_node_ranks(args, partition, host, port, progress)
+        self.procs = start_node_ranks(args, partition, host, port, secret, progress)
         self._reports: dict[int, dict] = {}
         self._fresh: set[int] = set()
         try:
@@ -127,30 +152,29 @@ class ProcessExecutor:
 
     # ---- messages ----------------------------------------------------------------------------------
     def _receive(self, timeout_s: float):
-        """Next message from any rank, or None after timeout; raises if a local rank died."""
+        """Next authentic message from any rank, or None after timeout; raises if a local rank died."""
         with self._io:  # ZMQ sockets are not thread-safe; stage_report() may run beside the step loop
             if self._results.poll(int(min(timeout_s, 0.05) * 1000)):
-                return pickle.loads(self._results.recv())
+                return self._codec.decode(self._results.recv_multipart())
         dead = [p for p in self.procs if p.poll() is not None]
         if dead:
             # a rank that reports an error exits right after; give its message a moment to arrive
             with self._io:
                 if self._results.poll(1000):
-                    return pickle.loads(self._results.recv())
+                    return self._codec.decode(self._results.recv_multipart())
             proc = dead[0]
             self._fail(f"{proc.name} exited unexpectedly with code {proc.returncode}"
                        + (" (killed: out of memory?)" if proc.returncode == -9 else ""))
         return None
 
     def _handle(self, message) -> None:
-        kind = message[0]
-        if kind == "error":
-            self._fail(message[2])
-        elif kind in ("ready", "report"):
-            self._reports[message[1]] = message[2]
-            self._fresh.add(message[1])
-        elif kind == "result":
-            self._done[message[1]] = message[2]
+        if isinstance(message, Failure):
+            self._fail(message.cause)
+        elif isinstance(message, (Ready, Report)):
+            self._reports[message.rank] = message.report
+            self._fresh.add(message.rank)
+        elif isinstance(message, Result):
+            self._done[message.step_id] = message.output
 
     def _fail(self, cause: str) -> None:
         self.shutdown(graceful=False)
@@ -170,7 +194,7 @@ class ProcessExecutor:
     def submit(self, step: StepInput) -> int:
         step_id = next(self._step_ids)
         with self._io:
-            self._steps.send(pickle.dumps(("step", step_id, step)))
+            self._steps.send_multipart(self._codec.encode(RunStep(step_id, step)))
         return step_id
 
     def collect(self, step_id: int) -> StepOutput:
@@ -184,7 +208,7 @@ class ProcessExecutor:
         """Every rank's current report (asked after all submitted steps, which ranks run in order)."""
         self._fresh.clear()
         with self._io:
-            self._steps.send(pickle.dumps(("report",)))
+            self._steps.send_multipart(self._codec.encode(AskReport()))
         while len(self._fresh) < self.args.world_size:
             message = self._receive(0.5)
             if message is not None:
@@ -197,7 +221,7 @@ class ProcessExecutor:
         self._closed = True
         if graceful:
             try:
-                self._steps.send(pickle.dumps(("stop",)))
+                self._steps.send_multipart(self._codec.encode(Stop()))
             except zmq.ZMQError:
                 pass
         stop_processes(self.procs, grace_s=5.0 if graceful else 0.0)
@@ -210,7 +234,7 @@ class ProcessExecutor:
 def run_node(args: EngineArgs, partition: list[int]) -> int:
     """Run a non-driver node's ranks until they exit (the driver on node 0 stops them)."""
     host, port = _addresses(args)
-    procs = start_node_ranks(args, partition, host, port)
+    procs = start_node_ranks(args, partition, host, port, control_secret(args))
     try:
         for proc in procs:
             proc.wait()

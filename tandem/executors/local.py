@@ -1,18 +1,19 @@
-"""Executors run steps on the ranks. `LocalExecutor` is the single-process world (tp=pp=1, in the
-caller's process); `tandem.distributed.ProcessExecutor` starts one process per rank."""
+"""`LocalExecutor`: the single-process world (tp = pp = 1) in the caller's process."""
 
 from __future__ import annotations
 
 from tandem.config import EngineArgs, ModelConfig
-from tandem.parallel.state import set_partition, set_single_process
-from tandem.runtime.model_runner import ModelRunner, StepInput, StepOutput
+from tandem.parallel.layout import ParallelLayout
+from tandem.runtime.model_runner import ModelRunner
+from tandem.runtime.step import StepInput, StepOutput
 
 
 class LocalExecutor:
     def __init__(self, args: EngineArgs, model_config: ModelConfig, partition: list[int], progress: bool = True):
-        set_single_process()
-        set_partition(partition)
-        self.runner = ModelRunner(args, model_config, progress=progress)
+        layout = ParallelLayout.single(model_config.num_layers)
+        if list(layout.partition) != list(partition):
+            raise ValueError(f"one process holds every layer; got partition {partition}")
+        self.runner = ModelRunner(args, model_config, layout, progress=progress)
         self.num_slots = self.runner.num_slots
         self.max_len = self.runner.max_len
         self._results: dict[int, StepOutput] = {}

@@ -2,9 +2,12 @@
 token) computed from the model config alone, and the `auto` / `auto-compute` layer partitions.
 
 Byte counts are exact by construction: the planner builds the real Tandem model classes on the `meta` device
-(no memory, no weights read) with the parallel state set to the wanted TP size and TP rank 0, so a stage's
-weight bytes are the sum of the same parameters `ModelRunner.weight_bytes` sums. Caches mirror
-`ModelRunner._allocate_caches` (one slot of `max_len` tokens per request, `max_running_requests` slots).
+(no memory, no weights read) for a `ParallelLayout` describing TP rank 0 of the wanted layout, so a stage's
+weight bytes are the sum of the same parameters `ModelRunner.weight_bytes` sums, and cache bytes come from
+the same `CacheGeometry` the runner allocates with.
+
+`resolve_partition` is the one resolver of a `--pp-layer-partition` spec (uniform, explicit, auto,
+auto-compute).
 
 A stage's cost is additive: the sum of its layers' costs plus a constant that depends only on the stage's
 position (the embedding on the first stage, the final norm and LM head on the last, both when there is one
@@ -14,40 +17,30 @@ programming), breaking ties by the smallest sum of squared stage costs (the most
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
 from tandem.config import EngineArgs, ModelConfig
 from tandem.errors import PartitionError
-from tandem.parallel import state
+from tandem.models.registry import get_model_class
+from tandem.parallel.layout import ParallelLayout
 from tandem.parallel.partition import parse_partition, stage_bounds, uniform_partition
-from tandem.runtime.cache import GDNStatePool, KVCachePool
+from tandem.runtime.geometry import CacheGeometry
 
 AUTO_KINDS = ("auto", "auto-compute")
 
 
-@contextlib.contextmanager
-def parallel_context(tp_size: int = 1, tp_rank: int = 0, pp_size: int = 1, pp_rank: int = 0,
-                     partition: Sequence[int] | None = None) -> Iterator[None]:
-    """Temporarily describe a rank of a (tp_size, pp_size) layout without any process group, so that model
-    classes can be built as that rank would build them. Restores the previous state afterwards."""
-    saved = (state._tp, state._pp, state._partition)
-    state._tp = state.GroupInfo(tp_rank, tp_size, None, tuple(range(tp_size)))
-    state._pp = state.GroupInfo(pp_rank, pp_size, None, tuple(range(pp_size)))
-    state._partition = tuple(partition) if partition is not None else None
+def build_model(model_config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, device):
+    """The model of one rank of `layout`, with parameters allocated (uninitialised) on `device`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
     try:
-        yield
+        with torch.device(device):
+            return get_model_class(model_config.architecture)(model_config, layout)
     finally:
-        state._tp, state._pp, state._partition = saved
-
-
-def cache_geometry(model_config: ModelConfig, args: EngineArgs) -> tuple[int, int]:
-    """(slots, max_len) exactly as `ModelRunner` allocates them."""
-    max_len = args.context_length or min(model_config.max_position_embeddings, 4096)
-    return args.max_running_requests, max_len
+        torch.set_default_dtype(previous)
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -57,10 +50,10 @@ def _param_bytes(module: torch.nn.Module) -> int:
 def build_stage_on_meta(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, pp_size: int = 1,
                         pp_rank: int = 0, partition: Sequence[int] | None = None, tp_rank: int = 0):
     """The model one rank would build, with every tensor on the meta device (nothing allocated)."""
-    from tandem.runtime.model_runner import build_model
-
-    with parallel_context(tp_size, tp_rank, pp_size, pp_rank, partition):
-        return build_model(model_config, dtype, torch.device("meta"))
+    partition = tuple(partition) if partition is not None else tuple(uniform_partition(model_config.num_layers,
+                                                                                       pp_size))
+    layout = ParallelLayout.describe(partition, tp_size, tp_rank, pp_rank)
+    return build_model(model_config, layout, dtype, torch.device("meta"))
 
 
 def stage_weight_bytes_on_meta(model_config: ModelConfig, dtype: torch.dtype, tp_size: int,
@@ -124,10 +117,11 @@ def _active_params(layer, config: ModelConfig) -> float:
     return total
 
 
-def model_costs(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, slots: int, max_len: int,
+def model_costs(model_config: ModelConfig, tp_size: int, geometry: CacheGeometry,
                 context: int | None = None) -> ModelCosts:
     """Per-layer bytes and FLOPs for one TP rank, from models built on meta. `context` is the number of
     context tokens assumed for the attention term of the compute estimate (default max_len // 2)."""
+    dtype, slots, max_len = geometry.dtype, geometry.num_slots, geometry.max_len
     context = max_len // 2 if context is None else context
     L = model_config.num_layers
     full = build_stage_on_meta(model_config, dtype, tp_size)
@@ -137,16 +131,10 @@ def model_costs(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, slo
         layer = layers[i]
         weights.append(_param_bytes(layer))
         flops.append(_layer_flops(layer, _active_params(layer, model_config), context))
-        if model_config.layer_types[i] == "linear_attention":
-            g = layer.linear_attn
-            kv.append(0)
-            gdn_state.append(GDNStatePool.layer_bytes(slots, g.conv_channels, model_config.linear_conv_kernel_dim,
-                                                      g.num_v_heads, model_config.linear_key_head_dim,
-                                                      model_config.linear_value_head_dim, dtype))
-        else:
-            kv.append(KVCachePool.layer_bytes(slots, max_len, layer.self_attn.num_kv_heads, model_config.head_dim,
-                                              dtype))
-            gdn_state.append(0)
+        cache = geometry.layer_bytes(layer, model_config)
+        is_linear = model_config.layer_types[i] == "linear_attention"
+        kv.append(0 if is_linear else cache)
+        gdn_state.append(cache if is_linear else 0)
     head_rows = full.lm_head.weight.shape[0]
     head_flops = 2.0 * head_rows * model_config.hidden_size  # logits for the sampled token
     extra_bytes = {"single": _param_bytes(full) - sum(weights)}
@@ -165,8 +153,7 @@ def model_costs(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, slo
 
 
 def costs_for(model_config: ModelConfig, args: EngineArgs) -> ModelCosts:
-    slots, max_len = cache_geometry(model_config, args)
-    return model_costs(model_config, args.resolve_dtype(model_config), args.tp_size, slots, max_len)
+    return model_costs(model_config, args.tp_size, CacheGeometry.from_args(model_config, args))
 
 
 # ---- the partition algorithm ------------------------------------------------------------------------------
@@ -239,15 +226,24 @@ def partition_from_costs(costs: ModelCosts, pp_size: int, kind: str) -> list[int
     raise PartitionError(f"unknown automatic partition {kind!r}; expected one of {', '.join(AUTO_KINDS)}")
 
 
-def auto_partition(model_config: ModelConfig, args: EngineArgs, kind: str) -> list[int]:
-    """Layers per stage for `--pp-layer-partition auto` (balance memory: weights + caches per device) or
-    `auto-compute` (balance FLOPs per token)."""
-    if kind not in AUTO_KINDS:
-        raise PartitionError(f"unknown automatic partition {kind!r}; expected one of {', '.join(AUTO_KINDS)}")
-    uniform_partition(model_config.num_layers, args.pp_size)  # clear error when pp_size > layers
-    if args.pp_size == 1:
-        return [model_config.num_layers]
-    return partition_from_costs(costs_for(model_config, args), args.pp_size, kind)
+def resolve_partition(spec, pp_size: int, num_layers: int, costs: Callable[[], ModelCosts]) -> list[int]:
+    """The layers per stage for a `--pp-layer-partition` spec: None/"uniform", an explicit list (validated),
+    "auto" (balance memory: weights + caches per device) or "auto-compute" (balance FLOPs per token).
+    `costs()` is called only for the automatic kinds."""
+    if spec is None or spec == "uniform":
+        return uniform_partition(num_layers, pp_size)
+    if isinstance(spec, str) and spec.startswith("auto"):
+        if spec not in AUTO_KINDS:
+            raise PartitionError(f"unknown automatic partition {spec!r}; expected one of {', '.join(AUTO_KINDS)}")
+        uniform_partition(num_layers, pp_size)  # clear error when pp_size > layers
+        return [num_layers] if pp_size == 1 else partition_from_costs(costs(), pp_size, spec)
+    return parse_partition(spec, num_layers, pp_size)
+
+
+def engine_partition(model_config: ModelConfig, args: EngineArgs) -> list[int]:
+    """The partition an engine with `args` runs."""
+    return resolve_partition(args.pp_layer_partition, args.pp_size, model_config.num_layers,
+                             lambda: costs_for(model_config, args))
 
 
 # ---- plans ------------------------------------------------------------------------------------------------
@@ -320,16 +316,6 @@ def plan_stages(costs: ModelCosts, partition: Sequence[int]) -> list[StagePlan]:
             flops_per_token=sum(costs.flops[i] for i in layers) + costs.extra_flops[position],
         ))
     return stages
-
-
-def resolve_plan_partition(spec, costs: ModelCosts, pp_size: int) -> list[int]:
-    """None/"uniform"/"auto"/"auto-compute"/explicit -> layer counts (explicit ones validated)."""
-    if spec is None or spec == "uniform":
-        return uniform_partition(costs.num_layers, pp_size)
-    if isinstance(spec, str) and spec in AUTO_KINDS:
-        uniform_partition(costs.num_layers, pp_size)
-        return [costs.num_layers] if pp_size == 1 else partition_from_costs(costs, pp_size, spec)
-    return parse_partition(spec, costs.num_layers, pp_size)
 
 
 def model_weight_bytes(costs: ModelCosts) -> int:

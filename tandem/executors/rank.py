@@ -1,0 +1,113 @@
+"""The rank process: joins torch.distributed, builds its stage's `ModelRunner` for its `ParallelLayout`, then
+executes the steps the driver publishes, in order, until told to stop. It sends `Ready` (with its stage
+report), `Result` (last stage, TP rank 0 only) and `Failure` (with the cause) to the driver. Messages are
+the typed, authenticated structs of `tandem.executors.messages`; a frame that fails to authenticate or
+decode is dropped with a warning.
+
+A rank never outlives the driver: on Linux the kernel kills it when its parent dies (PR_SET_PDEATHSIG),
+and a watchdog thread exits when the parent process is gone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+import torch
+
+from tandem.executors.messages import (
+    AskReport,
+    Codec,
+    DriverMessage,
+    Failure,
+    Launch,
+    Ready,
+    Report,
+    Result,
+    RunStep,
+    Stop,
+    decode_launch,
+)
+
+
+def _die_with_parent() -> None:
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def rank_main(launch: Launch) -> None:
+    _die_with_parent()
+    import zmq
+
+    from tandem.models.registry import load_model_config
+    from tandem.parallel.layout import init_process_groups
+    from tandem.runtime.model_runner import ModelRunner
+
+    args = launch.args
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
+    codec = Codec(launch.secret, DriverMessage)
+    context = zmq.Context()
+    results = context.socket(zmq.PUSH)
+    results.setsockopt(zmq.LINGER, 2000)
+    results.connect(launch.results_addr)
+    steps = context.socket(zmq.SUB)
+    steps.setsockopt(zmq.SUBSCRIBE, b"")
+    steps.connect(launch.steps_addr)
+    send = lambda message: results.send_multipart(codec.encode(message))
+    where = f"rank {launch.rank}"
+    try:
+        if args.device == "cuda":
+            torch.cuda.set_device(launch.rank % torch.cuda.device_count())
+        backend = "nccl" if args.device == "cuda" else "gloo"
+        layout = init_process_groups(args.tp_size, launch.partition, launch.rank, backend, launch.init_method)
+        where = f"rank {launch.rank} {layout.label}"
+        runner = ModelRunner(args, load_model_config(args.model_path), layout,
+                             progress=launch.progress and launch.rank == 0)
+        send(Ready(launch.rank, runner.report()))
+        is_reporter = layout.pp.is_last and layout.tp.rank == 0
+        while True:
+            message = codec.decode(steps.recv_multipart())
+            if message is None:
+                continue
+            if isinstance(message, Stop):
+                break
+            if isinstance(message, AskReport):
+                send(Report(launch.rank, runner.report()))
+                continue
+            assert isinstance(message, RunStep)
+            out = runner.execute(message.step)
+            if is_reporter:
+                send(Result(message.step_id, out))
+    except BaseException as exc:  # report every failure, then leave: the driver tears the world down
+        cause = f"{type(exc).__name__}: {exc}"
+        logging.getLogger("tandem").debug(traceback.format_exc())
+        send(Failure(launch.rank, f"{where}: {cause}"))
+        results.close()
+        context.term()
+        os._exit(1)
+    results.close(linger=2000)
+    steps.close(linger=0)
+    context.term()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    rank_main(decode_launch(sys.stdin.buffer.read()))
