@@ -57,7 +57,7 @@ def make_case(requests, page_size, num_heads, num_kv_heads, dtype, seed, spare_p
     return k_cache, v_cache, tables, dense_k, dense_v, q, k, v
 
 
-TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 2e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
 MIXED = [(7, 1), (0, 5), (12, 4), (3, 1), (0, 1), (16, 1), (4, 9), (31, 1), (15, 1), (8, 8)]
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 
 class RadixNode:
-    __slots__ = ("key", "pages", "children", "parent", "lock_ref", "last_access", "state_slot", "id")
+    __slots__ = ("children", "id", "key", "last_access", "lock_ref", "pages", "parent", "state_slot")
 
     def __init__(self, key: tuple[int, ...], pages: list[int], parent: RadixNode | None, last_access: int,
                  node_id: int):
