@@ -142,3 +142,16 @@ def test_metadata_token_slots_by_hand():
 def test_metadata_rejects_a_page_table_too_short():
     with pytest.raises(ValueError, match="request 1: 9 tokens do not fit its 2 pages of 4"):
         PagedAttentionMetadata.build([[0], [1, 2]], [0, 8], [2, 1], 4)
+
+
+def test_decode_is_stable_for_large_scores():
+    # scores in the thousands: exp overflows float32 unless each request's maximum is subtracted first
+    requests = [(20, 1), (5, 1)]
+    k_cache, v_cache, tables, dense_k, dense_v, q, k, v = make_case(requests, 4, 4, 2, torch.float32, seed=8)
+    q = q * 300.0
+    meta = PagedAttentionMetadata.build(tables, [20, 5], [1, 1], 4)
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, 1.0, chunk_tokens=6)
+    assert torch.isfinite(out).all()
+    for i, (prefix, _) in enumerate(requests):
+        expected = dense_reference(q[i:i + 1], dense_k[i], dense_v[i], prefix, 1.0)
+        torch.testing.assert_close(out[i:i + 1], expected, atol=1e-4, rtol=1e-4)
