@@ -57,7 +57,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     k_flat, v_flat = _flat(k_cache), _flat(v_cache)
     num_kv_heads = k_flat.shape[1]
     group = num_heads // num_kv_heads
-    queries = (q.float() * scaling).view(num_requests, num_kv_heads, group, head_dim)
+    queries = (q.float() * scaling).reshape(num_requests, num_kv_heads, group, head_dim)
     starts = range(0, key_slots.numel(), chunk_tokens)
 
     def scores(start: int) -> torch.Tensor:  # [n, Hkv, G]
