@@ -191,6 +191,16 @@ def test_logit_bias_moves_greedy_choices():
     assert result.tokens == [3, 0, 1]
 
 
+def test_penalties_come_before_logit_bias():
+    """Token 0 (seen, repetition_penalty 2, bias +1): 1.0 / 2 + 1 = 1.5 beats token 1's 1.2; with the bias
+    first it would be (1.0 + 1) / 2 = 1.0 and lose."""
+    p = SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={0: 1.0})
+    sampler = Sampler()
+    sampler.begin("r", p, prompt_len=2)
+    sampler.observe("r", [0, 2], 0)
+    assert sampler.sample(torch.tensor([[1.0, 1.2, -3.0]]), [p], ["r"]).tokens == [0]
+
+
 def test_logit_bias_outside_the_vocabulary_fails_that_row_only():
     logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias={VOCAB: 1.0}),

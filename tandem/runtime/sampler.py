@@ -96,11 +96,11 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
 
         raw_ok = torch.isfinite(logits).all(dim=-1)
-        adjusted = torch.where(raw_ok[:, None], logits, 0.0)  # a copy; bad rows zeroed so they disturb nothing
+        adjusted = logits.clone()  # rows with non-finite values fail the check below and are zeroed there
         apply_penalties(adjusted, histories, params)
         bias_errors = apply_logit_bias(adjusted, params)
         adjusted_ok = ~(adjusted.isnan() | (adjusted == torch.inf)).any(dim=-1) & (adjusted > -torch.inf).any(dim=-1)
-        adjusted = torch.where(adjusted_ok[:, None], adjusted, 0.0)
+        adjusted = torch.where(adjusted_ok[:, None], adjusted, 0.0)  # failed rows must not disturb the draws
 
         tokens = adjusted.argmax(dim=-1)
         distribution_ok = torch.ones(batch, dtype=torch.bool, device=logits.device)
