@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.runtime.filters import filter_probs
 from tandem.runtime.logprobs import TopLogprobs, gather_logprobs
 from tandem.runtime.penalties import TokenHistory, apply_logit_bias, apply_penalties
 from tandem.runtime.sampling_params import SamplingParams
@@ -93,24 +94,29 @@ class Sampler:
             if p.uses_penalties and not history.count_tokens:
                 raise ValueError(f"request {key!r} uses penalties but was begun with params that did not")
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        log_normalizer = torch.logsumexp(logits, dim=-1)  # NaN, +Inf or all -Inf in a row make it non-finite
+        raw_logprobs = logits - log_normalizer[:, None]
+        raw_ok = log_normalizer.isfinite()
 
-        raw_ok = torch.isfinite(logits).all(dim=-1)
-        adjusted = logits.clone()  # rows with non-finite values fail the check below and are zeroed there
-        apply_penalties(adjusted, histories, params)
-        bias_errors = apply_logit_bias(adjusted, params)
-        adjusted_ok = ~(adjusted.isnan() | (adjusted == torch.inf)).any(dim=-1) & (adjusted > -torch.inf).any(dim=-1)
-        adjusted = torch.where(adjusted_ok[:, None], adjusted, 0.0)  # failed rows must not disturb the draws
+        adjusted, adjusted_ok, bias_errors = logits, torch.ones_like(raw_ok), [None] * batch
+        touched = [row for row, (p, h) in enumerate(zip(params, histories))
+                   if p.logit_bias or (p.uses_penalties and len(h.distinct))]
+        if touched:
+            adjusted = logits.clone()
+            apply_penalties(adjusted, histories, params)
+            bias_errors = apply_logit_bias(adjusted, params)
+            index = torch.tensor(touched, device=logits.device)
+            adjusted_ok[index] = torch.logsumexp(adjusted[index], dim=-1).isfinite()
 
         tokens = adjusted.argmax(dim=-1)
-        distribution_ok = torch.ones(batch, dtype=torch.bool, device=logits.device)
+        distribution_ok = torch.ones_like(raw_ok)
         sampled = [row for row, p in enumerate(params) if not p.greedy]
-        if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
-            chosen, valid = self._sample_rows(adjusted[rows], [params[r] for r in sampled],
-                                              [histories[r] for r in sampled])
-            tokens[rows] = chosen
-            distribution_ok[rows] = valid
+        if len(sampled) == batch:
+            tokens, distribution_ok = self._sample_rows(adjusted, params, histories)
+        elif sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            tokens[index], distribution_ok[index] = self._sample_rows(
+                adjusted[index], [params[r] for r in sampled], [histories[r] for r in sampled])
 
         ok_flags = torch.stack([raw_ok, adjusted_ok, distribution_ok]).tolist()
         chosen_logprobs, tops = gather_logprobs(raw_logprobs, tokens, top_nums)
@@ -140,8 +146,9 @@ class Sampler:
         device = logits.device
         temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
         probs = filter_probs(torch.softmax(logits / temperatures[:, None], dim=-1), params)
-        valid = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-        probs = torch.where(valid[:, None], probs, 1.0)  # an invalid row draws from uniform; its token is dropped
+        mass = probs.sum(dim=-1)
+        valid = mass.isfinite() & (mass > 0)
+        probs.masked_fill_(~valid[:, None], 1.0)  # an invalid row draws from uniform (its token is dropped)
         tokens = torch.empty(len(params), dtype=torch.long, device=device)
         unseeded = [i for i, p in enumerate(params) if p.seed is None]
         if unseeded:
@@ -163,30 +170,3 @@ class Sampler:
             generator = self._generators[device] = torch.Generator(device=device)
         return generator
 
-
-def filter_probs(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Zero the probabilities that top-k, min-p and top-p (in that order) exclude, row i by params[i]:
-    top-k keeps those >= the k-th largest; min-p keeps those >= min_p * the largest; top-p keeps the
-    smallest most-likely prefix of what is left whose mass reaches top_p (always the most likely token)."""
-    vocab_size = probs.shape[1]
-    device = probs.device
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-    if min(ks) < vocab_size:
-        kth_values = torch.topk(probs, max(k for k in ks if k < vocab_size), dim=-1).values
-        k = torch.tensor(ks, device=device)
-        kth = kth_values.gather(1, (k.clamp(max=kth_values.shape[1]) - 1)[:, None])
-        keep &= (probs >= kth) | (k[:, None] == vocab_size)
-    if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
-        keep &= probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-    probs = torch.where(keep, probs, 0.0)
-    nucleus = [i for i, p in enumerate(params) if p.top_p < 1]
-    if nucleus:
-        index = torch.tensor(nucleus, device=device)
-        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=probs.dtype, device=device)
-        sorted_probs, order = torch.sort(probs[index], dim=-1, descending=True)
-        mass_before = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) / sorted_probs.sum(dim=-1, keepdim=True)
-        sorted_probs = torch.where(mass_before >= top_p[:, None], 0.0, sorted_probs)
-        probs[index] = torch.zeros_like(sorted_probs).scatter(1, order, sorted_probs)
-    return probs
