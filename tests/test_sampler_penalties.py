@@ -165,6 +165,18 @@ def test_re_prefill_from_prompt_and_output_rebuilds_the_same_state():
     assert original.sample(logits, params, keys).tokens == restarted.sample(logits, params, keys).tokens
 
 
+def test_a_cached_prefix_given_to_begin_counts_like_fed_tokens():
+    p = SamplingParams(temperature=0, presence_penalty=1.0, repetition_penalty=1.5)
+    everything = [3, 1, 4, 1, 5, 9, 2, 6]
+    fed, cached = Sampler(), Sampler()
+    fed.begin("r", p, prompt_len=5)
+    fed.observe("r", everything, 0)
+    cached.begin("r", p, prompt_len=5, prefix_ids=everything[:4])
+    cached.observe("r", everything[4:], 4)
+    for attribute in ("length", "distinct", "total_counts", "output_counts"):
+        assert getattr(fed.histories["r"], attribute) == getattr(cached.histories["r"], attribute), attribute
+
+
 def test_observe_rollback_replaces_tokens_and_a_gap_is_an_error():
     p = SamplingParams(temperature=0, frequency_penalty=1.0, repetition_penalty=2.0)
     sampler = Sampler()
