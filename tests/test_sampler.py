@@ -18,15 +18,33 @@ def random_logits(rows=4, vocab=50, seed=0, scale=3.0) -> torch.Tensor:
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def begun(params_list: list[SamplingParams], keys: list, sampler: Sampler | None = None) -> Sampler:
+    """A sampler that has begun each request (empty prompt: the rows' logits stand for its context)."""
+    sampler = sampler or Sampler()
+    for p, key in zip(params_list, keys):
+        sampler.begin(key, p, prompt_len=0)
+    return sampler
+
+
+def step(sampler: Sampler, logits: torch.Tensor, params_list: list[SamplingParams], keys: list) -> list[int]:
+    """One decode step as the model runner drives it: sample, then observe the sampled tokens being fed."""
+    result = sampler.sample(logits, params_list, keys)
+    for key, token in zip(keys, result.tokens):
+        sampler.observe(key, [token], sampler.histories[key].length)
+    return result.tokens
+
+
 def draw(logits_row: torch.Tensor, p: SamplingParams, n: int, key="k") -> list[int]:
-    """n tokens sampled for one request (one generator across draws when seeded)."""
-    sampler = Sampler()
-    return [sampler.sample(logits_row[None], [p], [key])[0][0] for _ in range(n)]
+    """n tokens sampled for one request, one per step (its seeded stream advances with each token)."""
+    sampler = begun([p], [key])
+    return [step(sampler, logits_row[None], [p], [key])[0] for _ in range(n)]
 
 
 def test_greedy_is_argmax_and_logprob_is_log_softmax():
     logits = random_logits(rows=6)
-    tokens, logprobs = Sampler().sample(logits, [params(temperature=0)] * 6, list(range(6)))
+    ps = [params(temperature=0)] * 6
+    result = begun(ps, list(range(6))).sample(logits, ps, list(range(6)))
+    tokens, logprobs = result.tokens, result.logprobs
     assert tokens == logits.argmax(dim=-1).tolist()
     expected = torch.log_softmax(logits, dim=-1).gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-6)
@@ -36,10 +54,12 @@ def test_reported_logprob_is_of_the_raw_distribution():
     """Temperature/top-k change how a token is chosen, not the logprob reported for it."""
     logits = random_logits(rows=1, seed=3)
     ref = torch.log_softmax(logits[0], dim=-1)
-    sampler = Sampler()
     for temperature in (0.3, 1.0, 2.5):
+        p = params(temperature=temperature, top_k=5)
+        sampler = begun([p], ["r"])
         for _ in range(5):
-            (token,), (lp,) = sampler.sample(logits, [params(temperature=temperature, top_k=5)], ["r"])
+            result = sampler.sample(logits, [p], ["r"])
+            (token,), (lp,) = result.tokens, result.logprobs
             assert lp == pytest.approx(float(ref[token]), abs=1e-6)
 
 
@@ -47,9 +67,11 @@ def test_reported_logprob_is_of_the_raw_distribution():
                                 dict(top_p=1e-6, temperature=3.0), dict(min_p=1.0), dict(temperature=0, top_k=7)])
 def test_filters_that_leave_one_token_equal_greedy(kw):
     logits = random_logits(rows=8, seed=1)
-    greedy, _ = Sampler().sample(logits, [params(temperature=0)] * 8, list(range(8)))
+    greedy_params = [params(temperature=0)] * 8
+    greedy = begun(greedy_params, list(range(8))).sample(logits, greedy_params, list(range(8))).tokens
     for _trial in range(5):
-        tokens, _ = Sampler().sample(logits, [params(**kw)] * 8, list(range(8)))
+        ps = [params(**kw)] * 8
+        tokens = begun(ps, list(range(8))).sample(logits, ps, list(range(8))).tokens
         assert tokens == greedy, kw
 
 
@@ -66,11 +88,11 @@ def test_seeded_request_is_independent_of_batch_neighbours():
     logits = torch.zeros(3, 1000)
     p = params(temperature=1.0, seed=7)
     alone = draw(logits[0], p, 10, key="a")
-    sampler = Sampler()
+    batch = [params(temperature=1.0), p, params(temperature=1.0, seed=99)]
+    sampler = begun(batch, ["x", "a", "b"])
     together = []
     for _ in range(10):
-        tokens, _ = sampler.sample(logits, [params(temperature=1.0), p, params(temperature=1.0, seed=99)],
-                                   ["x", "a", "b"])
+        tokens = step(sampler, logits, batch, ["x", "a", "b"])
         together.append(tokens[1])
     assert together == alone
 
@@ -78,10 +100,13 @@ def test_seeded_request_is_independent_of_batch_neighbours():
 def test_release_forgets_the_generator():
     logits = torch.zeros(1, 1000)
     p = params(temperature=1.0, seed=5)
-    sampler = Sampler()
-    first = [sampler.sample(logits, [p], ["r"])[0][0] for _ in range(5)]
+    sampler = begun([p], ["r"])
+    first = [step(sampler, logits, [p], ["r"])[0] for _ in range(5)]
     sampler.release("r")
-    again = [sampler.sample(logits, [p], ["r"])[0][0] for _ in range(5)]
+    with pytest.raises(LookupError):
+        sampler.sample(logits, [p], ["r"])
+    begun([p], ["r"], sampler)
+    again = [step(sampler, logits, [p], ["r"])[0] for _ in range(5)]
     assert again == first
 
 

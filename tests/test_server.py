@@ -271,7 +271,7 @@ BAD = [
     ("/v1/completions", {"prompt": "Hello", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "Hello", "top_p": 2}, "top_p"),
     ("/v1/completions", {"prompt": "Hello", "n": 2}, "n"),
-    ("/v1/completions", {"prompt": "Hello", "seed": 2**70}, "seed"),
+    ("/v1/completions", {"prompt": "Hello", "seed": 1.5}, "seed"),
     ("/v1/completions", {"prompt": "Hello", "stop": ["ok", ""]}, "stop"),
     ("/v1/completions", {"prompt": [10**6]}, "prompt"),
     ("/v1/completions", {"prompt": ""}, "prompt"),
@@ -284,8 +284,16 @@ BAD = [
     ("/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": -3}}, "sampling_params.max_new_tokens"),
     ("/generate", {"text": "Hello", "sampling_params": {"bogus": 1}}, "sampling_params"),
     ("/generate", {"sampling_params": {}}, "text"),
-    ("/generate", {"input_ids": [1, 2], "sampling_params": {"seed": -2**70}}, "sampling_params.seed"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"seed": "x"}}, "sampling_params.seed"),
 ]
+
+
+@pytest.mark.parametrize("seed", [2**70, -2**70])
+def test_seeds_of_any_size_are_accepted_and_reproducible(server, seed):
+    body = {"prompt": "Hello", "seed": seed, "temperature": 1.0, "max_tokens": 6, "ignore_eos": True}
+    first, second = post(server, "/v1/completions", body), post(server, "/v1/completions", body)
+    assert first.status_code == second.status_code == 200, first.text
+    assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("path,body,param", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])

@@ -128,18 +128,34 @@ class ModelRunner:
                 work.wait()
             self._pending_sends = comm.send_to_next_stage({"hidden_states": hidden, "residual": residual}, pp)
             return None
+        self._observe(step)
         return self._sample(step, batch, hidden)
+
+    def _observe(self, step: StepInput) -> None:
+        """Give the sampler each request's tokens of this step (its history for penalties and seeds)."""
+        offset = 0
+        prompt_lens = step.prompt_lens or [0] * len(step.spans)
+        for span, key, params, prompt_len in zip(step.spans, step.keys, step.params, prompt_lens):
+            if span.prefix_len == 0:
+                self.sampler.begin(key, params, prompt_len)
+            self.sampler.observe(key, step.input_ids[offset:offset + span.num_tokens], span.prefix_len)
+            offset += span.num_tokens
 
     def _sample(self, step: StepInput, batch: ForwardBatch, hidden: torch.Tensor) -> StepOutput:
         last_rows = batch.last_token_indices()
         sampled = [i for i, s in enumerate(step.sample) if s]
         tokens: list = [None] * len(step.spans)
         logprobs: list = [None] * len(step.spans)
+        tops: list = [None] * len(step.spans)
+        errors: list = [None] * len(step.spans)
         if sampled:
             logits = self.model.compute_logits(hidden[last_rows[sampled]])
-            ids, lps = self.sampler.sample(logits, [step.params[i] for i in sampled], [step.keys[i] for i in sampled])
-            for i, token, lp in zip(sampled, ids, lps):
-                tokens[i], logprobs[i] = token, lp
+            nums = [step.top_logprobs_num[i] for i in sampled] if step.top_logprobs_num else None
+            result = self.sampler.sample(logits, [step.params[i] for i in sampled], [step.keys[i] for i in sampled],
+                                         nums)
+            for j, i in enumerate(sampled):
+                tokens[i], logprobs[i] = result.tokens[j], result.logprobs[j]
+                tops[i], errors[i] = result.top_logprobs[j], result.errors[j]
         input_lps = None
         if step.input_logprobs and any(step.input_logprobs):
             input_lps = [None] * len(step.spans)
@@ -156,4 +172,4 @@ class ModelRunner:
                     continue
                 logp = torch.log_softmax(self.model.compute_logits(hidden[offset:offset + len(targets)]), dim=-1)
                 input_lps[i] = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None]).squeeze(1).tolist()
-        return StepOutput(tokens, logprobs, input_lps)
+        return StepOutput(tokens, logprobs, input_lps, tops, errors)

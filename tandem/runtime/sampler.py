@@ -1,105 +1,172 @@
-"""Sampling parameters (validated) and the sampler: greedy, temperature, top-k, top-p, min-p, per-request seed.
+"""The sampler: per-request token history, then one batched pass over a step's [B, V] logits —
+penalties and logit_bias, greedy argmax or temperature + top-k + min-p + top-p sampling, reported logprobs —
+with numeric failures confined to the row they happen in.
 
-Reported logprobs are those of the model's distribution (log-softmax of the raw logits) for the chosen token."""
+Protocol (per request key, on the rank that samples):
+  begin(key, params, prompt_len)   when the request's cache starts at position 0 (again, after preemption
+                                   or a restart: the history is rebuilt from what is fed through the model);
+  observe(key, token_ids, start)   for the tokens of each step, before that step's sample();
+  sample(logits, params, keys)     for the rows that sample a token;
+  release(key)                     when the request ends.
+
+Seeded rows draw their token number n (0 = the first generated token) with a generator seeded from
+(seed, n) alone, so the stream depends only on the seed and on how many tokens were generated: a request
+re-prefilled from prompt + generated tokens continues exactly where it was. Unseeded rows use the device's
+default generator. Generators live on the device of the logits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import hashlib
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from tandem.errors import ConfigError
+from tandem.runtime.filters import filter_probs
+from tandem.runtime.logprobs import TopLogprobs, gather_logprobs
+from tandem.runtime.penalties import TokenHistory, apply_logit_bias, apply_penalties
+from tandem.runtime.sampling_params import SamplingParams
+
+__all__ = ["SampleResult", "Sampler", "SamplingParams", "draw_seed"]
+
+RAW_LOGITS_ERROR = "the model produced NaN or Inf logits for this request"
+ADJUSTED_LOGITS_ERROR = "the logits became NaN or +Inf (or all -Inf) after penalties and logit_bias"
+DISTRIBUTION_ERROR = "the sampling distribution became invalid (NaN, Inf or all zero) after temperature and filters"
+
+
+def draw_seed(seed: int, index: int) -> int:
+    """The generator seed for draw number `index` of a request seeded with `seed` (both in [0, 2**63)):
+    the first 8 bytes of BLAKE2b over their big-endian bytes, shifted right by one bit."""
+    digest = hashlib.blake2b(seed.to_bytes(8, "big") + index.to_bytes(8, "big"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 @dataclass
-class SamplingParams:
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = field(default_factory=list)
-    stop: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> "SamplingParams":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown sampling parameter(s) {unknown}; expected some of {sorted(known)}")
-        if isinstance(values.get("stop"), str):
-            values["stop"] = [values["stop"]]
-        params = cls(**values)
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-        is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-        check(is_int(self.max_new_tokens) and self.max_new_tokens >= 0,
-              f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        check(is_num(self.temperature) and self.temperature >= 0,
-              f"temperature must be a number >= 0, got {self.temperature!r}")
-        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
-              f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}")
-        check(is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        check(is_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
-        check(self.seed is None or (is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64),
-              f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
-        check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
-        check(isinstance(self.stop_token_ids, (list, tuple)) and all(is_int(t) for t in self.stop_token_ids),
-              f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
-        check(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
-              f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+class SampleResult:
+    """Per row of the sampled logits; a row with an error has token, logprob and top_logprobs None."""
+    tokens: list[int | None]
+    logprobs: list[float | None]  # of the chosen token under the raw distribution (log_softmax of raw logits)
+    top_logprobs: list[TopLogprobs | None]  # top-N (token id, logprob), raw distribution; None where N == 0
+    errors: list[str | None]  # why the row has no token; None where it has one
 
 
 class Sampler:
-    """Keeps one torch.Generator per seeded request so that seeded sampling is reproducible."""
-
     def __init__(self):
-        self.generators: dict[object, torch.Generator] = {}
+        self.histories: dict[Hashable, TokenHistory] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
 
-    def release(self, request_key) -> None:
-        self.generators.pop(request_key, None)
+    # ---- per-request history ---------------------------------------------------------------------------
+    def begin(self, key: Hashable, params: SamplingParams, prompt_len: int, prefix_ids: Sequence[int] = ()) -> None:
+        """Start (or restart) a request whose cache starts empty; `prefix_ids` are tokens at positions
+        0, 1, ... that will not be fed through the model (a reused cached prefix), if any."""
+        self.histories[key] = TokenHistory(prompt_len, count_tokens=params.uses_penalties)
+        if len(prefix_ids):
+            self.histories[key].observe(prefix_ids, 0)
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams], keys: list) -> tuple[list[int], list[float]]:
-        """logits: [B, V] float32. Returns (token ids, logprobs of those tokens)."""
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tokens = torch.argmax(logits, dim=-1)
-        for row, (p, key) in enumerate(zip(params, keys)):
-            if not p.greedy:
-                tokens[row] = self._sample_row(logits[row], p, key)
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-        return tokens.tolist(), chosen.tolist()
+    def observe(self, key: Hashable, token_ids: Sequence[int], start_position: int) -> None:
+        """Tokens of `key` fed through the model in this step, starting at `start_position`; positions at or
+        past the request's prompt_len count as generated output."""
+        self._history(key).observe(token_ids, start_position)
 
-    def _sample_row(self, logits: torch.Tensor, p: SamplingParams, key) -> int:
-        probs = torch.softmax(logits / p.temperature, dim=-1)
-        if p.top_k > 0:
-            kth = torch.topk(probs, min(p.top_k, probs.numel())).values[-1]
-            probs = torch.where(probs >= kth, probs, 0.0)
-        if p.min_p > 0:
-            probs = torch.where(probs >= p.min_p * probs.max(), probs, 0.0)
-        if p.top_p < 1:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, 0) / sorted_probs.sum()
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-            drop = (cumulative - sorted_probs / sorted_probs.sum()) >= p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    def release(self, key: Hashable) -> None:
+        self.histories.pop(key, None)
+
+    def _history(self, key: Hashable) -> TokenHistory:
+        history = self.histories.get(key)
+        if history is None:
+            raise LookupError(f"request {key!r} has no history in the sampler: begin() was not called for it")
+        return history
+
+    # ---- sampling --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], keys: Sequence[Hashable],
+               top_logprobs_num: Sequence[int] | None = None) -> SampleResult:
+        """logits [B, V]: row i is the next-token logits of request keys[i] with params[i]; row i also
+        reports the top top_logprobs_num[i] alternatives (default: none)."""
+        batch = logits.shape[0]
+        if not len(params) == len(keys) == batch:
+            raise ValueError(f"{batch} rows of logits, {len(params)} params, {len(keys)} keys")
+        top_nums = list(top_logprobs_num) if top_logprobs_num is not None else [0] * batch
+        if len(top_nums) != batch or any(n < 0 for n in top_nums):
+            raise ValueError(f"top_logprobs_num must hold {batch} non-negative integers, got {top_nums}")
+        histories = [self._history(key) for key in keys]
+        for key, p, history in zip(keys, params, histories):
+            if p.uses_penalties and not history.count_tokens:
+                raise ValueError(f"request {key!r} uses penalties but was begun with params that did not")
+        logits = logits.float()
+        log_normalizer = torch.logsumexp(logits, dim=-1)  # NaN, +Inf or all -Inf in a row make it non-finite
+        raw_logprobs = logits - log_normalizer[:, None]
+        raw_ok = log_normalizer.isfinite()
+
+        adjusted, adjusted_ok, bias_errors = logits, torch.ones_like(raw_ok), [None] * batch
+        touched = [row for row, (p, h) in enumerate(zip(params, histories))
+                   if p.logit_bias or (p.uses_penalties and len(h.distinct))]
+        if touched:
+            adjusted = logits.clone()
+            apply_penalties(adjusted, histories, params)
+            bias_errors = apply_logit_bias(adjusted, params)
+            index = torch.tensor(touched, device=logits.device)
+            adjusted_ok[index] = torch.logsumexp(adjusted[index], dim=-1).isfinite()
+
+        tokens = adjusted.argmax(dim=-1)
+        distribution_ok = torch.ones_like(raw_ok)
+        sampled = [row for row, p in enumerate(params) if not p.greedy]
+        if len(sampled) == batch:
+            tokens, distribution_ok = self._sample_rows(adjusted, params, histories)
+        elif sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            tokens[index], distribution_ok[index] = self._sample_rows(
+                adjusted[index], [params[r] for r in sampled], [histories[r] for r in sampled])
+
+        ok_flags = torch.stack([raw_ok, adjusted_ok, distribution_ok]).tolist()
+        chosen_logprobs, tops = gather_logprobs(raw_logprobs, tokens, top_nums)
+        token_list = tokens.tolist()
+        errors: list[str | None] = []
+        for row in range(batch):
+            if not ok_flags[0][row]:
+                errors.append(RAW_LOGITS_ERROR)
+            elif bias_errors[row]:
+                errors.append(bias_errors[row])
+            elif not ok_flags[1][row]:
+                errors.append(ADJUSTED_LOGITS_ERROR)
+            elif not ok_flags[2][row]:
+                errors.append(DISTRIBUTION_ERROR)
+            else:
+                errors.append(None)
+        failed = [e is not None for e in errors]
+        return SampleResult(
+            tokens=[None if bad else t for t, bad in zip(token_list, failed)],
+            logprobs=[None if bad else lp for lp, bad in zip(chosen_logprobs, failed)],
+            top_logprobs=[None if bad else top for top, bad in zip(tops, failed)],
+            errors=errors)
+
+    def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams],
+                     histories: list[TokenHistory]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temperature, filters and a draw for non-greedy rows. Returns (tokens, valid) per row."""
+        device = logits.device
+        temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+        probs = filter_probs(torch.softmax(logits / temperatures[:, None], dim=-1), params)
+        mass = probs.sum(dim=-1)
+        valid = mass.isfinite() & (mass > 0)
+        probs.masked_fill_(~valid[:, None], 1.0)  # an invalid row draws from uniform (its token is dropped)
+        tokens = torch.empty(len(params), dtype=torch.long, device=device)
+        unseeded = [i for i, p in enumerate(params) if p.seed is None]
+        if unseeded:
+            index = torch.tensor(unseeded, device=device)
+            tokens[index] = torch.multinomial(probs[index], 1).squeeze(1)
         generator = None
-        if p.seed is not None:
-            generator = self.generators.get(key)
+        for i, (p, history) in enumerate(zip(params, histories)):
+            if p.seed is None:
+                continue
             if generator is None:
-                generator = self.generators[key] = torch.Generator().manual_seed(p.seed)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+                generator = self._generator(device)
+            generator.manual_seed(draw_seed(p.seed, history.num_generated))
+            tokens[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+        return tokens, valid
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        return generator
+

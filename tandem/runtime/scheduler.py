@@ -115,7 +115,8 @@ class Scheduler:
         next_ids = [r.prompt_ids[r.num_cached + s.num_tokens] if r.num_cached + s.num_tokens < len(r.prompt_ids)
                     else None for r, s in zip(reqs, spans)]
         step = StepInput(spans, ids, sample, [r.params for r in reqs], [r.rid for r in reqs], resets, released,
-                         input_logprobs=wants if any(wants) else None, next_ids=next_ids if any(wants) else None)
+                         input_logprobs=wants if any(wants) else None, next_ids=next_ids if any(wants) else None,
+                         prompt_lens=[len(r.prompt_ids) for r in reqs])
         return step, reqs
 
     def process(self, step: StepInput, reqs: list[Request], out: StepOutput) -> list[Request]:
@@ -127,6 +128,10 @@ class Scheduler:
             req.num_cached += step.spans[i].num_tokens
             if out.input_logprobs and out.input_logprobs[i] is not None:
                 req.input_logprobs.extend(out.input_logprobs[i])
+            if out.errors and out.errors[i]:
+                self._finish(req, {"type": "abort", "message": out.errors[i]})
+                finished.append(req)
+                continue
             if out.tokens[i] is None:
                 continue
             token = out.tokens[i]

@@ -22,9 +22,13 @@ class StepInput(msgspec.Struct):
     release_keys: list[RequestKey] = []  # finished requests
     input_logprobs: list[bool] | None = None  # per span: also return logprobs of its prompt tokens
     next_ids: list[int | None] | None = None  # per span: the prompt token after the span, if any
+    prompt_lens: list[int] | None = None  # per span: its request's prompt length (positions past it are output)
+    top_logprobs_num: list[int] | None = None  # per span: top-N logprobs wanted with its sampled token
 
 
 class StepOutput(msgspec.Struct):
     tokens: list[int | None]  # per span (None where not sampled)
     logprobs: list[float | None]
     input_logprobs: list[list[float] | None] | None = None
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None  # per span: [(token id, logprob)]
+    errors: list[str | None] | None = None  # per span: why it got no token (numeric failure), else None

@@ -1,0 +1,130 @@
+"""Per-request token history and the logit adjustments applied before temperature, batched over [B, V]:
+repetition_penalty, then frequency_penalty and presence_penalty, then logit_bias (SGLang's order).
+
+- repetition_penalty (SGLang/vLLM/HF): for every token seen in the prompt or the output,
+  logit > 0 -> logit / penalty, else logit * penalty.
+- frequency/presence (OpenAI): over tokens generated so far,
+  logit -= frequency_penalty * count + presence_penalty * (count > 0).
+- logit_bias (OpenAI): logit += bias.
+
+A `TokenHistory` counts a request's distinct tokens in compact arrays; each step they are concatenated into
+(row, token, count) index tensors and applied with one gather and one scatter, never a loop over the vocabulary."""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+
+import torch
+
+from tandem.runtime.sampling_params import SamplingParams
+
+
+class TokenHistory:
+    """What the sampler knows of one request: its prompt length and how many of its tokens went through the
+    model; with `count_tokens`, also how often each distinct token occurs in the prompt and in the output."""
+
+    def __init__(self, prompt_len: int, count_tokens: bool):
+        if prompt_len < 0:
+            raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
+        self.prompt_len = prompt_len
+        self.count_tokens = count_tokens
+        self.length = 0  # tokens observed: positions [0, length)
+        self.tokens = array("q")  # token at each position (kept only when counting, to undo a rollback)
+        self.distinct = array("q")  # distinct token ids seen
+        self.total_counts = array("q")  # per distinct token: occurrences at any position
+        self.output_counts = array("q")  # per distinct token: occurrences at positions >= prompt_len
+        self._slot: dict[int, int] = {}  # token id -> index into the three arrays above
+
+    @property
+    def num_generated(self) -> int:
+        """Generated tokens already observed (= the index of the next token to be sampled)."""
+        return max(0, self.length - self.prompt_len)
+
+    def observe(self, token_ids: Sequence[int], start_position: int) -> None:
+        """Tokens fed through the model at positions start_position, start_position + 1, ... A start before
+        the end of what was observed replaces the tokens from there on (their counts are undone)."""
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        if not 0 <= start_position <= self.length:
+            raise ValueError(f"observe() at position {start_position}, but only positions [0, {self.length}) "
+                             f"were observed: a gap would leave tokens uncounted")
+        if start_position < self.length:
+            self._forget_from(start_position)
+        if self.count_tokens:
+            for position, token in enumerate(token_ids, start_position):
+                slot = self._slot.get(token)
+                if slot is None:
+                    slot = self._slot[token] = len(self.distinct)
+                    self.distinct.append(token)
+                    self.total_counts.append(0)
+                    self.output_counts.append(0)
+                self.total_counts[slot] += 1
+                if position >= self.prompt_len:
+                    self.output_counts[slot] += 1
+            self.tokens.extend(token_ids)
+        self.length = start_position + len(token_ids)
+
+    def _forget_from(self, position: int) -> None:
+        if self.count_tokens:
+            for p in range(position, self.length):
+                slot = self._slot[self.tokens[p]]
+                self.total_counts[slot] -= 1
+                if p >= self.prompt_len:
+                    self.output_counts[slot] -= 1
+            del self.tokens[position:]
+        self.length = position
+
+
+def _int64(values: array) -> torch.Tensor:
+    return torch.frombuffer(values, dtype=torch.int64)
+
+
+def apply_penalties(logits: torch.Tensor, histories: Sequence[TokenHistory], params: Sequence[SamplingParams]) -> None:
+    """Apply repetition, frequency and presence penalties in place to `logits` [B, V], row i from
+    `histories[i]` and `params[i]`. Rows whose params use no penalty are untouched."""
+    rows, sizes, parts = [], [], []
+    for row, (history, p) in enumerate(zip(histories, params)):
+        if p.uses_penalties and len(history.distinct):
+            rows.append(row)
+            sizes.append(len(history.distinct))
+            parts.append(history)
+    if not rows:
+        return
+    device = logits.device
+    table = torch.stack([torch.cat([_int64(h.distinct) for h in parts]),
+                         torch.cat([_int64(h.total_counts) for h in parts]),
+                         torch.cat([_int64(h.output_counts) for h in parts])]).to(device)
+    tokens, total, output = table[0], table[1], table[2].to(logits.dtype)
+    row_of = torch.repeat_interleave(torch.tensor(rows), torch.tensor(sizes)).to(device)
+    factors = torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
+                           dtype=logits.dtype).to(device)[row_of]
+    values = logits[row_of, tokens]
+    repeated = torch.where(values > 0, values / factors[:, 0], values * factors[:, 0])
+    values = torch.where(total > 0, repeated, values)
+    values = values - factors[:, 1] * output - factors[:, 2] * (output > 0).to(logits.dtype)
+    logits[row_of, tokens] = values  # (row, token) pairs are unique: each history lists a token once
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[str | None]:
+    """Add each row's logit_bias in place to `logits` [B, V]. Returns a per-row error for a row whose bias
+    names a token outside [0, V) (that row gets no bias); None elsewhere."""
+    vocab_size = logits.shape[1]
+    errors: list[str | None] = [None] * len(params)
+    rows, tokens, biases = [], [], []
+    for row, p in enumerate(params):
+        if not p.logit_bias:
+            continue
+        outside = sorted(t for t in p.logit_bias if t >= vocab_size)
+        if outside:
+            errors[row] = (f"logit_bias token id(s) {outside[:10]} are outside the vocabulary "
+                           f"(ids 0..{vocab_size - 1})")
+            continue
+        rows.extend([row] * len(p.logit_bias))
+        tokens.extend(p.logit_bias)
+        biases.extend(p.logit_bias.values())
+    if rows:
+        device = logits.device
+        logits.index_put_((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
+                          torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+    return errors
