@@ -80,7 +80,7 @@ class ModelConfig:
         return bool(self.moe_layers) and self.moe_layers[layer_idx]
 
     @classmethod
-    def from_hf(cls, model_path: str | os.PathLike) -> "ModelConfig":
+    def from_hf(cls, model_path: str | os.PathLike) -> ModelConfig:
         path = Path(model_path)
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
@@ -103,7 +103,7 @@ class ModelConfig:
         return cls._from_text_config(architecture, hf, raw, multimodal)
 
     @classmethod
-    def _from_text_config(cls, architecture: str, hf: Any, raw: dict, multimodal: bool) -> "ModelConfig":
+    def _from_text_config(cls, architecture: str, hf: Any, raw: dict, multimodal: bool) -> ModelConfig:
         get = lambda key, default=None: getattr(hf, key, default) if getattr(hf, key, None) is not None else default
         num_layers = hf.num_hidden_layers
         num_heads = hf.num_attention_heads
@@ -188,7 +188,6 @@ class EngineArgs:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
-    seed: int = 0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
