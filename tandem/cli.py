@@ -15,13 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Pipeline- and tensor-parallel LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"tandem.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"tandem.commands.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"tandem.commands.{name}").add_parser(sub)
     return parser
 
 

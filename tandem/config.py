@@ -112,7 +112,7 @@ class ModelConfig:
         return cls._from_text_config(architecture, hf, raw, multimodal)
 
     @classmethod
-    def _from_text_config(cls, architecture: str, hf: Any, raw: dict, multimodal: bool) -> "ModelConfig":
+    def _from_text_config(cls, architecture: str, hf: Any, raw: dict, multimodal: bool) -> ModelConfig:
         get = lambda key, default=None: getattr(hf, key, default) if getattr(hf, key, None) is not None else default
         num_layers = hf.num_hidden_layers
         num_heads = hf.num_attention_heads
@@ -190,7 +190,6 @@ class EngineArgs:
     node_rank: int = 0
     dist_init_addr: str | None = None
     dist_auth_token: str | None = None  # shared secret of a multi-node run's control plane
-    seed: int = 0
     log_level: str = "info"
 
     def __post_init__(self) -> None:

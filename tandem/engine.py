@@ -1,17 +1,25 @@
 """`Engine`: the offline API. It validates the model and the partition, starts the ranks (in-process for
-one rank, one process per rank otherwise), tokenizes, schedules and runs requests to completion."""
+one rank, one process per rank otherwise), tokenizes, schedules and runs requests to completion.
+
+Besides `generate`, its public surface is what the server uses, so that nothing outside reaches into its
+parts: `model_path`, `context_length`, `tokenizer`, `prompts` (a `PromptBuilder`), `error`,
+`add_request`, `abort_request`, `start_background_loop`, `loop_running`, `health()`, `stage_report()`,
+`queue_stats()`, `model_info()`, `text_of`, `decode` and `shutdown`."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
 from pathlib import Path
+from typing import Self
 
 from tandem.config import EngineArgs
 from tandem.errors import ConfigError
 from tandem.loader import checkpoint_weight_map
 from tandem.models.registry import load_model_config
+from tandem.prompts import PromptBuilder, build_result, output_text
 from tandem.runtime.planner import engine_partition
 from tandem.runtime.sampler import SamplingParams
 from tandem.runtime.scheduler import Request, Scheduler
@@ -60,12 +68,14 @@ class Engine:
         self.error: BaseException | None = None
         self.scheduler = Scheduler(self.executor.num_slots, self.executor.max_len, self.args.chunked_prefill_size,
                                    self.eos_token_ids, self.decode if self.tokenizer is not None else None)
+        self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, self.context_length)
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt=None, input_ids=None, sampling_params=None, return_logprob: bool = False,
                  logprob_start_len: int = -1) -> list[dict]:
-        """Generate for one or many prompts (text or token ids). Returns one dict per prompt."""
-        prompts = self._prompt_ids(prompt, input_ids)
+        """Generate for one or many prompts (text or token ids). Returns one dict per prompt (see
+        `tandem.prompts.build_result`); `sampling_params` is one dict for all prompts or one per prompt."""
+        prompts, _ = self.prompts.from_either(prompt, input_ids, "prompt", "input_ids")
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompts):
                 raise ConfigError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
@@ -74,8 +84,6 @@ class Engine:
             params = [SamplingParams.from_dict(sampling_params)] * len(prompts)
         reqs = [Request(ids, p, input_logprobs_wanted=return_logprob and logprob_start_len >= 0)
                 for ids, p in zip(prompts, params)]
-        for req in reqs:
-            self.scheduler.validate(req)
         if self._loop_thread is not None:
             done = [threading.Event() for _ in reqs]
             for req, event in zip(reqs, done):
@@ -86,7 +94,8 @@ class Engine:
             self._raise_if_failed()
         else:
             self.run_requests(reqs)
-        return [self._result(req, return_logprob, logprob_start_len) for req in reqs]
+        decode = self.decode if self.tokenizer is not None else None
+        return [build_result(req, decode, return_logprob, logprob_start_len) for req in reqs]
 
     def run_requests(self, reqs: list[Request]) -> None:
         """Run requests to completion on the calling thread (no background loop)."""
@@ -108,6 +117,7 @@ class Engine:
         self._wake.set()
 
     def abort_request(self, rid) -> None:
+        """Finish the request `rid` with reason abort (thread-safe; nothing happens if it already finished)."""
         with self._lock:
             for req in list(self.scheduler.waiting) + self.scheduler.running:
                 if req.rid == rid:
@@ -125,6 +135,29 @@ class Engine:
     def loop_running(self) -> bool:
         return self._loop_thread is not None
 
+    @property
+    def model_path(self) -> str:
+        return self.args.model_path
+
+    @property
+    def context_length(self) -> int:
+        """Tokens per request (prompt + output), as agreed by every stage's cache."""
+        return self.scheduler.max_len
+
+    def model_info(self) -> dict:
+        return {"model_path": self.model_path, "architecture": self.model_config.architecture,
+                "tp_size": self.args.tp_size, "pp_size": self.args.pp_size, "context_length": self.context_length}
+
+    def health(self) -> tuple[bool, str]:
+        """(True, "") while the engine can run requests; else (False, why): its loop stopped on an error,
+        it is shut down, or a rank process has exited (seen at once, not at the next step)."""
+        if self.error is not None:
+            return False, str(self.error)
+        if self.executor is None:
+            return False, "the engine is shut down"
+        dead = self.executor.dead_ranks()
+        return (False, "; ".join(dead)) if dead else (True, "")
+
     def queue_stats(self) -> tuple[list[int], int]:
         """(tokens cached per running request, number of waiting requests), read consistently."""
         with self._lock:
@@ -133,7 +166,7 @@ class Engine:
     def _loop_forever(self) -> None:
         try:
             self._run_steps(stop_when_idle=False)
-        except BaseException as exc:  # a rank failed: fail every request, remember why
+        except BaseException as exc:
             self.error = exc
             logger.error("engine loop stopped: %s", exc)
             with self._lock:
@@ -167,9 +200,9 @@ class Engine:
             step_id, step, reqs = in_flight.popleft()
             out = self.executor.collect(step_id)
             with self._lock:
-                self.scheduler.process(step, reqs, out)
-            for req, token in zip(reqs, out.tokens):
-                if req.on_update and (token is not None or req.finished):
+                updated = self.scheduler.process(step, reqs, out)
+            for req in updated:
+                if req.on_update:
                     req.on_update(req)
 
     def _raise_if_failed(self) -> None:
@@ -177,10 +210,16 @@ class Engine:
             raise self.error
 
     def stage_report(self) -> list[dict]:
+        """Every rank's report: layers, cache sizes, memory, `step_times`."""
         return self.executor.reports()
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """The text of token ids ("" for a model without a tokenizer)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def text_of(self, req: Request) -> str:
+        """A request's output text, cut before a matched stop string."""
+        return output_text(req.finish_reason, req.output_ids[:], self.decode)
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -192,55 +231,15 @@ class Engine:
             self.executor.shutdown()
             self.executor = None
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down what shutdown uses
             self.shutdown()
-        except Exception:
-            pass
-
-    # ---- helpers -------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt, input_ids) -> list[list[int]]:
-        if (prompt is None) == (input_ids is None):
-            raise ConfigError("pass exactly one of prompt= or input_ids=")
-        if input_ids is not None:
-            if input_ids and isinstance(input_ids[0], int):
-                input_ids = [input_ids]
-            vocab = self.model_config.vocab_size
-            for ids in input_ids:
-                bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-                if bad:
-                    raise ConfigError(f"input_ids contain {bad[0]!r}, which is not a token id in [0, {vocab})")
-            return [list(ids) for ids in input_ids]
-        if self.tokenizer is None:
-            raise ConfigError(f"{self.args.model_path} has no tokenizer: pass input_ids instead of prompt")
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return [self.tokenizer.encode(text) for text in texts]
-
-    def _result(self, req: Request, return_logprob: bool, logprob_start_len: int) -> dict:
-        meta = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
-                "finish_reason": req.finish_reason}
-        if return_logprob:
-            meta["output_token_logprobs"] = list(zip(req.output_logprobs, req.output_ids))
-            if logprob_start_len >= 0:
-                start = max(logprob_start_len, 1)
-                meta["input_token_logprobs"] = list(zip(req.input_logprobs[start - 1:], req.prompt_ids[start:]))
-        out = {"output_ids": list(req.output_ids), "meta_info": meta}
-        if self.tokenizer is not None:
-            out["text"] = self.text_of(req)
-        return out
-
-    def text_of(self, req: Request) -> str:
-        text = self.decode(req.output_ids)
-        reason = req.finish_reason or {}
-        if isinstance(reason.get("matched"), str):
-            text = text[: text.find(reason["matched"])]
-        return text
 
 
 def run_worker_node(**engine_kwargs) -> int:

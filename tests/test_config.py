@@ -116,13 +116,13 @@ def test_layer_types_length_mismatch_is_an_error(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ("llama", dict(qkv_bias=False, o_bias=False, qk_norm=False, attn_output_gate=False, num_experts=0)),
-    ("qwen2", dict(qkv_bias=True, o_bias=False, qk_norm=False, attn_output_gate=False, num_experts=0)),
-    ("qwen3", dict(qkv_bias=False, qk_norm=True, attn_output_gate=False, head_dim=32, num_experts=0)),
-    ("qwen2_moe", dict(qkv_bias=True, qk_norm=False, num_experts=8, norm_topk_prob=False,
-                       shared_expert_intermediate_size=48)),
-    ("qwen3_moe", dict(qkv_bias=False, qk_norm=True, num_experts=8, norm_topk_prob=True,
-                       shared_expert_intermediate_size=0)),
+    ("llama", {"qkv_bias": False, "o_bias": False, "qk_norm": False, "attn_output_gate": False, "num_experts": 0}),
+    ("qwen2", {"qkv_bias": True, "o_bias": False, "qk_norm": False, "attn_output_gate": False, "num_experts": 0}),
+    ("qwen3", {"qkv_bias": False, "qk_norm": True, "attn_output_gate": False, "head_dim": 32, "num_experts": 0}),
+    ("qwen2_moe", {"qkv_bias": True, "qk_norm": False, "num_experts": 8, "norm_topk_prob": False,
+                   "shared_expert_intermediate_size": 48}),
+    ("qwen3_moe", {"qkv_bias": False, "qk_norm": True, "num_experts": 8, "norm_topk_prob": True,
+                   "shared_expert_intermediate_size": 0}),
 ])
 def test_text_families(ckpt, kind, expected):
     model_dir = ckpt(kind)
@@ -131,7 +131,7 @@ def test_text_families(ckpt, kind, expected):
     assert cfg.architecture == raw["architectures"][0]
     assert cfg.weight_prefix == "model." and not cfg.multimodal
     assert cfg.layer_types == ("full_attention",) * raw["num_hidden_layers"]
-    assert cfg.head_dim == raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    assert cfg.head_dim == (raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"])
     assert cfg.rope_parameters["rope_theta"] == raw["rope_parameters"]["rope_theta"]
     assert cfg.partial_rotary_factor == 1.0
     spec = spec_of(cfg)

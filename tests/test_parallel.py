@@ -16,11 +16,11 @@ IRREGULAR = ["linear_attention", "full_attention", "linear_attention", "linear_a
              "linear_attention"]
 
 MODELS = {
-    "qwen3_5_moe_mm": dict(kind="qwen3_5_moe", fused_experts=True, multimodal=True, add_mtp=True, num_layers=6,
-                           layer_types=IRREGULAR),
-    "qwen3_5_tied": dict(kind="qwen3_5", tied=True),
-    "qwen3_moe": dict(kind="qwen3_moe"),
-    "llama": dict(kind="llama"),
+    "qwen3_5_moe_mm": {"kind": "qwen3_5_moe", "fused_experts": True, "multimodal": True, "add_mtp": True,
+                       "num_layers": 6, "layer_types": IRREGULAR},
+    "qwen3_5_tied": {"kind": "qwen3_5", "tied": True},
+    "qwen3_moe": {"kind": "qwen3_moe"},
+    "llama": {"kind": "llama"},
 }
 # (model, tp, pp, partition)
 CASES = [
@@ -70,9 +70,21 @@ def test_parallel_matches_single_process(ckpt, name, tp, pp, partition):
             assert max(abs(a - b) for a, b in zip(got_lp, exp_lp)) < 1e-4
 
 
+def stage1_busy_when_stage0_starts(report: list[dict]) -> list[int]:
+    """Steps i for which stage 0 started step i+1 before stage 1 had finished step i.
+
+    Every rank runs every step, in order, so the i-th interval of each stage's `step_times` is step i. With
+    one step in flight this cannot happen: step i+1 is sent only after the driver has stage 1's result of
+    step i, which stage 1 sends after recording the end of step i. It happens when micro-batches let stage
+    0 start the next step while stage 1 still computes. Both are facts of order, not of speed."""
+    stage0, stage1 = report[0]["step_times"], report[1]["step_times"]
+    assert len(stage0) == len(stage1) > 1
+    return [i for i in range(len(stage0) - 1) if stage0[i + 1][0] < stage1[i][1]]
+
+
 def test_pipelined_micro_batches_overlap_and_keep_tokens(ckpt):
     """pp=2 with two micro-batches in flight: the same greedy tokens as one process, and the two stages
-    really compute at the same time (overlapping step intervals of stage 0 and stage 1)."""
+    really compute at the same time (stage 0 starts a step while stage 1 still computes the previous one)."""
     ref = single_process(ckpt, "qwen3_5_moe_mm")
     prompts = PROMPTS * 2
     with Engine(model_dir(ckpt, "qwen3_5_moe_mm"), pp_size=2, dtype="float32", progress=False) as engine:
@@ -86,9 +98,7 @@ def test_pipelined_micro_batches_overlap_and_keep_tokens(ckpt):
         got_lp = [lp for lp, _ in got["meta_info"]["output_token_logprobs"]][:6]
         exp_lp = [lp for lp, _ in expected["meta_info"]["output_token_logprobs"]]
         assert max(abs(a - b) for a, b in zip(got_lp, exp_lp)) < 1e-4
-    stage0, stage1 = report[0]["step_times"], report[1]["step_times"]
-    overlaps = sum(1 for a0, a1 in stage0 for b0, b1 in stage1 if a0 < b1 and b0 < a1)
-    assert overlaps >= 3, f"stages never computed at the same time: {stage0} {stage1}"
+    assert stage1_busy_when_stage0_starts(report), f"the stages never computed at the same time: {report}"
 
 
 def test_one_micro_batch_does_not_overlap(ckpt):
@@ -97,7 +107,4 @@ def test_one_micro_batch_does_not_overlap(ckpt):
                 progress=False) as engine:
         engine.generate(input_ids=PROMPTS * 2, sampling_params=dict(SAMPLING, max_new_tokens=12))
         report = engine.stage_report()
-    stage0, stage1 = report[0]["step_times"], report[1]["step_times"]
-    assert len(stage0) == len(stage1) > 0
-    # (a hand-over of activations may make two intervals touch for microseconds; that is not overlap)
-    assert sum(1 for a0, a1 in stage0 for b0, b1 in stage1 if min(a1, b1) - max(a0, b0) > 2e-3) == 0
+    assert stage1_busy_when_stage0_starts(report) == []

@@ -4,7 +4,10 @@ Byte counts are computed independently from the checkpoint's safetensors headers
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -54,9 +57,9 @@ def expected_stage_bytes(model_dir, start: int, end: int, first: bool, last: boo
 
 
 @pytest.mark.parametrize("spec,pp,partition", [
-    (dict(kind="qwen3_5_moe", fused_experts=True, multimodal=True, add_mtp=True), 2, None),
-    (dict(kind="qwen3_5", tied=True), 2, "3,1"),
-    (dict(kind="llama"), 4, None),
+    ({"kind": "qwen3_5_moe", "fused_experts": True, "multimodal": True, "add_mtp": True}, 2, None),
+    ({"kind": "qwen3_5", "tied": True}, 2, "3,1"),
+    ({"kind": "llama"}, 4, None),
 ])
 def test_each_stage_holds_and_reads_only_its_own(ckpt, spec, pp, partition):
     spec = dict(spec)
@@ -76,7 +79,7 @@ def test_each_stage_holds_and_reads_only_its_own(ckpt, spec, pp, partition):
                 assert start <= int(layer.group(1)) < end, f"stage {stage['pp_rank']} read {name}"
             assert not name.startswith(("mtp.", "model.visual."))
     bounds = [(s["layer_start"], s["layer_end"]) for s in report]
-    assert bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert bounds[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     if partition is None and pp == 2:
         total = sum(layers_bytes)
         for part in layers_bytes:  # a uniform split of identical layers holds half of the layers' bytes each
@@ -117,6 +120,24 @@ def test_shutdown_leaves_no_process(ckpt):
     engine = Engine(ckpt("llama"), pp_size=2, dtype="float32", progress=False)
     assert len(rank_processes()) == 2
     engine.shutdown()
+    assert rank_processes() == []
+
+
+def test_health_names_a_dead_rank(ckpt):
+    """A rank process that dies while the engine is idle shows in `health()` at once, before any step."""
+    engine = Engine(ckpt("llama"), pp_size=2, dtype="float32", progress=False)
+    try:
+        assert engine.health() == (True, "")
+        victim = rank_processes()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30  # only keeps a missed death from hanging the test
+        while engine.health()[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ok, reason = engine.health()
+        assert not ok and re.fullmatch(r"rank [01] exited with code -9", reason), reason
+    finally:
+        engine.shutdown()
+    assert engine.health() == (False, "the engine is shut down")
     assert rank_processes() == []
 
 

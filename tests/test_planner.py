@@ -264,7 +264,7 @@ def small(tmp_path_factory):
     }
 
 
-ENGINE_KW = dict(context_length=1024, max_running_requests=3, progress=False)
+ENGINE_KW = {"context_length": 1024, "max_running_requests": 3, "progress": False}
 
 
 def run_engine(path, **kw):
@@ -321,11 +321,11 @@ def test_plan_equals_stage_report_tp2(small):
 def test_cli_json(capsys):
     path = CONFIGS / "Qwen3.5-35B-A3B"
     assert cli_main(["plan", str(path), "--pp-size", "2", "--tp-size", "1", "--dtype", "bf16",
-                     "--max-tokens", "8192", "--max-requests", "8", "--gpu-memory", "80GB",
+                     "--context-length", "8192", "--max-requests", "8", "--gpu-memory", "80GB",
                      "--pp-layer-partition", "15,25", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["model"] == "Qwen3.5-35B-A3B" and plan["pp_size"] == 2 and plan["dtype"] == "bfloat16"
-    assert plan["max_tokens"] == 8192 and plan["max_requests"] == 8 and plan["gpu_memory_bytes"] == 80 * 10**9
+    assert plan["context_length"] == 8192 and plan["max_requests"] == 8 and plan["gpu_memory_bytes"] == 80 * 10**9
     assert [p["name"] for p in plan["plans"]] == ["uniform", "auto", "15,25"]
     assert plan["plans"][2]["partition"] == [15, 25]
     expected = hand_param_count(load_raw("Qwen3.5-35B-A3B")) * 2

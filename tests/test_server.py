@@ -3,12 +3,14 @@ client and raw HTTP. Greedy outputs equal transformers' greedy continuation of t
 text equals non-streamed text; 16 concurrent requests equal their single-request results; bad input gets
 OpenAI-style 400s and the server keeps serving; SIGTERM stops the server and both rank processes.
 
-Everything runs against one server process (module-scoped) to keep the module fast; the SIGTERM test
-stops it, so it runs last."""
+The tests share one server process to keep the module fast. Each test passes alone and in any order: a
+test that stops the server (SIGTERM) leaves the next test a fresh one, and no test relies on what another
+one did (counters are compared before and after)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -60,6 +62,8 @@ def model_dir(request, tmp_path_factory):
 
 
 class Server:
+    """A `tandem serve` subprocess (pp=2, fp32, context CONTEXT); `reference` is set by the fixture."""
+
     def __init__(self, model_dir: Path, log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -119,18 +123,47 @@ class Reference:
         return ids, self.tokenizer.decode(ids, skip_special_tokens=True), reason
 
 
+class ServerPool:
+    """The module's live server: started once, and again only after a test has stopped it."""
+
+    def __init__(self, model_dir: Path, log_dir: Path):
+        self.model_dir, self.log_dir = model_dir, log_dir
+        self.started = 0
+        self.current = self._start()  # starts loading now, while the reference is computed
+
+    def _start(self) -> Server:
+        self.started += 1
+        return Server(self.model_dir, self.log_dir / f"server{self.started}.log")
+
+    def live(self) -> Server:
+        if self.current.proc.poll() is not None:  # stopped by an earlier test
+            self.current = self._start()
+        self.current.wait_healthy()
+        return self.current
+
+
 @pytest.fixture(scope="module")
-def server(model_dir, tokenizer, tmp_path_factory):
-    srv = Server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
+def servers(model_dir, tmp_path_factory):
+    pool = ServerPool(model_dir, tmp_path_factory.mktemp("server"))
     try:
-        srv.reference = Reference(model_dir, tokenizer)  # while the server loads
-        srv.wait_healthy()
-        yield srv
+        yield pool
     finally:
-        srv.stop()
+        pool.current.stop()
 
 
 @pytest.fixture(scope="module")
+def reference(servers, model_dir, tokenizer):  # after `servers`: computed while the first server loads
+    return Reference(model_dir, tokenizer)
+
+
+@pytest.fixture
+def server(servers, reference):
+    srv = servers.live()
+    srv.reference = reference
+    return srv
+
+
+@pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
@@ -158,13 +191,16 @@ def test_generate_matches_transformers(server):
         logprobs = [lp for lp, _ in out["meta_info"]["output_token_logprobs"]]
         assert max(abs(a - b) for a, b in zip(logprobs, greedy["logprobs"])) < 1e-4
         assert out["meta_info"]["finish_reason"] == {"type": "length", "length": REF_TOKENS}
-    # streaming: cumulative results, the last one complete, then [DONE]
+    # streaming: cumulative results, the last one complete, then [DONE] (how many results come before the
+    # last depends on how fast the engine is next to the HTTP loop: a fast engine may have finished already)
     resp = post(server, "/generate", {"input_ids": ref.prompt_ids[PROMPTS[0]], "stream": True,
                                       "sampling_params": {"temperature": 0, "max_new_tokens": REF_TOKENS,
                                                           "ignore_eos": True}})
     events = [e[len("data: "):] for e in resp.text.split("\n\n") if e.startswith("data: ")]
-    assert events[-1] == "[DONE]" and len(events) > 2
-    assert json.loads(events[-2])["output_ids"] == ref.greedy[PROMPTS[0]]["output_ids"]
+    assert events[-1] == "[DONE]" and len(events) >= 2
+    streamed = [json.loads(e)["output_ids"] for e in events[:-1]]
+    assert all(later[:len(earlier)] == earlier for earlier, later in itertools.pairwise(streamed))
+    assert streamed[-1] == ref.greedy[PROMPTS[0]]["output_ids"]
     # a batch of texts answers a list
     batch = post(server, "/generate", {"text": PROMPTS[:2], "sampling_params": {"temperature": 0,
                                                                                "max_new_tokens": 3}}).json()
@@ -325,6 +361,8 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_disconnect_aborts_and_metrics(server):
+    aborted = 'tandem_requests_finished_total{finish_reason="abort"}'
+    before = httpx.get(server.url + "/metrics").text
     # a streaming client that goes away: its request is aborted and its cache slot freed
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"prompt": "Hello", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": True,
@@ -332,10 +370,10 @@ def test_disconnect_aborts_and_metrics(server):
         for line in resp.iter_lines():
             if line.startswith("data: {"):
                 break
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         text = httpx.get(server.url + "/metrics").text
-        if _metric(text, "tandem_num_requests_running") == 0 and 'finish_reason="abort"' in text:
+        if _metric(text, "tandem_num_requests_running") == 0 and _metric(text, aborted) > _metric(before, aborted):
             break
         time.sleep(0.2)
     else:
@@ -346,8 +384,12 @@ def test_disconnect_aborts_and_metrics(server):
                  "tandem_num_requests_waiting", "tandem_kv_cache_usage_ratio", "tandem_cache_slots_usage_ratio",
                  "tandem_cache_bytes", "tandem_cache_used_bytes"):
         assert name in text, name
-    assert _metric(text, "tandem_requests_total") >= 16
-    assert _metric(text, "tandem_generation_tokens_total") > 0
+    assert _metric(text, aborted) == _metric(before, aborted) + 1
+    assert _metric(text, "tandem_requests_total") == _metric(before, "tandem_requests_total") + 1
+    prompt_tokens = len(server.reference.tokenizer.encode("Hello"))
+    assert _metric(text, "tandem_prompt_tokens_total") == _metric(before, "tandem_prompt_tokens_total") + prompt_tokens
+    # the client read one token before it went away: at least that one was generated
+    assert _metric(text, "tandem_generation_tokens_total") >= _metric(before, "tandem_generation_tokens_total") + 1
     assert 'pp_rank="1",tp_rank="0"' in text and _metric(text, 'tandem_cache_bytes{cache="kv"') > 0
 
 
@@ -370,12 +412,12 @@ def test_sigterm_stops_server_and_ranks(server):
     thread = threading.Thread(target=long_stream, daemon=True)
     thread.start()
     assert stream_open.wait(30)
-    start = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    server.proc.wait(15)
-    took = time.monotonic() - start
-    assert took < 10, f"server took {took:.1f} s to stop"
-    deadline = time.monotonic() + 5
+    # (no speed is asserted: the wait only keeps a hung server from hanging the test run)
+    server.proc.wait(60)
+    thread.join(30)
+    assert not thread.is_alive(), "the open stream outlived the server"
+    deadline = time.monotonic() + 30
     while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in ranks), "rank processes outlived the server"
@@ -385,21 +427,22 @@ def test_sigterm_stops_server_and_ranks(server):
 # ---- in process, without a model: a failed engine ---------------------------------------------------
 
 class _FakeEngine:
-    """Just what the app touches; `error` is set as the engine's loop does when a rank fails."""
+    """The engine surface the app uses (see tandem.engine's docstring); `error` is set as the engine's loop
+    sets it when a rank fails, and `health()` reports it as the engine does."""
+
+    model_path = "/models/fake"
+    context_length = 64
 
     def __init__(self):
-        from types import SimpleNamespace
+        from tandem.prompts import PromptBuilder
 
-        from tandem.runtime.scheduler import Scheduler
-
-        self.args = SimpleNamespace(model_path="/models/fake", tp_size=1, pp_size=2)
-        self.model_config = SimpleNamespace(vocab_size=100, architecture="Fake")
-        self.scheduler = Scheduler(4, 64, 16)
-        self.executor = SimpleNamespace(max_len=64, procs=[])
-        self.tokenizer = None
+        self.prompts = PromptBuilder(None, vocab_size=100, context_length=self.context_length)
         self.error = None
         self.loop_running = False
         self.shut_down = False
+
+    def health(self):
+        return (True, "") if self.error is None else (False, str(self.error))
 
     def stage_report(self):
         return [{"pp_rank": r, "tp_rank": 0, "kv_cache_bytes": 1000 * r, "state_cache_bytes": 10, "num_slots": 4,
@@ -409,7 +452,7 @@ class _FakeEngine:
         self.loop_running = True
 
     def queue_stats(self):
-        return [r.num_cached for r in self.scheduler.running], len(self.scheduler.waiting)
+        return [], 0
 
     def add_request(self, req):
         raise AssertionError("no request may reach a failed engine")

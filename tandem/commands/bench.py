@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--input-len", type=int, default=32, help="Prompt length in tokens (default: 32).")
     parser.add_argument("--output-len", type=int, default=64, help="New tokens per prompt (default: 64).")
     parser.add_argument("--warmup", type=int, default=1, help="Warm-up runs before measuring (default: 1).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random prompts (default: 0).")
     parser.add_argument("--serving", action="store_true", help="Benchmark a running server instead.")
     parser.add_argument("--base-url", default="http://127.0.0.1:30000", help="Server URL for --serving.")
     parser.add_argument("--concurrency", type=int, default=8, help="Requests in flight for --serving.")

@@ -1,4 +1,5 @@
-"""CLI flags generated from `EngineArgs` fields (SGLang's flag names: --model-path, --tp-size, ...)."""
+"""CLI flags generated from `EngineArgs` fields (SGLang's flag names: --model-path, --tp-size, ...), for every
+subcommand that starts an engine."""
 
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ HELP = {
     "node_rank": "This machine's index among --nnodes.",
     "dist_init_addr": "host:port of node 0's rendezvous for multi-node runs (default: a free local port).",
     "dist_auth_token": "Shared secret authenticating control messages between nodes (required when --nnodes > 1).",
-    "seed": "Random seed.",
     "log_level": "Logging level (debug, info, warning).",
 }
 
 
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+def add_engine_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per `EngineArgs` field not in `exclude` (field names); --model-path is required."""
     for f in dataclasses.fields(EngineArgs):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kwargs = {"help": HELP.get(f.name, "")}
         if f.name == "model_path":
@@ -41,5 +44,6 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)}
+def engine_kwargs(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict:
+    """The `EngineArgs` fields not in `exclude`, as parsed from the flags."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if f.name not in exclude}

@@ -16,12 +16,13 @@ import re
 import sys
 import time
 
-from tandem.commands.engine_flags import HELP
-from tandem.config import EngineArgs
+from tandem.commands.engine_flags import add_engine_flags, engine_kwargs
 from tandem.errors import ConfigError
 
-# Engine settings that `--configs` decides, or that only make sense for one configuration.
-_PER_CONFIG = ("tp_size", "pp_size", "pp_layer_partition", "nnodes", "node_rank", "dist_init_addr")
+# Engine settings that `--configs` decides, that only make sense for one configuration, or (the model
+# path) that eval defines with a default of its own.
+_NOT_ENGINE_FLAGS = ("model_path", "tp_size", "pp_size", "pp_layer_partition", "nnodes", "node_rank",
+                     "dist_init_addr")
 _CONFIG_RE = re.compile(r"(?:tp(\d+))?(?:pp(\d+))?")
 
 
@@ -67,25 +68,21 @@ def add_parser(sub) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the in-process (tp1pp1) engine; 1 (default) does each step's "
                              "arithmetic the way a one-thread rank of a multi-process run does.")
-    for f in dataclasses.fields(EngineArgs):
-        if f.name in _PER_CONFIG or f.name == "model_path":
-            continue
-        kwargs = {"default": f.default, "help": HELP.get(f.name, "") + f" (default: {f.default})"}
-        if str(f.type).startswith("int"):
-            kwargs["type"] = int
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    add_engine_flags(parser, exclude=_NOT_ENGINE_FLAGS)
     parser.set_defaults(run=run)
 
 
 def build_prompts(problems, fmt: str, tokenizer) -> list[tuple[str, object, str]]:
     """[(format, problem, prompt text)] for the chosen format(s)."""
+    from tandem.prompts import render_chat
+
     items = []
     for kind in (("completion", "chat") if fmt == "both" else (fmt,)):
         for p in problems:
             if kind == "chat":
                 if tokenizer is None or not getattr(tokenizer, "chat_template", None):
                     raise ConfigError("--format chat needs a tokenizer with a chat template")
-                text = tokenizer.apply_chat_template(p.chat_messages(), tokenize=False, add_generation_prompt=True)
+                text = render_chat(tokenizer, p.chat_messages())
             else:
                 text = p.completion_prompt
             items.append((kind, p, text))
@@ -184,12 +181,9 @@ def default_model_path() -> str:
 def run(args: argparse.Namespace) -> int:
     configs = parse_configs(args.configs)
     model_path = args.model_path or default_model_path()
-    engine_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)
-                     if f.name not in _PER_CONFIG and f.name != "model_path"}
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    report = evaluate(model_path, configs, limit=args.limit, fmt=args.format,
-                      max_new_tokens=args.max_new_tokens, engine_kwargs=engine_kwargs, threads=args.threads,
-                      log=log)
+    report = evaluate(model_path, configs, limit=args.limit, fmt=args.format, max_new_tokens=args.max_new_tokens,
+                      engine_kwargs=engine_kwargs(args, exclude=_NOT_ENGINE_FLAGS), threads=args.threads, log=log)
     failed = check(report, args.max_drop)
     report["failed"] = failed
     report["passed"] = not failed

@@ -42,9 +42,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--tp-size", type=int, default=1, help="Tensor-parallel ranks per stage (default: 1).")
     parser.add_argument("--dtype", default="auto",
                         help="Weight dtype: auto (the config's), bf16, fp16 or fp32 (default: auto).")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="Tokens per request the caches hold (the engine's --context-length; "
-                             "default min(model limit, 4096)).")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="Tokens per request (prompt + output) the caches hold, as the engine's "
+                             "--context-length (default: min(model limit, 4096)).")
     parser.add_argument("--max-requests", type=int, default=16,
                         help="Requests held at once (the engine's --max-running-requests; default: 16).")
     parser.add_argument("--gpu-memory", default="80GB",
@@ -62,7 +62,7 @@ def build_plan(args) -> dict:
 
     model_config = load_model_config(args.model)
     engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,
-                             dtype=args.dtype, context_length=args.max_tokens,
+                             dtype=args.dtype, context_length=args.context_length,
                              max_running_requests=args.max_requests)
     memory = parse_size(args.gpu_memory)
     dtype = engine_args.resolve_dtype(model_config)
@@ -92,7 +92,7 @@ def build_plan(args) -> dict:
         "num_layers": model_config.num_layers, "layer_kinds": kinds,
         "num_experts": model_config.num_experts, "num_experts_per_tok": model_config.num_experts_per_tok,
         "pp_size": args.pp_size, "tp_size": args.tp_size, "dtype": str(dtype).removeprefix("torch."),
-        "max_tokens": costs.max_len, "max_requests": costs.slots, "gpu_memory_bytes": memory,
+        "context_length": costs.max_len, "max_requests": costs.slots, "gpu_memory_bytes": memory,
         "model_weight_bytes": planner.model_weight_bytes(costs), "plans": plans,
     }
 
@@ -103,8 +103,8 @@ def render(plan: dict) -> str:
     memory = fmt_bytes(plan["gpu_memory_bytes"])
     lines = [
         f"{plan['model']} ({plan['architecture']}): {plan['num_layers']} layers ({kinds}){moe}",
-        f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}; caches for {plan['max_requests']} "
-        f"requests x {plan['max_tokens']} tokens; device memory {memory}",
+        (f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}; caches for {plan['max_requests']} "
+         f"requests x {plan['context_length']} tokens; device memory {memory}"),
         f"whole model weights (one TP rank): {fmt_bytes(plan['model_weight_bytes'])}",
         "figures are per device (TP rank 0); activations and workspace are not included",
     ]

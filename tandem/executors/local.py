@@ -31,5 +31,9 @@ class LocalExecutor:
     def reports(self) -> list[dict]:
         return [self.runner.report()]
 
+    def dead_ranks(self) -> list[str]:
+        """The one rank is this process: never dead while anyone can ask."""
+        return []
+
     def shutdown(self) -> None:
         self.runner = None

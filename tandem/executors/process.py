@@ -204,6 +204,10 @@ class ProcessExecutor:
                 self._handle(message)
         return self._done.pop(step_id)
 
+    def dead_ranks(self) -> list[str]:
+        """'rank N exited with code C' for each of this node's rank processes that has exited."""
+        return [f"{p.name} exited with code {p.returncode}" for p in self.procs if p.poll() is not None]
+
     def reports(self) -> list[dict]:
         """Every rank's current report (asked after all submitted steps, which ranks run in order)."""
         self._fresh.clear()

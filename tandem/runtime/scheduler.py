@@ -19,6 +19,15 @@ from tandem.runtime.step import StepInput, StepOutput
 _ids = itertools.count()
 
 
+def check_prompt_length(num_tokens: int, max_len: int) -> None:
+    """A prompt needs at least one token, and room for at least one new token in the context."""
+    if num_tokens == 0:
+        raise ConfigError("the prompt is empty: at least one token is needed")
+    if num_tokens >= max_len:
+        raise ConfigError(f"the prompt has {num_tokens} tokens, but the context length is "
+                          f"{max_len} (prompt + at least one new token must fit)")
+
+
 @dataclass
 class Request:
     prompt_ids: list[int]
@@ -31,7 +40,6 @@ class Request:
     slot: int | None = None
     num_cached: int = 0  # tokens of prompt + output already in the cache
     finish_reason: dict | None = None
-    text: str = ""
     on_update: Callable | None = None  # called after each step that changed this request
 
     @property
@@ -54,15 +62,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._released: list = []
 
-    def validate(self, req: Request) -> None:
-        if not req.prompt_ids:
-            raise ConfigError("the prompt is empty: at least one token is needed")
-        if len(req.prompt_ids) >= self.max_len:
-            raise ConfigError(f"the prompt has {len(req.prompt_ids)} tokens, but the context length is "
-                              f"{self.max_len} (prompt + at least one new token must fit)")
-
     def add(self, req: Request) -> None:
-        self.validate(req)
+        check_prompt_length(len(req.prompt_ids), self.max_len)
         if req.params.max_new_tokens == 0:
             req.finish_reason = {"type": "length", "length": 0}
             return
@@ -120,8 +121,9 @@ class Scheduler:
         return step, reqs
 
     def process(self, step: StepInput, reqs: list[Request], out: StepOutput) -> list[Request]:
-        """Apply a step's results; returns the requests that finished."""
-        finished = []
+        """Apply a step's results; returns the requests it gave a token (some of them now finished).
+        A request aborted while the step ran is skipped: its result is dropped."""
+        updated = []
         for i, req in enumerate(reqs):
             if req.finished:  # aborted while the step ran
                 continue
@@ -130,7 +132,7 @@ class Scheduler:
                 req.input_logprobs.extend(out.input_logprobs[i])
             if out.errors and out.errors[i]:
                 self._finish(req, {"type": "abort", "message": out.errors[i]})
-                finished.append(req)
+                updated.append(req)
                 continue
             if out.tokens[i] is None:
                 continue
@@ -140,8 +142,8 @@ class Scheduler:
             reason = self._finish_reason(req, token)
             if reason:
                 self._finish(req, reason)
-                finished.append(req)
-        return finished
+            updated.append(req)
+        return updated
 
     def _finish_reason(self, req: Request, token: int) -> dict | None:
         p = req.params

@@ -1,9 +1,10 @@
 """The FastAPI application: routes (openai_api, native_api), OpenAI-style errors and the engine's life.
 
-`create_app(engine)` serves an already loaded `Engine`: at startup it records each stage's cache sizes
-for /metrics and starts the engine's step thread; at shutdown it shuts the engine down (every rank
-process exits). Every error is answered as OpenAI does, {"error": {"message", "type", "param", "code"}}:
-FastAPI's 422 validation errors (wrong types, malformed JSON) become 400s."""
+`create_app(engine)` serves an already loaded `Engine`, using only its public surface (see tandem.engine):
+at startup it records each stage's cache sizes for /metrics and starts the engine's step thread; at
+shutdown it shuts the engine down (every rank process exits). Every error is answered as OpenAI does,
+{"error": {"message", "type", "param", "code"}}: FastAPI's 422 validation errors (wrong types, malformed
+JSON) and bad prompts (`PromptError`, naming the request field) become 400s."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tandem.prompts import PromptError
 from tandem.server.bridge import EngineBridge
 from tandem.server.metrics import Metrics
 from tandem.server.protocol import APIError
@@ -50,14 +52,14 @@ def _error_response(request: Request, error: APIError) -> JSONResponse:
 def create_app(engine, served_model_name: str | None = None, shutdown_engine: bool = True) -> FastAPI:
     """An app serving `engine`. The engine's step loop starts with the app; with `shutdown_engine` the
     engine is shut down when the app stops."""
-    model_path = str(engine.args.model_path)
+    model_path = str(engine.model_path)
     name = served_model_name or Path(model_path).name or model_path
     metrics = Metrics()
     bridge = EngineBridge(engine, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if engine.executor is not None and not engine.loop_running:
+        if not engine.loop_running and engine.health()[0]:
             metrics.set_stages(engine.stage_report())  # static cache sizes, read once
         engine.start_background_loop()
         logger.info("serving %s as %r", model_path, name)
@@ -79,6 +81,10 @@ def create_app(engine, served_model_name: str | None = None, shutdown_engine: bo
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return _error_response(request, exc)
+
+    @app.exception_handler(PromptError)
+    async def prompt_error(request: Request, exc: PromptError):
+        return _error_response(request, APIError(str(exc), param=exc.field, code=exc.code))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

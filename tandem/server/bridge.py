@@ -65,45 +65,23 @@ class Tracked:
 
 
 class EngineBridge:
+    """The server's side of the engine: it uses only the engine's public surface (see tandem.engine)."""
+
     def __init__(self, engine, metrics=None):
         self.engine, self.metrics = engine, metrics
 
     @property
-    def max_len(self) -> int:
-        return self.engine.executor.max_len if self.engine.executor is not None else self.engine.scheduler.max_len
+    def context_length(self) -> int:
+        return self.engine.context_length
 
-    @property
-    def healthy(self) -> bool:
-        """No rank failed, and (checked without waiting for the next step) no rank process has exited."""
-        executor = self.engine.executor
-        if self.engine.error is not None or executor is None:
-            return False
-        return all(p.poll() is None for p in getattr(executor, "procs", ()))
-
-    def health_error(self) -> str:
-        if self.engine.error is not None:
-            return str(self.engine.error)
-        if self.engine.executor is None:
-            return "the engine is shut down"
-        dead = [p for p in getattr(self.engine.executor, "procs", ()) if p.poll() is not None]
-        return "; ".join(f"{getattr(p, 'name', 'a rank')} exited with code {p.returncode}" for p in dead)
+    def health(self) -> tuple[bool, str]:
+        return self.engine.health()
 
     def check_healthy(self) -> None:
-        if not self.healthy:
-            raise APIError(f"the engine is not running: {self.health_error()}", status=503,
-                           type="server_error", code="engine_unavailable")
-
-    def validate(self, prompt_ids: list[int], param: str) -> None:
-        """Raise a 400 for token ids outside the vocabulary, an empty prompt or one too long."""
-        vocab = self.engine.model_config.vocab_size
-        for t in prompt_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise APIError(f"token id {t!r} is not in [0, {vocab})", param=param)
-        try:
-            self.engine.scheduler.validate(Request(prompt_ids, SamplingParams()))
-        except ValueError as exc:
-            raise APIError(str(exc), param=param, code="context_length_exceeded"
-                           if prompt_ids else None) from None
+        ok, reason = self.engine.health()
+        if not ok:
+            raise APIError(f"the engine is not running: {reason}", status=503, type="server_error",
+                           code="engine_unavailable")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0,
                input_logprobs: bool = False, endpoint: str = "generate") -> Tracked:
@@ -128,10 +106,10 @@ class EngineBridge:
                 self.engine.abort_request(tracked.req.rid)
 
     def text_of(self, req: Request) -> str:
-        return self.engine.text_of(req) if self.engine.tokenizer is not None else ""
+        return self.engine.text_of(req)
 
     def decode(self, ids: list[int]) -> str:
-        return self.engine.decode(ids) if self.engine.tokenizer is not None else ""
+        return self.engine.decode(ids)
 
     def failure(self, req: Request) -> APIError | None:
         """The error to report for a request the engine aborted because a rank failed."""

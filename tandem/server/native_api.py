@@ -2,7 +2,8 @@
 
 /generate takes `text` or `input_ids` (one prompt or a list) and raw engine `sampling_params` (one dict,
 or one per prompt) and answers {"text", "output_ids", "meta_info"} per prompt, as `Engine.generate`
-does; with "stream": true (one prompt) it sends cumulative results as server-sent events."""
+does (both through `tandem.prompts`); with "stream": true (one prompt) it sends cumulative results as
+server-sent events."""
 
 from __future__ import annotations
 
@@ -14,29 +15,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tandem.errors import ConfigError
+from tandem.prompts import build_result
 from tandem.runtime.sampler import SamplingParams
 from tandem.server.bridge import EngineBridge, Tracked
 from tandem.server.openai_api import client_gone, sse, submit_all, wait_all
 from tandem.server.protocol import APIError, GenerateRequest
-from tandem.server.sampling import check_params, config_error, max_tokens_for
+from tandem.server.sampling import config_error, max_new_tokens_for
 
 router = APIRouter()
-
-
-def _prompts(bridge: EngineBridge, body: GenerateRequest) -> tuple[list[list[int]], bool]:
-    """(prompt token ids, whether the request was a batch)."""
-    if (body.text is None) == (body.input_ids is None):
-        raise APIError("pass exactly one of text or input_ids", param="text")
-    if body.input_ids is not None:
-        ids = body.input_ids
-        if ids and isinstance(ids[0], list):
-            return [list(p) for p in ids], True
-        return [list(ids)], False
-    tokenizer = bridge.engine.tokenizer
-    if tokenizer is None:
-        raise APIError("this model has no tokenizer: pass input_ids", param="text")
-    texts = [body.text] if isinstance(body.text, str) else body.text
-    return [tokenizer.encode(t) for t in texts], not isinstance(body.text, str)
 
 
 def _params(bridge: EngineBridge, body: GenerateRequest, prompts: list[list[int]]) -> list[SamplingParams]:
@@ -50,40 +36,29 @@ def _params(bridge: EngineBridge, body: GenerateRequest, prompts: list[list[int]
     out = []
     for ids, values in zip(prompts, dicts):
         try:
-            params = check_params(SamplingParams.from_dict(values), "sampling_params.")
+            params = SamplingParams.from_dict(values)
         except ConfigError as exc:
             raise config_error(exc, openai_names=False) from None
         except TypeError as exc:
             raise APIError(f"invalid sampling_params: {exc}", param="sampling_params") from None
         if "max_new_tokens" in values:  # the default (16) is cut at the context length instead
-            max_tokens_for(params.max_new_tokens, len(ids), bridge.max_len, None, "sampling_params.max_new_tokens")
+            max_new_tokens_for(params.max_new_tokens, len(ids), bridge.context_length, None,
+                               "sampling_params.max_new_tokens")
         out.append(params)
     return out
 
 
 def _result(bridge: EngineBridge, t: Tracked, return_logprob: bool, rid: str) -> dict:
-    req = t.req
-    meta = {"id": rid, "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
-            "finish_reason": req.finish_reason,
-            "e2e_latency": time.monotonic() - t.arrival}
-    if return_logprob:
-        n = min(len(req.output_ids), len(req.output_logprobs))
-        meta["output_token_logprobs"] = [[lp, tok] for lp, tok in zip(req.output_logprobs[:n], req.output_ids[:n])]
-    out = {"text": bridge.text_of(req) if req.finished else bridge.decode(req.output_ids[:]),
-           "output_ids": list(req.output_ids), "meta_info": meta}
-    return out
+    return build_result(t.req, bridge.decode, return_logprob, id=rid, e2e_latency=time.monotonic() - t.arrival)
 
 
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request):
     bridge: EngineBridge = request.app.state.bridge
     bridge.check_healthy()
-    prompts, batch = _prompts(bridge, body)
+    prompts, batch = bridge.engine.prompts.from_either(body.text, body.input_ids, "text", "input_ids")
     if not prompts:
         raise APIError("no prompt given", param="text" if body.text is not None else "input_ids")
-    param = "text" if body.text is not None else "input_ids"
-    for ids in prompts:
-        bridge.validate(ids, param)
     params = _params(bridge, body, prompts)
     if body.stream and batch:
         raise APIError("stream=true takes one prompt", param="stream")
@@ -120,23 +95,20 @@ async def generate(body: GenerateRequest, request: Request):
 @router.get("/health")
 async def health(request: Request):
     bridge: EngineBridge = request.app.state.bridge
-    if bridge.healthy:
+    ok, reason = bridge.health()
+    if ok:
         return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "error", "error": bridge.health_error()}, status_code=503)
+    return JSONResponse({"status": "error", "error": reason}, status_code=503)
 
 
 @router.get("/metrics")
 async def metrics(request: Request):
     state = request.app.state
     bridge: EngineBridge = state.bridge
-    return Response(state.metrics.render(bridge.engine, bridge.healthy), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.render(bridge.engine, bridge.health()[0]), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/get_model_info")
 async def model_info(request: Request):
     state = request.app.state
-    engine = state.bridge.engine
-    return {"model_path": state.model_path, "served_model_name": state.served_model_name,
-            "architecture": engine.model_config.architecture, "tp_size": engine.args.tp_size,
-            "pp_size": engine.args.pp_size, "context_length": state.bridge.max_len,
-            "is_generation": True}
+    return {**state.bridge.engine.model_info(), "served_model_name": state.served_model_name, "is_generation": True}

@@ -17,7 +17,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tandem.server.bridge import EngineBridge, TextStream, Tracked, wait_finished
 from tandem.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from tandem.server.sampling import check_unsupported, finish_reason, max_tokens_for, sampling_params
+from tandem.server.sampling import (
+    DEFAULT_MAX_NEW_TOKENS,
+    check_unsupported,
+    finish_reason,
+    max_new_tokens_for,
+    sampling_params,
+)
 
 router = APIRouter()
 
@@ -128,18 +134,6 @@ def _streaming_response(body) -> StreamingResponse:
 
 # ---- /v1/completions ------------------------------------------------------------------------------
 
-def completion_prompts(bridge: EngineBridge, prompt) -> list[list[int]]:
-    tokenizer = bridge.engine.tokenizer
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-        texts = [prompt] if isinstance(prompt, str) else prompt
-        if tokenizer is None:
-            raise APIError("this model has no tokenizer: pass the prompt as token ids", param="prompt")
-        return [tokenizer.encode(t) for t in texts]
-    if not prompt:
-        raise APIError("the prompt is empty: at least one token is needed", param="prompt")
-    return [prompt] if isinstance(prompt[0], int) else [list(p) for p in prompt]
-
-
 def _completion_logprobs(bridge: EngineBridge, req, ids: list[int], lps: list[float], echo_prompt: bool,
                          offset: int) -> dict:
     tokens, values = [], []
@@ -163,11 +157,10 @@ async def completions(body: CompletionRequest, request: Request):
     bridge.check_healthy()
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:
         raise APIError("logprobs must be between 0 and 20", param="logprobs")
-    prompts = completion_prompts(bridge, body.prompt)
-    params = []
-    for ids in prompts:
-        bridge.validate(ids, "prompt")
-        params.append(sampling_params(body, max_tokens_for(body.max_tokens, len(ids), bridge.max_len, 16)))
+    prompts = bridge.engine.prompts.from_prompt(body.prompt, "prompt")
+    params = [sampling_params(body, max_new_tokens_for(body.max_tokens, len(ids), bridge.context_length,
+                                                       DEFAULT_MAX_NEW_TOKENS))
+              for ids in prompts]
     want_logprobs = body.logprobs is not None
     queue: asyncio.Queue = asyncio.Queue()
     trackeds = submit_all(bridge, prompts, params, queue, "completions", input_logprobs=want_logprobs and body.echo)
@@ -213,30 +206,11 @@ async def completions(body: CompletionRequest, request: Request):
 
 # ---- /v1/chat/completions -------------------------------------------------------------------------
 
-def chat_prompt_ids(bridge: EngineBridge, body: ChatCompletionRequest) -> list[int]:
-    tokenizer = bridge.engine.tokenizer
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise APIError("this model has no chat template: use /v1/completions", param="messages")
+def check_chat_options(body: ChatCompletionRequest) -> None:
     if body.tools:
         raise APIError("tools are not supported", param="tools")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise APIError("only response_format type 'text' is supported", param="response_format")
-    messages = []
-    for m in body.messages:
-        content = m.content
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError("only text content parts are supported", param="messages")
-                parts.append(part["text"])
-            content = "".join(parts)
-        messages.append({"role": m.role, "content": content or ""})
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # the template rejected the conversation (e.g. roles out of order)
-        raise APIError(f"the chat template rejected the messages: {exc}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _chat_logprobs(bridge: EngineBridge, ids: list[int], lps: list[float]) -> dict:
@@ -255,11 +229,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     bridge.check_healthy()
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise APIError("top_logprobs must be between 0 and 20", param="top_logprobs")
-    ids = chat_prompt_ids(bridge, body)
-    bridge.validate(ids, "messages")
+    check_chat_options(body)
+    ids = bridge.engine.prompts.from_chat([{"role": m.role, "content": m.content} for m in body.messages])
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    params = sampling_params(body, max_tokens_for(requested, len(ids), bridge.max_len, None, param))
+    # no limit asked: the rest of the context (as vLLM and SGLang do for chat)
+    params = sampling_params(body, max_new_tokens_for(requested, len(ids), bridge.context_length, None, param))
     queue: asyncio.Queue = asyncio.Queue()
     trackeds = submit_all(bridge, [ids], [params], queue, "chat")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -305,4 +280,4 @@ async def models(request: Request):
     state = request.app.state
     return {"object": "list", "data": [{"id": state.served_model_name, "object": "model", "created": state.created,
                                         "owned_by": "tandem", "root": state.model_path,
-                                        "max_model_len": state.bridge.max_len}]}
+                                        "max_model_len": state.bridge.context_length}]}

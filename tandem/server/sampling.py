@@ -1,11 +1,19 @@
 """OpenAI request fields -> the engine's `SamplingParams`, with the checks that give 400s instead of
-surprises: n=1 only, no unsupported penalties, and max_tokens within the context left by the prompt."""
+surprises: n=1 only, no unsupported penalties, and max_tokens within the context left by the prompt.
+
+The output-length limit is `max_new_tokens` in the engine (`SamplingParams`, /generate) and `max_tokens`
+(chat also `max_completion_tokens`) in the OpenAI API. Defaults, as vLLM has them: 16 for the engine,
+/generate and /v1/completions (OpenAI's completions default); the rest of the context for
+/v1/chat/completions. A default never asks for more than the context left by the prompt; an explicit
+limit that does is a 400 in the server (the engine stops such a request at the context length)."""
 
 from __future__ import annotations
 
 from tandem.errors import ConfigError
 from tandem.runtime.sampler import SamplingParams
 from tandem.server.protocol import APIError
+
+DEFAULT_MAX_NEW_TOKENS = SamplingParams().max_new_tokens  # 16: /generate, /v1/completions and the engine
 
 # SamplingParams field -> the OpenAI request field a ConfigError about it should name
 _PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
@@ -36,27 +44,20 @@ def check_unsupported(body) -> None:
         raise APIError("suffix is not supported", param="suffix")
 
 
-def max_tokens_for(requested: int | None, prompt_len: int, max_len: int, default: int | None,
-                   param: str = "max_tokens") -> int:
+def max_new_tokens_for(requested: int | None, prompt_len: int, context_length: int, default: int | None,
+                       param: str = "max_tokens") -> int:
     """Tokens to generate: `requested`, or `default` capped to the context left (None: all of it)."""
-    room = max_len - prompt_len
+    room = context_length - prompt_len
     if requested is None:
         return room if default is None else min(default, room)
     if requested < 0:
         raise APIError(f"{param} must be a non-negative integer, got {requested}", param=param)
     if requested > room:
-        raise APIError(f"This model's maximum context length is {max_len} tokens. However, you requested "
+        raise APIError(f"This model's maximum context length is {context_length} tokens. However, you requested "
                        f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
                        f"completion). Please reduce the prompt or {param}.", param=param,
                        code="context_length_exceeded")
     return requested
-
-
-def check_params(params: SamplingParams, param_prefix: str = "") -> SamplingParams:
-    """Checks beyond `SamplingParams.validate` that keep bad input from reaching (and failing) a rank."""
-    if params.seed is not None and not -2**63 <= params.seed < 2**64:
-        raise APIError(f"seed must fit in 64 bits, got {params.seed}", param=param_prefix + "seed")
-    return params
 
 
 def sampling_params(body, max_new_tokens: int) -> SamplingParams:
@@ -66,10 +67,9 @@ def sampling_params(body, max_new_tokens: int) -> SamplingParams:
         if value is not None:
             values[name] = value
     try:
-        params = SamplingParams.from_dict(values)
+        return SamplingParams.from_dict(values)
     except ConfigError as exc:
         raise config_error(exc) from None
-    return check_params(params)
 
 
 def finish_reason(req) -> str | None:
