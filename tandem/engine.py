@@ -4,7 +4,7 @@ one rank, one process per rank otherwise), tokenizes, schedules and runs request
 Besides `generate`, its public surface is what the server uses, so that nothing outside reaches into its
 parts: `model_path`, `context_length`, `tokenizer`, `prompts` (a `PromptBuilder`), `error`,
 `add_request`, `abort_request`, `start_background_loop`, `loop_running`, `health()`, `stage_report()`,
-`queue_stats()`, `model_info()`, `text_of`, `decode` and `shutdown`."""
+`queue_stats()`, `model_info()`, `text_of`, `decode`, `token_texts` and `shutdown`."""
 
 from __future__ import annotations
 
@@ -72,9 +72,12 @@ class Engine:
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt=None, input_ids=None, sampling_params=None, return_logprob: bool = False,
-                 logprob_start_len: int = -1) -> list[dict]:
-        """Generate for one or many prompts (text or token ids). Returns one dict per prompt (see
-        `tandem.prompts.build_result`); `sampling_params` is one dict for all prompts or one per prompt."""
+                 logprob_start_len: int = -1, top_logprobs_num: int = 0) -> list[dict]:
+        """Generate for one or many prompts (text or token ids). Returns one dict per prompt, or with
+        sampling_params n > 1 one per completion, prompt by prompt (see `tandem.prompts.build_result`);
+        `sampling_params` is one dict for all prompts or one per prompt. With `return_logprob`, logprobs of
+        the output tokens, of the prompt tokens from `logprob_start_len` on (when >= 0; a request with
+        max_new_tokens 0 then only scores its prompt), and the `top_logprobs_num` most likely tokens at each."""
         prompts, _ = self.prompts.from_either(prompt, input_ids, "prompt", "input_ids")
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompts):
@@ -82,8 +85,13 @@ class Engine:
             params = [SamplingParams.from_dict(p) for p in sampling_params]
         else:
             params = [SamplingParams.from_dict(sampling_params)] * len(prompts)
-        reqs = [Request(ids, p, input_logprobs_wanted=return_logprob and logprob_start_len >= 0)
-                for ids, p in zip(prompts, params)]
+        if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
+            raise ConfigError(f"top_logprobs_num must be a non-negative integer, got {top_logprobs_num!r}")
+        for p in params:
+            p.validate_vocab(self.model_config.vocab_size)
+        reqs = [Request(ids, p.for_choice(j), input_logprobs_wanted=return_logprob and logprob_start_len >= 0,
+                        top_logprobs_num=top_logprobs_num if return_logprob else 0)
+                for ids, p in zip(prompts, params) for j in range(p.n)]
         if self._loop_thread is not None:
             done = [threading.Event() for _ in reqs]
             for req, event in zip(reqs, done):
@@ -216,6 +224,12 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         """The text of token ids ("" for a model without a tokenizer)."""
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text, special tokens included (logprob listings); "token_id:N" without a tokenizer."""
+        if self.tokenizer is None:
+            return [f"token_id:{t}" for t in ids]
+        return self.tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False)
 
     def text_of(self, req: Request) -> str:
         """A request's output text, cut before a matched stop string."""

@@ -112,15 +112,27 @@ def build_result(req: Request, decode: Callable[[list[int]], str] | None = None,
     "text" only with `decode` (the model has a tokenizer). meta_info holds prompt_tokens, completion_tokens,
     finish_reason, the `meta` given (the server adds its id and latency) and, with `return_logprob`,
     output_token_logprobs as (logprob, token id) pairs; with `logprob_start_len` >= 0 also
-    input_token_logprobs of the prompt tokens from that position on (position 0 has none)."""
+    input_token_logprobs of the prompt tokens from that position on (position 0 has none). When the request
+    asked for top_logprobs_num N > 0, output_top_logprobs (and with input logprobs input_top_logprobs) hold,
+    per token of those lists, the N most likely (logprob, token id) pairs at its position (SGLang's names;
+    SGLang's entries add a third element, the token's text, None unless asked for)."""
     reason = req.finish_reason  # read before the ids: once finished, the ids are complete
     ids = req.output_ids[:]  # a running request's lists grow on the engine's thread
     info = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(ids), "finish_reason": reason, **meta}
     if return_logprob:
         info["output_token_logprobs"] = list(zip(req.output_logprobs[:len(ids)], ids))
+        if req.top_logprobs_num:
+            info["output_top_logprobs"] = [swap_pairs(top) for top in req.output_top_logprobs[:len(ids)]]
         if logprob_start_len >= 0:
             start = max(logprob_start_len, 1)
             info["input_token_logprobs"] = list(zip(req.input_logprobs[start - 1:], req.prompt_ids[start:]))
+            if req.top_logprobs_num:
+                info["input_top_logprobs"] = [swap_pairs(top) for top in req.input_top_logprobs[start - 1:]]
     result = {"text": output_text(reason, ids, decode)} if decode is not None else {}
     result.update(output_ids=ids, meta_info=info)
     return result
+
+
+def swap_pairs(top) -> list[tuple[float, int]]:
+    """The engine's (token id, logprob) pairs as SGLang's (logprob, token id)."""
+    return [(logprob, token) for token, logprob in top]

@@ -306,7 +306,7 @@ BAD = [
     ("/v1/completions", {"prompt": "Hello", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": "Hello", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "Hello", "top_p": 2}, "top_p"),
-    ("/v1/completions", {"prompt": "Hello", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "Hello", "n": 0}, "n"),
     ("/v1/completions", {"prompt": "Hello", "seed": 1.5}, "seed"),
     ("/v1/completions", {"prompt": "Hello", "stop": ["ok", ""]}, "stop"),
     ("/v1/completions", {"prompt": [10**6]}, "prompt"),
@@ -347,7 +347,7 @@ def test_bad_input_via_openai_client_and_still_serving(server, client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model, prompt="Hello", max_tokens=-5)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=model, messages=CHAT, n=3)
+        client.chat.completions.create(model=model, messages=CHAT, n=0)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="Hello", max_tokens=2)
     assert httpx.get(server.url + "/health").status_code == 200

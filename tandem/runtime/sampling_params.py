@@ -5,13 +5,16 @@ Construction validates (so an invalid `SamplingParams` cannot reach a rank) and 
 - numbers become floats, `logit_bias` keys become ints (JSON sends them as strings);
 - the seed becomes `normalize_seed(seed)`, a value in [0, 2**63) that fits any 64-bit wire format.
 
+`n` > 1 asks for several completions of one prompt: each is its own request with `for_choice(j)`'s params
+(choice j of a seeded request draws with seed + j, so the choices differ and each is reproducible).
+
 Every `ConfigError` message starts with the name of the field it is about."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from tandem.errors import ConfigError
 
@@ -19,6 +22,7 @@ GREEDY_TEMPERATURE = 1e-5
 SEED_RANGE = 2 ** 63
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty: [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_N = 128  # OpenAI's limit on completions per prompt
 
 
 def normalize_seed(seed: int) -> int:
@@ -72,6 +76,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times the number of times a token was generated
     repetition_penalty: float = 1.0  # SGLang/HF: divides positive / multiplies negative logits of seen tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    n: int = 1  # completions per prompt (expanded into n requests before scheduling; see for_choice)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +127,7 @@ class SamplingParams:
         self.repetition_penalty = _finite_float("repetition_penalty", self.repetition_penalty)
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         self.logit_bias = self._checked_logit_bias()
+        check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
 
     def _checked_logit_bias(self) -> dict[int, float]:
         if not isinstance(self.logit_bias, dict):
@@ -143,6 +149,12 @@ class SamplingParams:
         if outside:
             raise ConfigError(f"logit_bias token id(s) {outside[:10]} are outside the vocabulary "
                               f"(ids 0..{vocab_size - 1})")
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The params of completion `index` of the n asked for: n = 1, and a seeded request's seed + index."""
+        seed = None if self.seed is None else normalize_seed(self.seed + index)
+        return replace(self, n=1, seed=seed, logit_bias=dict(self.logit_bias), stop=list(self.stop),
+                       stop_token_ids=list(self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:

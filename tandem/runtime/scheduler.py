@@ -2,7 +2,8 @@
 
 Every step packs one decode token for each decoding request plus prefill chunks of admitted requests up
 to the token budget (chunked prefill, so long prompts do not stall decoding). Requests finish on
-max_new_tokens, EOS (unless ignore_eos), stop_token_ids, stop strings, the context limit, or abort."""
+max_new_tokens, EOS (unless ignore_eos), stop_token_ids, stop strings, the context limit, or abort. A request
+with max_new_tokens 0 that wants its prompt logprobs is prefilled and scored, then finishes without a token."""
 
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ class Request:
     params: SamplingParams
     rid: object = field(default_factory=lambda: next(_ids))
     input_logprobs_wanted: bool = False
+    top_logprobs_num: int = 0  # top-N (token id, logprob) pairs wanted per output (and scored prompt) token
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
-    input_logprobs: list[float] = field(default_factory=list)
+    input_logprobs: list[float] = field(default_factory=list)  # [k]: logprob of prompt token k + 1
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with top_logprobs_num
+    input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # aligned with input_logprobs
     slot: int | None = None
     num_cached: int = 0  # tokens of prompt + output already in the cache
     finish_reason: dict | None = None
@@ -64,7 +68,7 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         check_prompt_length(len(req.prompt_ids), self.max_len)
-        if req.params.max_new_tokens == 0:
+        if req.params.max_new_tokens == 0 and not req.input_logprobs_wanted:
             req.finish_reason = {"type": "length", "length": 0}
             return
         self.waiting.append(req)
@@ -107,7 +111,7 @@ class Scheduler:
                 resets.append(req.slot)
             spans.append(Span(req.slot, req.num_cached, n))
             ids.extend(req.all_ids[req.num_cached:req.num_cached + n])
-            sample.append(req.num_cached + n == len(req.all_ids))
+            sample.append(req.num_cached + n == len(req.all_ids) and req.params.max_new_tokens > 0)
             reqs.append(req)
         if not reqs:
             return None
@@ -117,7 +121,9 @@ class Scheduler:
                     else None for r, s in zip(reqs, spans)]
         step = StepInput(spans, ids, sample, [r.params for r in reqs], [r.rid for r in reqs], resets, released,
                          input_logprobs=wants if any(wants) else None, next_ids=next_ids if any(wants) else None,
-                         prompt_lens=[len(r.prompt_ids) for r in reqs])
+                         prompt_lens=[len(r.prompt_ids) for r in reqs],
+                         top_logprobs_num=[r.top_logprobs_num for r in reqs] if any(r.top_logprobs_num for r in reqs)
+                         else None)
         return step, reqs
 
     def process(self, step: StepInput, reqs: list[Request], out: StepOutput) -> list[Request]:
@@ -130,8 +136,14 @@ class Scheduler:
             req.num_cached += step.spans[i].num_tokens
             if out.input_logprobs and out.input_logprobs[i] is not None:
                 req.input_logprobs.extend(out.input_logprobs[i])
+                if out.input_top_logprobs and out.input_top_logprobs[i] is not None:
+                    req.input_top_logprobs.extend(out.input_top_logprobs[i])
             if out.errors and out.errors[i]:
                 self._finish(req, {"type": "abort", "message": out.errors[i]})
+                updated.append(req)
+                continue
+            if req.params.max_new_tokens == 0 and req.num_cached >= len(req.prompt_ids):  # scored, nothing to add
+                self._finish(req, {"type": "length", "length": 0})
                 updated.append(req)
                 continue
             if out.tokens[i] is None:
@@ -139,6 +151,8 @@ class Scheduler:
             token = out.tokens[i]
             req.output_ids.append(token)
             req.output_logprobs.append(out.logprobs[i])
+            if req.top_logprobs_num:
+                req.output_top_logprobs.append(list(out.top_logprobs[i] or []) if out.top_logprobs else [])
             reason = self._finish_reason(req, token)
             if reason:
                 self._finish(req, reason)

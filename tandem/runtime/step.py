@@ -23,7 +23,7 @@ class StepInput(msgspec.Struct):
     input_logprobs: list[bool] | None = None  # per span: also return logprobs of its prompt tokens
     next_ids: list[int | None] | None = None  # per span: the prompt token after the span, if any
     prompt_lens: list[int] | None = None  # per span: its request's prompt length (positions past it are output)
-    top_logprobs_num: list[int] | None = None  # per span: top-N logprobs wanted with its sampled token
+    top_logprobs_num: list[int] | None = None  # per span: top-N logprobs wanted with its sampled / prompt tokens
 
 
 class StepOutput(msgspec.Struct):
@@ -32,3 +32,5 @@ class StepOutput(msgspec.Struct):
     input_logprobs: list[list[float] | None] | None = None
     top_logprobs: list[list[tuple[int, float]] | None] | None = None  # per span: [(token id, logprob)]
     errors: list[str | None] | None = None  # per span: why it got no token (numeric failure), else None
+    # per span with input_logprobs and top_logprobs_num > 0: per prompt position [(token id, logprob)]
+    input_top_logprobs: list[list[list[tuple[int, float]]] | None] | None = None

@@ -84,9 +84,10 @@ class EngineBridge:
                            code="engine_unavailable")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0,
-               input_logprobs: bool = False, endpoint: str = "generate") -> Tracked:
+               input_logprobs: bool = False, endpoint: str = "generate", top_logprobs_num: int = 0) -> Tracked:
         self.check_healthy()
-        req = Request(list(prompt_ids), params, input_logprobs_wanted=input_logprobs)
+        req = Request(list(prompt_ids), params, input_logprobs_wanted=input_logprobs,
+                      top_logprobs_num=top_logprobs_num)
         tracked = Tracked(req, index, queue, asyncio.get_running_loop(), self.metrics, endpoint)
         req.on_update = tracked.on_update
         try:
@@ -110,6 +111,9 @@ class EngineBridge:
 
     def decode(self, ids: list[int]) -> str:
         return self.engine.decode(ids)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return self.engine.token_texts(ids)
 
     def failure(self, req: Request) -> APIError | None:
         """The error to report for a request the engine aborted because a rank failed."""

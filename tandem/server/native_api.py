@@ -1,9 +1,10 @@
 """Native endpoints (SGLang's shapes): /generate, /health, /metrics and /get_model_info.
 
 /generate takes `text` or `input_ids` (one prompt or a list) and raw engine `sampling_params` (one dict,
-or one per prompt) and answers {"text", "output_ids", "meta_info"} per prompt, as `Engine.generate`
-does (both through `tandem.prompts`); with "stream": true (one prompt) it sends cumulative results as
-server-sent events."""
+or one per prompt; `n` > 1 answers n results per prompt, prompt by prompt) and answers {"text", "output_ids",
+"meta_info"} per result, as `Engine.generate` does (both through `tandem.prompts`), with SGLang's
+`return_logprob`, `logprob_start_len` and `top_logprobs_num`; with "stream": true (one prompt, n = 1) it
+sends cumulative results as server-sent events."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tandem.errors import ConfigError
 from tandem.prompts import build_result
 from tandem.runtime.sampler import SamplingParams
 from tandem.server.bridge import EngineBridge, Tracked
-from tandem.server.openai_api import client_gone, sse, submit_all, wait_all
+from tandem.server.openai_api import client_gone, expand_choices, sse, submit_all, wait_all
 from tandem.server.protocol import APIError, GenerateRequest
 from tandem.server.sampling import config_error, max_new_tokens_for
 
@@ -44,12 +45,17 @@ def _params(bridge: EngineBridge, body: GenerateRequest, prompts: list[list[int]
         if "max_new_tokens" in values:  # the default (16) is cut at the context length instead
             max_new_tokens_for(params.max_new_tokens, len(ids), bridge.context_length, None,
                                "sampling_params.max_new_tokens")
+        try:
+            params.validate_vocab(bridge.engine.prompts.vocab_size)
+        except ConfigError as exc:
+            raise config_error(exc, openai_names=False) from None
         out.append(params)
     return out
 
 
-def _result(bridge: EngineBridge, t: Tracked, return_logprob: bool, rid: str) -> dict:
-    return build_result(t.req, bridge.decode, return_logprob, id=rid, e2e_latency=time.monotonic() - t.arrival)
+def _result(bridge: EngineBridge, t: Tracked, body: GenerateRequest, rid: str) -> dict:
+    return build_result(t.req, bridge.decode, body.return_logprob, body.logprob_start_len, id=rid,
+                        e2e_latency=time.monotonic() - t.arrival)
 
 
 @router.post("/generate")
@@ -60,10 +66,20 @@ async def generate(body: GenerateRequest, request: Request):
     if not prompts:
         raise APIError("no prompt given", param="text" if body.text is not None else "input_ids")
     params = _params(bridge, body, prompts)
-    if body.stream and batch:
-        raise APIError("stream=true takes one prompt", param="stream")
+    if body.stream and (batch or params[0].n > 1):
+        raise APIError("stream=true takes one prompt and n = 1", param="stream")
+    if body.top_logprobs_num < 0:
+        raise APIError(f"top_logprobs_num must be >= 0, got {body.top_logprobs_num}", param="top_logprobs_num")
+    batch = batch or any(p.n > 1 for p in params)
+    flat_prompts, flat_params = [], []
+    for ids, p in zip(prompts, params):
+        more_prompts, more_params = expand_choices([ids], [p], p.n)
+        flat_prompts += more_prompts
+        flat_params += more_params
     queue: asyncio.Queue = asyncio.Queue()
-    trackeds = submit_all(bridge, prompts, params, queue, "generate")
+    trackeds = submit_all(bridge, flat_prompts, flat_params, queue, "generate",
+                          input_logprobs=body.return_logprob and body.logprob_start_len >= 0,
+                          top_logprobs_num=body.top_logprobs_num if body.return_logprob else 0)
     base = body.rid or f"gen-{trackeds[0].req.rid}"
     rids = [base] if not batch else [f"{base}-{i}" for i in range(len(trackeds))]
 
@@ -77,7 +93,7 @@ async def generate(body: GenerateRequest, request: Request):
                     if error is not None:
                         yield sse(error.body())
                         break
-                    yield sse(_result(bridge, t, body.return_logprob, rids[0]))
+                    yield sse(_result(bridge, t, body, rids[0]))
                     if t.req.finished:
                         break
                 yield "data: [DONE]\n\n"
@@ -88,7 +104,7 @@ async def generate(body: GenerateRequest, request: Request):
 
     if not await wait_all(bridge, trackeds, queue, request):
         return client_gone()
-    results = [_result(bridge, t, body.return_logprob, rid) for t, rid in zip(trackeds, rids)]
+    results = [_result(bridge, t, body, rid) for t, rid in zip(trackeds, rids)]
     return JSONResponse(results if batch else results[0])
 
 

@@ -50,6 +50,7 @@ class _SamplingFields(_Strict):
     # extensions (SGLang / vLLM names)
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
@@ -87,5 +88,7 @@ class GenerateRequest(_Strict):
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     stream: bool = False
     return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
     rid: str | None = None
 

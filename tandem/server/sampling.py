@@ -1,5 +1,6 @@
 """OpenAI request fields -> the engine's `SamplingParams`, with the checks that give 400s instead of
-surprises: n=1 only, no unsupported penalties, and max_tokens within the context left by the prompt.
+surprises: n and best_of in range, logit_bias ids in the vocabulary, the fields still unsupported (suffix,
+best_of with stream), and max_tokens within the context left by the prompt.
 
 The output-length limit is `max_new_tokens` in the engine (`SamplingParams`, /generate) and `max_tokens`
 (chat also `max_completion_tokens`) in the OpenAI API. Defaults, as vLLM has them: 16 for the engine,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from tandem.errors import ConfigError
 from tandem.runtime.sampler import SamplingParams
+from tandem.runtime.sampling_params import MAX_N
 from tandem.server.protocol import APIError
 
 DEFAULT_MAX_NEW_TOKENS = SamplingParams().max_new_tokens  # 16: /generate, /v1/completions and the engine
@@ -18,7 +20,11 @@ DEFAULT_MAX_NEW_TOKENS = SamplingParams().max_new_tokens  # 16: /generate, /v1/c
 # SamplingParams field -> the OpenAI request field a ConfigError about it should name
 _PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                 "min_p": "min_p", "seed": "seed", "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
-                "stop": "stop"}
+                "stop": "stop", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "n": "n"}
+# request fields passed to SamplingParams as they are
+_PASSED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "logit_bias", "n")
 
 
 def config_error(exc: ConfigError, openai_names: bool = True) -> APIError:
@@ -31,17 +37,19 @@ def config_error(exc: ConfigError, openai_names: bool = True) -> APIError:
 
 
 def check_unsupported(body) -> None:
-    if body.n != 1:
-        raise APIError(f"n={body.n} is not supported: only n=1", param="n")
-    if getattr(body, "best_of", None) not in (None, 1):
-        raise APIError("best_of is not supported (only 1)", param="best_of")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0, 0.0):
-            raise APIError(f"{name} is not supported (only 0)", param=name)
-    if body.logit_bias:
-        raise APIError("logit_bias is not supported", param="logit_bias")
+    """400s for what the server does not do: suffix (insertion), and best_of > n while streaming (the best
+    completions are known only at the end; OpenAI and vLLM refuse it too)."""
     if getattr(body, "suffix", None):
         raise APIError("suffix is not supported", param="suffix")
+    best_of = getattr(body, "best_of", None)
+    if best_of is not None:
+        if not isinstance(best_of, int) or best_of < body.n:
+            raise APIError(f"best_of must be >= n ({body.n}), got {best_of}", param="best_of")
+        if best_of > MAX_N:
+            raise APIError(f"best_of must be at most {MAX_N}, got {best_of}", param="best_of")
+        if body.stream and best_of > body.n:
+            raise APIError("best_of > n cannot be streamed: the best completions are known only at the end",
+                           param="best_of")
 
 
 def max_new_tokens_for(requested: int | None, prompt_len: int, context_length: int, default: int | None,
@@ -60,16 +68,19 @@ def max_new_tokens_for(requested: int | None, prompt_len: int, context_length: i
     return requested
 
 
-def sampling_params(body, max_new_tokens: int) -> SamplingParams:
+def sampling_params(body, max_new_tokens: int, vocab_size: int) -> SamplingParams:
+    """The request's SamplingParams (n included: the endpoint makes one engine request per completion)."""
     values = {"max_new_tokens": max_new_tokens, "ignore_eos": body.ignore_eos}
-    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids"):
+    for name in _PASSED:
         value = getattr(body, name)
         if value is not None:
             values[name] = value
     try:
-        return SamplingParams.from_dict(values)
+        params = SamplingParams.from_dict(values)
+        params.validate_vocab(vocab_size)
     except ConfigError as exc:
         raise config_error(exc) from None
+    return params
 
 
 def finish_reason(req) -> str | None:
