@@ -197,9 +197,9 @@ def capacity_partition(costs: ModelCosts, pp_size: int, settings: PoolSettings) 
         value, counts = _capacity_dp(sums, requests, positions, L, pp_size, settings, agreed, exact=not given)
         if counts is not None and (best_value is None or value > best_value):
             best_value, best_counts = value, counts
-    if best_counts is None:
-        raise PartitionError(f"no split into {pp_size} stages holds the linear-attention state of one request in "
-                             f"{settings.memory_bytes} bytes per device")
+    if best_counts is None:  # nothing fits (the plan says so): the split that misses by the least
+        relaxed = {key: max(r, 1) for key, r in requests.items()}
+        _, best_counts = _capacity_dp(sums, relaxed, positions, L, pp_size, settings, 1, exact=False)
     return best_counts
 
 
@@ -372,7 +372,7 @@ def plan_stages(costs: ModelCosts, partition: Sequence[int], settings: PoolSetti
             for rank, (start, end) in enumerate(bounds)]
     requests = max(0, min(stage_requests(s, settings) for s in sums))
     capacities = [stage_capacity(s, settings, requests) for s in sums]
-    agreed = max(0, agreed_min(capacities) or 0)
+    agreed = max(0, agreed_min(capacities) or 0) if requests else 0  # no request's state fits: nothing does
     running = final_requests(settings.max_running_requests, requests, agreed, settings.page_size) if agreed else 0
     stages = []
     for rank, ((start, end), s, own) in enumerate(zip(bounds, sums, capacities)):

@@ -8,9 +8,13 @@ tokens: admission is optimistic, and when a decode step finds no page, the most 
 are retracted (pages and state slot freed, back to the front of the queue) and later resume by prefilling
 their prompt plus the tokens generated so far. The oldest running request always makes progress.
 
-A request whose prefix another running request is about to cache (it shares at least
-`IN_BATCH_MIN_SHARED_TOKENS` more tokens with it than the cache holds) waits for it instead of computing the
+A request whose prefix another running request is about to cache (they share at least
+`IN_BATCH_MIN_SHARED_TOKENS` tokens, more than the cache holds of it) waits for it instead of computing the
 same prefix again; for hybrid models that request is also told to snapshot its state where they part.
+
+Hybrid models resume only where a state snapshot was taken; a request snapshots its state at the end of
+its prompt (page-aligned) and where its tokens leave the KV other requests cached, so that the next
+request with the same prompt, or sharing as much, resumes there.
 
 Every step packs one decode token for each decoding request plus prefill chunks up to the token budget
 (chunked prefill, so long prompts do not stall decoding). Requests finish on max_new_tokens, EOS (unless
@@ -182,8 +186,9 @@ class Scheduler:
         req.snapshot_points = set()
         if self.cache.hybrid and self.cache.radix is not None:
             end = (len(ids) - 1) // self.page_size * self.page_size  # where a same-prompt request can resume
-            if end > matched:
-                req.snapshot_points.add(end)
+            # where its tokens leave the cached KV of earlier requests: later requests sharing that much resume there
+            branch = self.cache.radix.cached_len(ids[:-1]) if match is not None else 0
+            req.snapshot_points.update(p for p in (end, branch) if p > matched)
         return True
 
     def _evictable_in(self, match) -> int:
@@ -204,7 +209,7 @@ class Scheduler:
             if other.num_planned >= other.prefill_end:
                 continue  # its prefill is planned: what it caches is in the tree already
             shared = shared_pages(ids, other.all_ids[:other.prefill_end], ps) * ps
-            if shared - matched < max(ps, IN_BATCH_MIN_SHARED_TOKENS):
+            if shared < IN_BATCH_MIN_SHARED_TOKENS or shared <= matched:
                 continue
             if not self.cache.hybrid:
                 if other.tree_pages * ps < shared:

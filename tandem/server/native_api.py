@@ -64,7 +64,7 @@ def _params(bridge: EngineBridge, body: GenerateRequest, prompts: list[list[int]
 def _result(bridge: EngineBridge, t: Tracked, return_logprob: bool, rid: str) -> dict:
     req = t.req
     meta = {"id": rid, "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
-            "finish_reason": req.finish_reason,
+            "cached_tokens": req.cached_tokens, "finish_reason": req.finish_reason,
             "e2e_latency": time.monotonic() - t.arrival}
     if return_logprob:
         n = min(len(req.output_ids), len(req.output_logprobs))
