@@ -348,6 +348,7 @@ def check_against_plan(path, pp: int, tp: int, spec, dtype: str):
         assert report["stage_max_total_tokens"] == stage.stage_max_total_tokens
         assert report["page_size"] == settings.page_size
     assert len(reports) == pp * tp
+    return reports
 
 
 @pytest.mark.parametrize("kind", ["qwen3_5_moe", "qwen3_5", "qwen3_moe", "llama_tied"])
@@ -357,8 +358,17 @@ def test_plan_equals_stage_report_single_process(small, kind):
 
 
 @pytest.mark.parametrize("spec", ["2,4", "auto"])
-def test_plan_equals_stage_report_pp2(small, spec):
-    check_against_plan(small["qwen3_5_moe"], 2, 1, spec, "float32")
+def test_plan_equals_stage_report_pp2(small, spec, capsys):
+    reports = check_against_plan(small["qwen3_5_moe"], 2, 1, spec, "float32")
+    # `tandem plan` prints the same capacity and pools
+    assert cli_main(["plan", str(small["qwen3_5_moe"]), "--pp-size", "2", "--dtype", "float32",
+                     "--max-total-tokens", str(ENGINE_KW["max_total_tokens"]), "--max-running-requests",
+                     str(ENGINE_KW["max_running_requests"]), "--pp-layer-partition", spec, "--json"]) == 0
+    planned = next(p for p in json.loads(capsys.readouterr().out)["plans"] if p["name"] == spec)
+    for report, stage in zip(reports, planned["stages"]):
+        for key in ("layer_start", "layer_end", "weight_bytes", "max_total_tokens", "stage_max_total_tokens",
+                    "kv_cache_bytes", "state_slots", "state_cache_bytes", "max_running_requests"):
+            assert report[key] == stage[key], key
 
 
 def test_plan_equals_stage_report_tied_pp2(small):
