@@ -1,7 +1,12 @@
 """Throughput and latency measurement: offline on an `Engine` and online against a running server.
 
 Offline: N random-token prompts of I tokens, O new tokens each (ignore_eos), all submitted at once.
-Reported: output tokens/s, time to first token and inter-token latency (p50/p99), peak memory per rank."""
+Reported: output tokens/s, time to first token and inter-token latency (p50/p99), peak memory per rank.
+
+Shared prefix (`bench_shared_prefix`): N prompts made of one random P-token prefix (a system prompt) and I
+distinct random tokens each, all submitted at once, one new token each. Reported: prompt tokens prefilled per
+second (all prompt tokens over the time until the last first token) and time to first token (mean, p50,
+p99), with the prompt tokens the radix cache served."""
 
 from __future__ import annotations
 
@@ -73,6 +78,66 @@ def bench_engine(engine, prompts: list[list[int]], output_len: int, label: str =
     end = time.perf_counter()
     peaks = [r.get("peak_memory_bytes", 0) for r in engine.stage_report()]
     return summarize(label, prompts, output_len, start, end, token_times, peaks)
+
+
+@dataclass
+class PrefillResult:
+    label: str
+    num_prompts: int
+    prefix_len: int
+    suffix_len: int
+    seconds: float  # until the last request's first token
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served by the radix cache
+    prefill_tokens_per_s: float
+    ttft_mean_ms: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shared_prefix_prompts(num: int, prefix_len: int, suffix_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """One random prefix, then a distinct random suffix per prompt (its first token differs from the others')."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(10, vocab_size) for _ in range(prefix_len)]
+    firsts = rng.sample(range(10, vocab_size), num)
+    return [prefix + [first] + [rng.randrange(10, vocab_size) for _ in range(suffix_len - 1)] for first in firsts]
+
+
+def bench_shared_prefix(engine, prompts: list[list[int]], prefix_len: int, label: str) -> PrefillResult:
+    from tandem.runtime.sampler import SamplingParams
+    from tandem.runtime.scheduler import Request
+
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+    first_token: list[float | None] = [None] * len(prompts)
+
+    def recorder(i):
+        def on_update(req):
+            if req.output_ids and first_token[i] is None:
+                first_token[i] = time.perf_counter()
+        return on_update
+
+    reqs = [Request(list(p), params, on_update=recorder(i)) for i, p in enumerate(prompts)]
+    start = time.perf_counter()
+    engine.run_requests(reqs)
+    ttft = [(t - start) * 1000 for t in first_token]
+    seconds = max(ttft) / 1000
+    prompt_tokens = sum(len(p) for p in prompts)
+    return PrefillResult(label, len(prompts), prefix_len, len(prompts[0]) - prefix_len, seconds, prompt_tokens,
+                         sum(r.cached_tokens for r in reqs), prompt_tokens / seconds, mean(ttft), percentile(ttft, 50),
+                         percentile(ttft, 99))
+
+
+def format_prefill_table(results: list[PrefillResult]) -> str:
+    header = (f"{'config':<24}{'prompt tok/s':>14}{'TTFT mean ms':>14}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}"
+              f"{'cached tok':>12}")
+    rows = [header]
+    for r in results:
+        rows.append(f"{r.label:<24}{r.prefill_tokens_per_s:>14.1f}{r.ttft_mean_ms:>14.1f}{r.ttft_p50_ms:>13.1f}"
+                    f"{r.ttft_p99_ms:>13.1f}{r.cached_tokens:>12}")
+    return "\n".join(rows)
 
 
 def bench_server(base_url: str, prompts: list[str], output_len: int, concurrency: int, model: str = "default") -> BenchResult:

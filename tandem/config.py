@@ -15,6 +15,9 @@ import torch
 from tandem.errors import CheckpointError, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Share of device memory for weights + caches + activations when --mem-fraction-static is not given. CPU
+# leaves more for the driver process, the tokenizer and the OS, which share the machine's RAM with the ranks.
+DEFAULT_MEM_FRACTION = {"cuda": 0.88, "cpu": 0.8}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
 
@@ -182,8 +185,12 @@ class EngineArgs:
     dtype: str = "auto"
     device: str = "cpu"
     pp_layer_partition: str | list[int] | None = None
-    context_length: int | None = None
-    max_running_requests: int = 16
+    context_length: int | None = None  # default: the model's own limit (max_position_embeddings)
+    max_running_requests: int | None = None  # upper bound; default derived from the cache capacity
+    max_total_tokens: int | None = None  # KV tokens per stage; default sized from memory
+    mem_fraction_static: float | None = None  # default 0.88 of CUDA memory, 0.8 of available RAM on CPU
+    page_size: int = 16
+    disable_radix_cache: bool = False
     chunked_prefill_size: int = 512
     num_micro_batches: int | None = None  # steps in flight at once; default pp_size (all stages busy)
     nnodes: int = 1
@@ -193,10 +200,22 @@ class EngineArgs:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        for name in ("tp_size", "pp_size", "nnodes", "max_running_requests", "chunked_prefill_size"):
+        optional = ("max_running_requests", "max_total_tokens", "context_length")
+        for name in ("tp_size", "pp_size", "nnodes", "chunked_prefill_size", "page_size") + optional:
             value = getattr(self, name)
+            if value is None and name in optional:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ConfigError(f"max_total_tokens ({self.max_total_tokens}) must hold at least one page of "
+                              f"page_size={self.page_size} tokens")
+        fraction = self.mem_fraction_static
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 < fraction <= 1):
+            raise ConfigError(f"mem_fraction_static must be a number in (0, 1], got {fraction!r}")
+        if not isinstance(self.disable_radix_cache, bool):
+            raise ConfigError(f"disable_radix_cache must be a boolean, got {self.disable_radix_cache!r}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         if self.device not in ("cpu", "cuda"):
@@ -209,6 +228,15 @@ class EngineArgs:
     @property
     def world_size(self) -> int:
         return self.tp_size * self.pp_size
+
+    def resolved_mem_fraction(self) -> float:
+        if self.mem_fraction_static is not None:
+            return float(self.mem_fraction_static)
+        return DEFAULT_MEM_FRACTION[self.device]
+
+    def resolve_context_length(self, model_config: ModelConfig) -> int:
+        """Tokens per request (prompt + output): --context-length, else the model's own limit."""
+        return self.context_length or model_config.max_position_embeddings
 
     def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
         return model_config.checkpoint_dtype if self.dtype == "auto" else parse_dtype(self.dtype)

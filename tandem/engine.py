@@ -20,6 +20,8 @@ from tandem.errors import ConfigError
 from tandem.loader import checkpoint_weight_map
 from tandem.models.registry import load_model_config
 from tandem.prompts import PromptBuilder, build_result, output_text
+from tandem.runtime.cache_manager import CacheManager
+from tandem.runtime.geometry import is_hybrid
 from tandem.runtime.planner import engine_partition
 from tandem.runtime.sampler import SamplingParams
 from tandem.runtime.scheduler import Request, Scheduler
@@ -66,9 +68,17 @@ class Engine:
         self._loop_thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
-        self.scheduler = Scheduler(self.executor.num_slots, self.executor.max_len, self.args.chunked_prefill_size,
+        capacity = self.executor.capacity
+        cache = CacheManager(capacity.max_total_tokens, capacity.page_size, capacity.max_running_requests,
+                             is_hybrid(self.model_config), radix_cache=not self.args.disable_radix_cache)
+        self.scheduler = Scheduler(cache, capacity.context_length, self.args.chunked_prefill_size,
                                    self.eos_token_ids, self.decode if self.tokenizer is not None else None)
-        self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, self.context_length)
+        self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, capacity.context_length,
+                                     capacity.max_total_tokens)
+        logger.info("engine capacity: %d KV tokens (the minimum over stages) in pages of %d, up to %d running "
+                    "requests, context length %d, radix cache %s", capacity.max_total_tokens, capacity.page_size,
+                    capacity.max_running_requests, self.scheduler.max_len,
+                    "off" if self.args.disable_radix_cache else "on")
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt=None, input_ids=None, sampling_params=None, return_logprob: bool = False,
@@ -212,6 +222,12 @@ class Engine:
             for req in updated:
                 if req.on_update:
                     req.on_update(req)
+
+    def cache_stats(self) -> dict:
+        """Cache use and counters (pages, running/waiting requests, preemptions, prefix-cache hits), read
+        consistently."""
+        with self._lock:
+            return self.scheduler.stats()
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tandem.errors import ConfigError
-from tandem.runtime.scheduler import Request, check_prompt_length
+from tandem.runtime.scheduler import Request, check_fits_pool, check_prompt_length
 
 
 class PromptError(ConfigError):
@@ -48,8 +48,9 @@ class PromptBuilder:
     """Prompts of one model -> checked token-id lists (see the module docstring). `tokenizer` may be None:
     then only token-id prompts are accepted."""
 
-    def __init__(self, tokenizer, vocab_size: int, context_length: int):
+    def __init__(self, tokenizer, vocab_size: int, context_length: int, max_total_tokens: int | None = None):
         self.tokenizer, self.vocab_size, self.context_length = tokenizer, vocab_size, context_length
+        self.max_total_tokens = max_total_tokens  # the KV pool's capacity, when smaller than the context
 
     def check(self, ids: list[int], field: str) -> list[int]:
         """`ids`, if every one is a token id and the prompt fits the context; else a PromptError."""
@@ -59,6 +60,8 @@ class PromptBuilder:
                                   field)
         try:
             check_prompt_length(len(ids), self.context_length)
+            if self.max_total_tokens is not None:
+                check_fits_pool(len(ids), self.max_total_tokens)
         except ConfigError as exc:
             raise PromptError(str(exc), field, "context_length_exceeded" if ids else None) from None
         return ids
@@ -118,7 +121,8 @@ def build_result(req: Request, decode: Callable[[list[int]], str] | None = None,
     SGLang's entries add a third element, the token's text, None unless asked for)."""
     reason = req.finish_reason  # read before the ids: once finished, the ids are complete
     ids = req.output_ids[:]  # a running request's lists grow on the engine's thread
-    info = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(ids), "finish_reason": reason, **meta}
+    info = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(ids), "finish_reason": reason,
+            "cached_tokens": req.cached_tokens, **meta}
     if return_logprob:
         info["output_token_logprobs"] = list(zip(req.output_logprobs[:len(ids)], ids))
         if req.top_logprobs_num:

@@ -1,10 +1,11 @@
-"""What each pipeline stage holds and reads, and how rank failures surface.
+"""What each pipeline stage holds and reads (weights, its own KV pool), and how rank failures surface.
 
 Byte counts are computed independently from the checkpoint's safetensors headers."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -56,6 +57,18 @@ def expected_stage_bytes(model_dir, start: int, end: int, first: bool, last: boo
     return total
 
 
+TOKENS = 512
+
+
+def expected_kv_bytes_per_token(model_dir, start: int, end: int, elem: int) -> int:
+    raw = json.loads((model_dir / "config.json").read_text())
+    text = raw.get("text_config", raw)
+    kinds = text.get("layer_types") or ["full_attention"] * text["num_hidden_layers"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    full = sum(kind == "full_attention" for kind in kinds[start:end])
+    return full * 2 * text["num_key_value_heads"] * head_dim * elem
+
+
 @pytest.mark.parametrize("spec,pp,partition", [
     ({"kind": "qwen3_5_moe", "fused_experts": True, "multimodal": True, "add_mtp": True}, 2, None),
     ({"kind": "qwen3_5", "tied": True}, 2, "3,1"),
@@ -65,13 +78,17 @@ def test_each_stage_holds_and_reads_only_its_own(ckpt, spec, pp, partition):
     spec = dict(spec)
     model_dir = ckpt(spec.pop("kind"), **spec)
     tied = spec.get("tied", False)
-    with Engine(model_dir, pp_size=pp, dtype="float32", pp_layer_partition=partition, progress=False) as engine:
+    with Engine(model_dir, pp_size=pp, dtype="float32", pp_layer_partition=partition, progress=False,
+                max_total_tokens=TOKENS) as engine:
         report = engine.stage_report()
     layers_bytes = []
     for stage in report:
         start, end = stage["layer_start"], stage["layer_end"]
         first, last = stage["pp_rank"] == 0, stage["pp_rank"] == pp - 1
         assert stage["weight_bytes"] == expected_stage_bytes(model_dir, start, end, first, last, tied, 4)
+        # the stage's KV pool: TOKENS tokens of keys and values for its own full-attention layers only
+        assert stage["max_total_tokens"] == TOKENS
+        assert stage["kv_cache_bytes"] == TOKENS * expected_kv_bytes_per_token(model_dir, start, end, 4)
         layers_bytes.append(expected_stage_bytes(model_dir, start, end, False, False, False, 4))
         for name in stage["tensors_read"]:  # recorded at the loader's only read call
             layer = LAYER.search(name)
@@ -167,9 +184,9 @@ def test_two_nodes_on_localhost(ckpt):
 
 
 def test_not_enough_memory_is_refused_with_the_stage_named(ckpt):
-    too_many = 10 ** 8  # requests: the KV cache alone would need far more than this machine has
+    too_many = 10 ** 12  # KV tokens: the pool alone would need far more than this machine has
     with pytest.raises(MemoryError, match="not enough memory on \\[pp 0/1 tp 0/1\\]"):
-        Engine(ckpt("llama"), max_running_requests=too_many, progress=False)
+        Engine(ckpt("llama"), max_total_tokens=too_many, progress=False)
     with pytest.raises(RankFailedError, match="not enough memory on \\[pp [01]/2 tp 0/1\\]"):
-        Engine(ckpt("llama"), pp_size=2, max_running_requests=too_many, progress=False)
+        Engine(ckpt("llama"), pp_size=2, max_total_tokens=too_many, progress=False)
     assert rank_processes() == []

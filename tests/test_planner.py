@@ -20,8 +20,21 @@ CONFIGS = Path(__file__).parent / "data" / "configs"
 REAL = ["Qwen3.5-35B-A3B", "Qwen3.5-122B-A10B", "Qwen3.5-397B-A17B", "Qwen3.5-27B", "Qwen3-30B-A3B"]
 
 
-def resolve(spec, costs, pp: int) -> list[int]:
-    return planner.resolve_partition(spec, pp, costs.num_layers, lambda: costs)
+# sizes given, so that a plan needs no device memory (KV of 4096 tokens, state for 16 requests)
+FIXED = planner.PoolSettings(page_size=16, max_total_tokens=4096, max_running_requests=16, slots_per_request=2,
+                             mem_fraction=0.88)
+
+
+def resolve(spec, costs, pp: int, settings: planner.PoolSettings = FIXED) -> list[int]:
+    return planner.resolve_partition(spec, pp, costs.num_layers, lambda: costs, lambda: settings)
+
+
+def plan(costs, counts, settings: planner.PoolSettings = FIXED):
+    return planner.plan_stages(costs, counts, settings)
+
+
+def settings_for(config, args, memory=None, reserve=None) -> planner.PoolSettings:
+    return planner.PoolSettings.from_args(config, args, memory, reserve)
 
 
 def auto_partition(config, args, kind: str) -> list[int]:
@@ -105,10 +118,10 @@ def test_stage_weights_sum_to_model_parameters(real, name):
     costs = planner.costs_for(real[name], args_for(2, dtype="bfloat16"))
     assert planner.model_weight_bytes(costs) == expected
     for pp in (1, 2, 3, 4, 8):
-        for spec in ("uniform", "auto", "auto-compute"):
-            counts = resolve(spec, costs, pp)
+        for spec in ("uniform", "auto", "auto-compute", "auto-capacity"):
+            counts = resolve(spec, costs, pp, settings_for(real[name], args_for(pp), 80 * 10**9))
             assert len(counts) == pp and sum(counts) == real[name].num_layers and min(counts) >= 1
-            stages = planner.plan_stages(costs, counts)
+            stages = plan(costs, counts)
             assert sum(s.weight_bytes for s in stages) == expected, (pp, spec)
 
 
@@ -128,7 +141,7 @@ def test_tied_embeddings_last_stage_holds_its_own_head(tmp_path):
     count, embed = hand_param_count(raw), t["vocab_size"] * t["hidden_size"]
     costs = planner.costs_for(config, args_for(1, dtype="float32"))
     for pp in (1, 2, 4):
-        stages = planner.plan_stages(costs, resolve("auto", costs, pp))
+        stages = plan(costs, resolve("auto", costs, pp))
         assert sum(s.weight_bytes for s in stages) == 4 * (count + (embed if pp > 1 else 0))
 
 
@@ -138,17 +151,18 @@ def test_additive_model_matches_whole_stage_builds(real, name, tp):
     costs = planner.costs_for(real[name], args_for(3, tp))
     counts = resolve("auto", costs, 3)
     built = planner.stage_weight_bytes_on_meta(real[name], torch.bfloat16, tp, counts)
-    assert [s.weight_bytes for s in planner.plan_stages(costs, counts)] == built
+    assert [s.weight_bytes for s in plan(costs, counts)] == built
 
 
 @pytest.mark.parametrize("name", REAL)
 def test_auto_never_worse_than_uniform(real, name):
     for tp in (1, 2):
-        costs = planner.costs_for(real[name], args_for(2, tp, max_running_requests=64, context_length=32768))
+        args = args_for(2, tp, max_running_requests=64, max_total_tokens=64 * 32768)
+        costs, settings = planner.costs_for(real[name], args), settings_for(real[name], args)
         for pp in range(2, 9):
-            uniform = planner.plan_stages(costs, resolve("uniform", costs, pp))
-            auto = planner.plan_stages(costs, resolve("auto", costs, pp))
-            compute = planner.plan_stages(costs, resolve("auto-compute", costs, pp))
+            uniform = plan(costs, resolve("uniform", costs, pp, settings), settings)
+            auto = plan(costs, resolve("auto", costs, pp, settings), settings)
+            compute = plan(costs, resolve("auto-compute", costs, pp, settings), settings)
             assert max(s.total_bytes for s in auto) <= max(s.total_bytes for s in uniform)
             assert max(s.flops_per_token for s in compute) <= max(s.flops_per_token for s in uniform) * (1 + 1e-12)
 
@@ -187,13 +201,52 @@ def test_auto_is_optimal_by_brute_force(tmp_path, name, pattern):
     config = ModelConfig.from_hf(path)
     # long contexts make full-attention layers much heavier than linear ones
     for requests, tokens in ((16, 4096), (64, 65536)):
-        costs = planner.costs_for(config, args_for(2, max_running_requests=requests, context_length=tokens))
+        args = args_for(2, max_running_requests=requests, max_total_tokens=requests * tokens)
+        costs, settings = planner.costs_for(config, args), settings_for(config, args)
         for pp in (2, 3, 4):
             for kind, metric in (("auto", "total_bytes"), ("auto-compute", "flops_per_token")):
-                best = min(max(getattr(s, metric) for s in planner.plan_stages(costs, split))
+                best = min(max(getattr(s, metric) for s in plan(costs, split, settings))
                            for split in compositions(config.num_layers, pp))
-                got = resolve(kind, costs, pp)
-                assert max(getattr(s, metric) for s in planner.plan_stages(costs, got)) == pytest.approx(best, rel=1e-12)
+                got = resolve(kind, costs, pp, settings)
+                assert max(getattr(s, metric) for s in plan(costs, got, settings)) == pytest.approx(best, rel=1e-12)
+
+
+CAPACITY_CASES = [(name, pattern) for name in ("Qwen3.5-35B-A3B", "Qwen3.5-27B") for pattern in range(len(PATTERNS))]
+CAPACITY_CASES.append(("Qwen3-30B-A3B", 0))  # every layer full attention: only weights and LM head differ
+
+
+@pytest.mark.parametrize("name, pattern", CAPACITY_CASES)
+def test_auto_capacity_is_optimal_by_brute_force(tmp_path, name, pattern):
+    """auto-capacity maximises the engine's KV capacity (the smallest stage's, every stage sized with the
+    request count all stages agree on) over every split, for device memories where the state pool or the
+    weights bind."""
+    layer_types = PATTERNS[pattern] if name.startswith("Qwen3.5") else None
+    path = write_variant(tmp_path, name, layer_types=layer_types, num_layers=None if layer_types else 8)
+    config = ModelConfig.from_hf(path)
+    costs = planner.costs_for(config, args_for(2))
+    weights = planner.model_weight_bytes(costs)
+    for memory_share in (0.45, 0.7, 1.2):
+        for requests in (None, 8):
+            settings = settings_for(config, args_for(2, max_running_requests=requests), int(weights * memory_share))
+            for pp in (2, 3, 4):
+                capacity = lambda split, settings=settings: plan(costs, split, settings)[0].max_total_tokens
+                best = max(capacity(split) for split in compositions(config.num_layers, pp))
+                got = resolve("auto-capacity", costs, pp, settings)
+                assert capacity(got) == best, (memory_share, requests, pp, got)
+
+
+def test_auto_capacity_places_full_attention_layers(tmp_path):
+    """Hybrid: with the full-attention layers at one end, the uniform split starves one stage of KV memory;
+    auto-capacity moves the split so both stages hold about as many tokens."""
+    layer_types = ["linear_attention"] * 6 + ["full_attention"] * 2
+    config = ModelConfig.from_hf(write_variant(tmp_path, "Qwen3.5-27B", layer_types=layer_types))
+    args = args_for(2)
+    costs = planner.costs_for(config, args)
+    settings = settings_for(config, args, int(planner.model_weight_bytes(costs) * 0.9))
+    uniform = plan(costs, resolve("uniform", costs, 2, settings), settings)
+    best = resolve("auto-capacity", costs, 2, settings)
+    chosen = plan(costs, best, settings)
+    assert best != [4, 4] and chosen[0].max_total_tokens > uniform[0].max_total_tokens
 
 
 def test_min_max_partition_random_brute_force():
@@ -264,7 +317,7 @@ def small(tmp_path_factory):
     }
 
 
-ENGINE_KW = {"context_length": 1024, "max_running_requests": 3, "progress": False}
+ENGINE_KW = dict(max_total_tokens=3 * 1024, max_running_requests=3, progress=False)
 
 
 def run_engine(path, **kw):
@@ -278,21 +331,24 @@ def check_against_plan(path, pp: int, tp: int, spec, dtype: str):
     partition, reports = run_engine(path, pp_size=pp, tp_size=tp, dtype=dtype, pp_layer_partition=spec)
     config = ModelConfig.from_hf(path)
     args = EngineArgs(model_path=str(path), pp_size=pp, tp_size=tp, dtype=dtype, pp_layer_partition=spec,
-                      context_length=ENGINE_KW["context_length"],
+                      max_total_tokens=ENGINE_KW["max_total_tokens"],
                       max_running_requests=ENGINE_KW["max_running_requests"])
-    costs = planner.costs_for(config, args)
-    expected = resolve(spec, costs, pp)
+    costs, settings = planner.costs_for(config, args), settings_for(config, args)
+    expected = resolve(spec, costs, pp, settings)
     assert partition == expected
     if spec == "auto" and pp == 2:
         assert expected == [1, 5]  # not the uniform split: the check below is not vacuous
-    stages = planner.plan_stages(costs, expected)
+    stages = plan(costs, expected, settings)
     for report in reports:
         stage = stages[report["pp_rank"]]
         assert (report["layer_start"], report["layer_end"]) == (stage.layer_start, stage.layer_end)
-        assert report["weight_bytes"] == stage.weight_bytes, report
-        assert report["kv_cache_bytes"] == stage.kv_cache_bytes, report
-        assert report["state_cache_bytes"] == stage.state_cache_bytes, report
+        for key in ("weight_bytes", "kv_cache_bytes", "state_cache_bytes", "max_total_tokens", "state_slots",
+                    "max_running_requests", "kv_bytes_per_token", "state_bytes_per_slot"):
+            assert report[key] == getattr(stage, key), (key, report)
+        assert report["stage_max_total_tokens"] == stage.stage_max_total_tokens
+        assert report["page_size"] == settings.page_size
     assert len(reports) == pp * tp
+    return reports
 
 
 @pytest.mark.parametrize("kind", ["qwen3_5_moe", "qwen3_5", "qwen3_moe", "llama_tied"])
@@ -302,8 +358,17 @@ def test_plan_equals_stage_report_single_process(small, kind):
 
 
 @pytest.mark.parametrize("spec", ["2,4", "auto"])
-def test_plan_equals_stage_report_pp2(small, spec):
-    check_against_plan(small["qwen3_5_moe"], 2, 1, spec, "float32")
+def test_plan_equals_stage_report_pp2(small, spec, capsys):
+    reports = check_against_plan(small["qwen3_5_moe"], 2, 1, spec, "float32")
+    # `tandem plan` prints the same capacity and pools
+    assert cli_main(["plan", str(small["qwen3_5_moe"]), "--pp-size", "2", "--dtype", "float32",
+                     "--max-total-tokens", str(ENGINE_KW["max_total_tokens"]), "--max-running-requests",
+                     str(ENGINE_KW["max_running_requests"]), "--pp-layer-partition", spec, "--json"]) == 0
+    planned = next(p for p in json.loads(capsys.readouterr().out)["plans"] if p["name"] == spec)
+    for report, stage in zip(reports, planned["stages"]):
+        for key in ("layer_start", "layer_end", "weight_bytes", "max_total_tokens", "stage_max_total_tokens",
+                    "kv_cache_bytes", "state_slots", "state_cache_bytes", "max_running_requests"):
+            assert report[key] == stage[key], key
 
 
 def test_plan_equals_stage_report_tied_pp2(small):
@@ -315,32 +380,93 @@ def test_plan_equals_stage_report_tp2(small):
     check_against_plan(small["qwen3_5_moe"], 1, 2, "auto", "float32")
 
 
+def test_memory_sized_pools_follow_the_planner_formulas(small):
+    """Without --max-total-tokens every rank sizes its pools from its memory, weights and measured activation
+    reserve; the planner's functions, given the memory and reserve each rank reports, find the same request
+    count, the same capacity per stage and the same agreed capacity."""
+    from tandem.engine import Engine
+
+    path = small["qwen3_5"]
+    with Engine(path, pp_size=2, dtype="float32", progress=False) as engine:
+        reports = engine.stage_report()
+    config = ModelConfig.from_hf(path)
+    args = EngineArgs(model_path=str(path), pp_size=2, dtype="float32")
+    costs = planner.costs_for(config, args)
+    sums, settings = [], []
+    for report in reports:
+        assert report["activation_reserve_bytes"] > 0
+        setting = settings_for(config, args, report["device_memory_bytes"], report["activation_reserve_bytes"])
+        position = planner.ModelCosts.position(report["pp_rank"], 2)
+        sums.append(planner.stage_sums(costs, report["layer_start"], report["layer_end"], position, setting))
+        settings.append(setting)
+    requests = min(planner.stage_requests(s, setting) for s, setting in zip(sums, settings))
+    for report, s, setting in zip(reports, sums, settings):
+        assert report["stage_max_total_tokens"] == planner.stage_capacity(s, setting, requests)
+        assert report["state_slots"] == report["max_running_requests"] * 2  # hybrid: a snapshot slot each
+    capacities = [c for c in (r["stage_max_total_tokens"] for r in reports) if c is not None]
+    assert capacities and all(r["max_total_tokens"] == min(capacities) for r in reports)
+    assert all(r["kv_cache_bytes"] == r["max_total_tokens"] * r["kv_bytes_per_token"] for r in reports)
+
+
 # ---- the CLI ----------------------------------------------------------------------------------------------
 
 
 def test_cli_json(capsys):
     path = CONFIGS / "Qwen3.5-35B-A3B"
     assert cli_main(["plan", str(path), "--pp-size", "2", "--tp-size", "1", "--dtype", "bf16",
-                     "--context-length", "8192", "--max-requests", "8", "--gpu-memory", "80GB",
+                     "--max-total-tokens", "8192", "--max-running-requests", "8", "--gpu-memory", "80GB",
                      "--pp-layer-partition", "15,25", "--json"]) == 0
-    plan = json.loads(capsys.readouterr().out)
-    assert plan["model"] == "Qwen3.5-35B-A3B" and plan["pp_size"] == 2 and plan["dtype"] == "bfloat16"
-    assert plan["context_length"] == 8192 and plan["max_requests"] == 8 and plan["gpu_memory_bytes"] == 80 * 10**9
-    assert [p["name"] for p in plan["plans"]] == ["uniform", "auto", "15,25"]
-    assert plan["plans"][2]["partition"] == [15, 25]
+    plan_json = json.loads(capsys.readouterr().out)
+    assert plan_json["model"] == "Qwen3.5-35B-A3B" and plan_json["pp_size"] == 2 and plan_json["dtype"] == "bfloat16"
+    assert plan_json["given_max_total_tokens"] == 8192 and plan_json["given_max_running_requests"] == 8
+    assert plan_json["gpu_memory_bytes"] == 80 * 10**9
+    assert [p["name"] for p in plan_json["plans"]] == ["uniform", "auto", "auto-capacity", "15,25"]
+    assert plan_json["plans"][3]["partition"] == [15, 25]
     expected = hand_param_count(load_raw("Qwen3.5-35B-A3B")) * 2
-    assert plan["model_weight_bytes"] == expected
-    for p in plan["plans"]:
+    assert plan_json["model_weight_bytes"] == expected
+    raw = text_config(load_raw("Qwen3.5-35B-A3B"))
+    kv_per_layer = 2 * raw["num_key_value_heads"] * raw["head_dim"] * 2  # bf16 keys and values per token
+    for p in plan_json["plans"]:
         assert sum(s["weight_bytes"] for s in p["stages"]) == expected
+        assert p["max_total_tokens"] == 8192 and p["max_running_requests"] == 8
         for s in p["stages"]:
             for key in ("layer_start", "layer_end", "kinds", "layer_kinds", "weight_bytes", "kv_cache_bytes",
-                        "state_cache_bytes", "cache_bytes", "total_bytes", "fits", "flops_per_token"):
+                        "state_cache_bytes", "cache_bytes", "total_bytes", "fits", "flops_per_token",
+                        "stage_max_total_tokens", "state_slots", "activation_reserve_bytes"):
                 assert key in s
             assert s["total_bytes"] == s["weight_bytes"] + s["kv_cache_bytes"] + s["state_cache_bytes"]
+            full = s["layer_kinds"].get("full_attention", 0)
+            assert s["kv_cache_bytes"] == 8192 * full * kv_per_layer
+            assert s["state_slots"] == 16  # 8 requests, each with a snapshot slot (hybrid, radix cache on)
             assert s["fits"]
-    for p in plan["plans"][:2]:  # uniform and auto: about half the model each
+    for p in plan_json["plans"][:2]:  # uniform and auto: about half the model each
         assert all(30e9 < s["weight_bytes"] < 40e9 for s in p["stages"])
-    assert plan["plans"][0]["stages"][0]["kinds"] == "15 linear_attention + 5 full_attention, MoE"
+    assert plan_json["plans"][0]["stages"][0]["kinds"] == "15 linear_attention + 5 full_attention, MoE"
+
+
+def test_cli_capacity_from_memory(capsys):
+    """Without --max-total-tokens each stage's capacity is what its memory holds after weights, the state pool
+    and the activation reserve: checked here against the formula with a given reserve."""
+    path = CONFIGS / "Qwen3.5-27B"
+    assert cli_main(["plan", str(path), "--pp-size", "2", "--gpu-memory", "40GB", "--mem-fraction-static", "0.9",
+                     "--activation-reserve", "2GB", "--max-running-requests", "4", "--json"]) == 0
+    plan_json = json.loads(capsys.readouterr().out)
+    raw = text_config(load_raw("Qwen3.5-27B"))
+    kv_per_layer = 2 * raw["num_key_value_heads"] * raw["head_dim"] * 2
+    nk, nv = raw["linear_num_key_heads"], raw["linear_num_value_heads"]
+    dk, dv, K = raw["linear_key_head_dim"], raw["linear_value_head_dim"], raw["linear_conv_kernel_dim"]
+    state_per_layer = (2 * nk * dk + nv * dv) * (K - 1) * 2 + nv * dk * dv * 4
+    for p in plan_json["plans"]:
+        own = []
+        for s in p["stages"]:
+            budget = int(40e9 * 0.9) - s["weight_bytes"] - 2 * 10**9
+            budget -= 8 * s["layer_kinds"].get("linear_attention", 0) * state_per_layer  # 4 requests x 2 slots
+            per_token = s["layer_kinds"].get("full_attention", 0) * kv_per_layer
+            own.append(budget // (per_token * 16) * 16)
+            assert s["stage_max_total_tokens"] == own[-1] and s["state_slots"] == 8
+        assert p["max_total_tokens"] == min(own) > 0
+    capacities = {p["name"]: p["max_total_tokens"] for p in plan_json["plans"]}
+    assert capacities["auto-capacity"] >= max(capacities.values())
 
 
 def test_cli_text_and_config_file(capsys):

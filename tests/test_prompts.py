@@ -114,11 +114,12 @@ def test_result_of_a_finished_request(tokenizer):
     result = build_result(req, decode, return_logprob=True, logprob_start_len=0)
     assert result == {"text": decode(out_ids), "output_ids": out_ids, "meta_info": {
         "prompt_tokens": 3, "completion_tokens": len(out_ids), "finish_reason": {"type": "length", "length": 4},
-        "output_token_logprobs": [(-0.5, t) for t in out_ids],
+        "cached_tokens": 0, "output_token_logprobs": [(-0.5, t) for t in out_ids],
         # position 0 has no logprob; position p's is the (p-1)-th reported one
         "input_token_logprobs": [(-1.0, 11), (-2.0, 12)]}}
     assert build_result(req, decode, True, logprob_start_len=2)["meta_info"]["input_token_logprobs"] == [(-2.0, 12)]
-    assert build_result(req)["meta_info"].keys() == {"prompt_tokens", "completion_tokens", "finish_reason"}
+    assert build_result(req)["meta_info"].keys() == {"prompt_tokens", "completion_tokens", "finish_reason",
+                                                     "cached_tokens"}
     assert "text" not in build_result(req)
     assert build_result(req, decode, id="r1")["meta_info"]["id"] == "r1"
 

@@ -231,3 +231,13 @@ def test_random_inserts_and_matches_against_brute_force(hybrid, page_size):
                 slot_of.setdefault(prefixes[-1], slot)
         assert cache.total_cached_pages == len(page_of)
         assert cache.num_state_slots == len(slot_of)
+
+
+def test_cached_len_ignores_snapshots_and_changes_nothing():
+    cache = RadixCache(page_size=2, hybrid=True)
+    cache.insert([1, 2, 3, 4, 5, 6], [10, 11, 12], state_slot=7)
+    nodes_before = len(list(cache._nodes()))
+    assert cache.cached_len([1, 2, 3, 4, 9, 9]) == 4  # the KV is cached up to where the tokens part
+    assert cache.match_prefix([1, 2, 3, 4, 9, 9], count=False).matched_len == 0  # no snapshot there
+    assert cache.cached_len([1, 2, 3, 4, 5, 6, 7]) == 6 and cache.cached_len([2]) == 0
+    assert len(list(cache._nodes())) == nodes_before  # no split

@@ -342,6 +342,30 @@ def test_bad_input_is_400(server, path, body, param):
     assert set(error) == {"message", "type", "param", "code"}
 
 
+def test_prefix_cache_hits_in_usage_meta_info_and_metrics(server, client, tokenizer):
+    """Three prompts sharing a long system text, one after another: the hybrid model resumes only where a
+    state snapshot was taken, and the second prompt takes one where it leaves the first's cached tokens, so
+    the third reports those (whole pages of 16) as cached, in OpenAI's usage and in /generate's meta_info."""
+    model = client.models.list().data[0].id
+    system = "You are a careful assistant who answers briefly and checks every sum twice. " * 3
+    prompts = [system + question for question in ("What is 2+2?", "Name a colour.", "Count to three.")]
+    ids = [tokenizer.encode(p) for p in prompts]
+    shared = next(i for i, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b)
+    assert shared >= 32 and ids[2][:shared] == ids[0][:shared]
+    before = httpx.get(server.url + "/metrics").text
+    usages = [client.completions.create(model=model, prompt=p, max_tokens=2, temperature=0).usage for p in prompts[:2]]
+    third = post(server, "/generate", {"input_ids": ids[2], "sampling_params": {"temperature": 0,
+                                                                                 "max_new_tokens": 2}}).json()
+    assert [u.prompt_tokens_details.cached_tokens for u in usages] == [0, 0]
+    assert third["meta_info"]["cached_tokens"] == shared // 16 * 16 > 0
+    again = client.completions.create(model=model, prompt=prompts[2], max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == (len(ids[2]) - 1) // 16 * 16  # its own prompt
+    after = httpx.get(server.url + "/metrics").text
+    hits = _metric(after, "tandem_prefix_cache_hit_tokens_total") - _metric(before, "tandem_prefix_cache_hit_tokens_total")
+    assert hits == shared // 16 * 16 + (len(ids[2]) - 1) // 16 * 16
+    assert _metric(after, "tandem_prefix_cache_queries_total") - _metric(before, "tandem_prefix_cache_queries_total") == 4
+
+
 def test_bad_input_via_openai_client_and_still_serving(server, client):
     model = client.models.list().data[0].id
     with pytest.raises(openai.BadRequestError):
@@ -382,7 +406,9 @@ def test_disconnect_aborts_and_metrics(server):
                  "tandem_time_to_first_token_seconds_bucket", "tandem_inter_token_latency_seconds_bucket",
                  "tandem_e2e_request_latency_seconds_bucket", "tandem_num_requests_running",
                  "tandem_num_requests_waiting", "tandem_kv_cache_usage_ratio", "tandem_cache_slots_usage_ratio",
-                 "tandem_cache_bytes", "tandem_cache_used_bytes"):
+                 "tandem_cache_bytes", "tandem_cache_used_bytes", "tandem_preemptions_total",
+                 "tandem_prefix_cache_queries_total", "tandem_prefix_cache_hit_tokens_total",
+                 "tandem_prefix_cache_query_tokens_total", "tandem_prefix_cache_hit_rate"):
         assert name in text, name
     assert _metric(text, aborted) == _metric(before, aborted) + 1
     assert _metric(text, "tandem_requests_total") == _metric(before, "tandem_requests_total") + 1
@@ -435,8 +461,11 @@ class _FakeEngine:
 
     def __init__(self):
         from tandem.prompts import PromptBuilder
+        from tandem.runtime.cache_manager import CacheManager
+        from tandem.runtime.scheduler import Scheduler
 
         self.prompts = PromptBuilder(None, vocab_size=100, context_length=self.context_length)
+        self.scheduler = Scheduler(CacheManager(256, 16, 4, hybrid=False, radix_cache=True), 64, 16)
         self.error = None
         self.loop_running = False
         self.shut_down = False
@@ -445,8 +474,11 @@ class _FakeEngine:
         return (True, "") if self.error is None else (False, str(self.error))
 
     def stage_report(self):
-        return [{"pp_rank": r, "tp_rank": 0, "kv_cache_bytes": 1000 * r, "state_cache_bytes": 10, "num_slots": 4,
-                 "max_len": 64} for r in range(2)]
+        return [{"pp_rank": r, "tp_rank": 0, "kv_cache_bytes": 1000 * r, "state_cache_bytes": 10,
+                 "max_total_tokens": 256, "page_size": 16} for r in range(2)]
+
+    def cache_stats(self):
+        return self.scheduler.stats()
 
     def start_background_loop(self):
         self.loop_running = True

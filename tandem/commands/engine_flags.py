@@ -15,8 +15,18 @@ HELP = {
     "dtype": "Weight/activation dtype: auto (the checkpoint's), float32, bfloat16 or float16.",
     "device": "cpu (gloo) or cuda (NCCL).",
     "pp_layer_partition": "Layers per stage: uniform (default), auto, auto-compute, or a list like 15,15,14,16.",
-    "context_length": "Maximum tokens per request (prompt + output); default min(model limit, 4096).",
-    "max_running_requests": "Requests decoded at once (cache slots per stage).",
+    "context_length": "Maximum tokens per request (prompt + output); default: the model's own limit "
+                      "(max_position_embeddings), and never more than the KV cache holds.",
+    "max_running_requests": "Upper bound on requests running at once (each holds a linear-attention state slot); "
+                            "default: derived from the cache capacity (at most 256, one page per request, and for "
+                            "hybrid models what half the memory budget holds in state slots).",
+    "max_total_tokens": "KV cache tokens per pipeline stage (the page pool size); default: sized from "
+                        "--mem-fraction-static of the device's memory.",
+    "mem_fraction_static": "Fraction of the device's memory (CUDA: total memory; CPU: available RAM shared by "
+                           "this node's ranks) for weights, caches and the measured activation reserve; "
+                           "default 0.88 on CUDA, 0.8 on CPU.",
+    "page_size": "Tokens per KV page; prefix-cache hits are whole pages.",
+    "disable_radix_cache": "Turn the radix prefix cache off (on by default).",
     "chunked_prefill_size": "Maximum prompt tokens prefilled per step; longer prompts are chunked.",
     "num_micro_batches": "Micro-batches kept in flight across the pipeline (default: pp_size).",
     "nnodes": "Number of machines taking part.",
@@ -39,8 +49,12 @@ def add_engine_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
         else:
             kwargs["default"] = f.default
             kwargs["help"] += f" (default: {f.default})"
-        if str(f.type).startswith("int"):
+        if str(f.type) == "bool":
+            kwargs["action"] = "store_true"
+        elif str(f.type).startswith("int"):
             kwargs["type"] = int
+        elif str(f.type).startswith("float"):
+            kwargs["type"] = float
         parser.add_argument(flag, **kwargs)
 
 

@@ -1,5 +1,6 @@
-"""`tandem plan`: what each pipeline stage would hold (layers, weights, caches, compute per token) for the
-uniform, auto and any given partition, from config.json alone: no weights are read, nothing is allocated."""
+"""`tandem plan`: what each pipeline stage would hold (layers, weights, KV and state pools with their token
+capacity, activation reserve, compute per token) for the uniform, auto, auto-capacity and any given
+partition, from config.json alone: no weights are read, nothing is allocated."""
 
 from __future__ import annotations
 
@@ -33,22 +34,35 @@ def fmt_flops(n: float) -> str:
 def add_parser(sub) -> None:
     parser = sub.add_parser(
         "plan", help="Show what each pipeline stage holds, from config.json alone.",
-        description="Per pipeline stage: layer range, layer kinds, weight bytes, KV/state cache bytes, total and "
-                    "whether it fits the device memory, for the uniform, auto and any given partition. "
-                    "Figures are per device (TP rank 0). No weights are read.")
+        description="Per pipeline stage: layer range, layer kinds, weight bytes, KV pool (tokens and bytes), "
+                    "linear-attention state pool, estimated activation reserve, and whether it fits the device "
+                    "memory, for the uniform, auto and auto-capacity partitions and any given one. The engine's "
+                    "capacity is the smallest stage's. Figures are per device (TP rank 0). No weights are read.")
     parser.add_argument("model", metavar="MODEL_DIR_OR_CONFIG",
                         help="Checkpoint directory with config.json, or a path to a config .json file.")
     parser.add_argument("--pp-size", type=int, default=1, help="Pipeline stages (default: 1).")
     parser.add_argument("--tp-size", type=int, default=1, help="Tensor-parallel ranks per stage (default: 1).")
     parser.add_argument("--dtype", default="auto",
                         help="Weight dtype: auto (the config's), bf16, fp16 or fp32 (default: auto).")
-    parser.add_argument("--context-length", type=int, default=None,
-                        help="Tokens per request (prompt + output) the caches hold, as the engine's "
-                             "--context-length (default: min(model limit, 4096)).")
-    parser.add_argument("--max-requests", type=int, default=16,
-                        help="Requests held at once (the engine's --max-running-requests; default: 16).")
     parser.add_argument("--gpu-memory", default="80GB",
-                        help="Device memory to check each stage against, e.g. 80GB or 80GiB (default: 80GB).")
+                        help="Memory of each device, e.g. 80GB or 80GiB (default: 80GB).")
+    parser.add_argument("--mem-fraction-static", type=float, default=None,
+                        help="As the engine's flag (default: 0.88, the engine's CUDA default).")
+    parser.add_argument("--max-total-tokens", type=int, default=None,
+                        help="As the engine's flag: KV tokens per stage instead of sizing from memory.")
+    parser.add_argument("--max-running-requests", type=int, default=None,
+                        help="As the engine's flag (default: derived from the capacity).")
+    parser.add_argument("--page-size", type=int, default=16, help="As the engine's flag (default: 16).")
+    parser.add_argument("--chunked-prefill-size", type=int, default=512,
+                        help="As the engine's flag; sizes the estimated activation reserve (default: 512).")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="As the engine's flag; sizes the estimated activation reserve (default: the "
+                             "model's limit).")
+    parser.add_argument("--disable-radix-cache", action="store_true",
+                        help="As the engine's flag (hybrid models then keep no state snapshot slots).")
+    parser.add_argument("--activation-reserve", default=None,
+                        help="Activation reserve per device, e.g. 2GB, instead of the estimate (the engine "
+                             "measures its own: stage_report()[rank]['activation_reserve_bytes']).")
     parser.add_argument("--pp-layer-partition", action="append", default=[],
                         help="Also plan this partition (a list like 15,15,14,16, or auto-compute); repeatable.")
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
@@ -56,30 +70,37 @@ def add_parser(sub) -> None:
 
 
 def build_plan(args) -> dict:
-    from tandem.config import EngineArgs
+    from tandem.config import DEFAULT_MEM_FRACTION, EngineArgs
     from tandem.models.registry import load_model_config
     from tandem.runtime import planner
 
     model_config = load_model_config(args.model)
     engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,
                              dtype=args.dtype, context_length=args.context_length,
-                             max_running_requests=args.max_requests)
+                             max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
+                             mem_fraction_static=args.mem_fraction_static or DEFAULT_MEM_FRACTION["cuda"],
+                             page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
+                             disable_radix_cache=args.disable_radix_cache)
     memory = parse_size(args.gpu_memory)
+    reserve = parse_size(args.activation_reserve) if args.activation_reserve is not None else None
     dtype = engine_args.resolve_dtype(model_config)
     costs = planner.costs_for(model_config, engine_args)
-    specs = ["uniform", "auto"]
+    settings = planner.PoolSettings.from_args(model_config, engine_args, memory, reserve)
+    specs = ["uniform", "auto", "auto-capacity"]
     for spec in args.pp_layer_partition or []:
         if spec not in specs:
             specs.append(spec)
     plans = []
     for spec in specs:
-        counts = planner.resolve_partition(spec, args.pp_size, costs.num_layers, lambda: costs)
-        stages = planner.plan_stages(costs, counts)
+        counts = planner.resolve_partition(spec, args.pp_size, costs.num_layers, lambda: costs, lambda: settings)
+        stages = planner.plan_stages(costs, counts, settings)
         plans.append({
             "name": spec, "partition": counts,
+            "max_total_tokens": stages[0].max_total_tokens,
+            "max_running_requests": stages[0].max_running_requests,
             "max_stage_bytes": max(s.total_bytes for s in stages),
             "max_stage_flops_per_token": max(s.flops_per_token for s in stages),
-            "fits": all(s.total_bytes <= memory for s in stages),
+            "fits": all(s.fits(memory) for s in stages),
             "stages": [s.to_dict(memory) for s in stages],
         })
     path = Path(args.model)
@@ -92,24 +113,34 @@ def build_plan(args) -> dict:
         "num_layers": model_config.num_layers, "layer_kinds": kinds,
         "num_experts": model_config.num_experts, "num_experts_per_tok": model_config.num_experts_per_tok,
         "pp_size": args.pp_size, "tp_size": args.tp_size, "dtype": str(dtype).removeprefix("torch."),
-        "context_length": costs.max_len, "max_requests": costs.slots, "gpu_memory_bytes": memory,
+        "gpu_memory_bytes": memory, "mem_fraction_static": engine_args.resolved_mem_fraction(),
+        "page_size": args.page_size, "given_max_total_tokens": args.max_total_tokens,
+        "given_max_running_requests": args.max_running_requests,
+        "radix_cache": not args.disable_radix_cache,
+        "context_length": engine_args.resolve_context_length(model_config),
         "model_weight_bytes": planner.model_weight_bytes(costs), "plans": plans,
     }
+
+
+def _tokens(n) -> str:
+    return "no limit" if n is None else f"{n:,}"
 
 
 def render(plan: dict) -> str:
     kinds = " + ".join(f"{n} {k}" for k, n in plan["layer_kinds"].items())
     moe = f", MoE {plan['num_experts']} experts top-{plan['num_experts_per_tok']}" if plan["num_experts"] else ""
     memory = fmt_bytes(plan["gpu_memory_bytes"])
+    sizing = (f"KV pool of {plan['given_max_total_tokens']:,} tokens per stage" if plan["given_max_total_tokens"]
+              else f"pools sized from {plan['mem_fraction_static']} x {memory}")
     lines = [
         f"{plan['model']} ({plan['architecture']}): {plan['num_layers']} layers ({kinds}){moe}",
-        (f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}; caches for {plan['max_requests']} "
-         f"requests x {plan['context_length']} tokens; device memory {memory}"),
+        f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}; {sizing}; pages of {plan['page_size']} "
+        f"tokens; radix cache {'on' if plan['radix_cache'] else 'off'}; context length {plan['context_length']:,}",
         f"whole model weights (one TP rank): {fmt_bytes(plan['model_weight_bytes'])}",
-        "figures are per device (TP rank 0); activations and workspace are not included",
+        "figures are per device (TP rank 0); the activation reserve is an estimate (the engine measures its own)",
     ]
-    header = ("stage", "layers", "kinds", "weights", "kv cache", "state cache", "total", "GFLOP/token",
-              f"fits {memory}")
+    header = ("stage", "layers", "kinds", "weights", "KV tokens", "kv cache", "state slots", "state cache",
+              "activations", "total", "GFLOP/token", f"fits {memory}")
     for p in plan["plans"]:
         rows = [header]
         for s in p["stages"]:
@@ -118,12 +149,14 @@ def render(plan: dict) -> str:
             rows.append((
                 str(s["pp_rank"]), f"[{s['layer_start']}, {s['layer_end']})",
                 s["kinds"] + (f" (+{', '.join(extras)})" if extras else ""),
-                fmt_bytes(s["weight_bytes"]), fmt_bytes(s["kv_cache_bytes"]), fmt_bytes(s["state_cache_bytes"]),
+                fmt_bytes(s["weight_bytes"]), _tokens(s["stage_max_total_tokens"]), fmt_bytes(s["kv_cache_bytes"]),
+                str(s["state_slots"]), fmt_bytes(s["state_cache_bytes"]), fmt_bytes(s["activation_reserve_bytes"]),
                 fmt_bytes(s["total_bytes"]), f"{s['flops_per_token'] / 1e9:.2f}", "yes" if s["fits"] else "NO"))
         widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
         lines.append("")
-        lines.append(f"partition {p['name']} {p['partition']}: largest stage {fmt_bytes(p['max_stage_bytes'])}, "
-                     f"{fmt_flops(p['max_stage_flops_per_token'])}/token; "
+        lines.append(f"partition {p['name']} {p['partition']}: capacity {p['max_total_tokens']:,} KV tokens (the "
+                     f"smallest stage's), up to {p['max_running_requests']} running requests; largest stage "
+                     f"{fmt_bytes(p['max_stage_bytes'])}, {fmt_flops(p['max_stage_flops_per_token'])}/token; "
                      f"{'fits' if p['fits'] else 'does NOT fit'} in {memory}")
         for r in rows:
             lines.append("  " + "  ".join(cell.ljust(w) if c <= 2 else cell.rjust(w)

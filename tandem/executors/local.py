@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tandem.config import EngineArgs, ModelConfig
+from tandem.executors.capacity import capacity_of
 from tandem.parallel.layout import ParallelLayout
 from tandem.runtime.model_runner import ModelRunner
 from tandem.runtime.step import StepInput, StepOutput
@@ -14,8 +15,8 @@ class LocalExecutor:
         if list(layout.partition) != list(partition):
             raise ValueError(f"one process holds every layer; got partition {partition}")
         self.runner = ModelRunner(args, model_config, layout, progress=progress)
-        self.num_slots = self.runner.num_slots
-        self.max_len = self.runner.max_len
+        self.capacity = capacity_of([self.runner.report()])
+        self.max_len = self.capacity.max_len
         self._results: dict[int, StepOutput] = {}
         self._next_id = 0
 

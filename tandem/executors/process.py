@@ -23,6 +23,7 @@ import zmq
 from tandem.config import EngineArgs, ModelConfig
 from tandem.errors import ConfigError, RankFailedError
 from tandem.executors import messages
+from tandem.executors.capacity import capacity_of
 from tandem.executors.messages import (
     AskReport,
     Codec,
@@ -147,8 +148,8 @@ class ProcessExecutor:
         except BaseException:
             self.shutdown()
             raise
-        self.num_slots = min(r["num_slots"] for r in self._reports.values())  # agreed across stages
-        self.max_len = min(r["max_len"] for r in self._reports.values())
+        self.capacity = capacity_of(list(self._reports.values()))
+        self.max_len = self.capacity.max_len
 
     # ---- messages ----------------------------------------------------------------------------------
     def _receive(self, timeout_s: float):

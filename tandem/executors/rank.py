@@ -80,7 +80,7 @@ def rank_main(launch: Launch) -> None:
         layout = init_process_groups(args.tp_size, launch.partition, launch.rank, backend, launch.init_method)
         where = f"rank {launch.rank} {layout.label}"
         runner = ModelRunner(args, load_model_config(args.model_path), layout,
-                             progress=launch.progress and launch.rank == 0)
+                             progress=launch.progress and launch.rank == 0, local_ranks=launch.local_world_size)
         send(Ready(launch.rank, runner.report()))
         is_reporter = layout.pp.is_last and layout.tp.rank == 0
         while True:

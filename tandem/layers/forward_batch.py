@@ -1,8 +1,9 @@
 """`ForwardBatch`: what one forward step computes on a stage.
 
 Tokens of all requests are packed along one axis ([T, hidden]); `spans` say which request each run of
-tokens belongs to, where its cache slot is and how many of its tokens are already cached. A decode step
-is a batch whose spans all hold one token of a request with a non-empty cache."""
+tokens belongs to: its linear-attention state slot, how many of its tokens are already cached and how many
+are new. Full-attention layers find keys and values through `attn` (the step's `PagedAttentionMetadata`,
+built once per step from the requests' page tables); Gated-DeltaNet layers through the state slots."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tandem.layers.paged_metadata import PagedAttentionMetadata
+
 
 @dataclass(frozen=True)
 class Span:
-    slot: int  # cache slot of the request
+    state_slot: int  # linear-attention state slot of the request
     prefix_len: int  # tokens of this request already in the cache
     num_tokens: int  # new tokens in this step
 
@@ -23,11 +26,12 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64 (only the first stage needs them)
     positions: torch.Tensor  # [T] int64
     spans: list[Span]
-    kv_cache: object = None  # KVCachePool of this stage
-    state_cache: object = None  # GDNStatePool of this stage
+    kv_pool: object = None  # PagedKVPool of this stage
+    state_pool: object = None  # LinearStatePool of this stage
+    attn: PagedAttentionMetadata | None = None  # None on a stage without full-attention layers
     offsets: list[int] = field(init=False)
     is_decode: bool = field(init=False)
-    slots: torch.Tensor = field(init=False)  # [B] int64
+    decode_spans: list[int] = field(init=False)  # spans continuing a cached request with one token
 
     def __post_init__(self) -> None:
         self.offsets, total = [], 0
@@ -35,8 +39,8 @@ class ForwardBatch:
             self.offsets.append(total)
             total += span.num_tokens
         self.num_tokens = total
-        self.is_decode = all(s.num_tokens == 1 and s.prefix_len > 0 for s in self.spans)
-        self.slots = torch.tensor([s.slot for s in self.spans], dtype=torch.long)
+        self.decode_spans = [i for i, s in enumerate(self.spans) if s.num_tokens == 1 and s.prefix_len > 0]
+        self.is_decode = len(self.decode_spans) == len(self.spans)
 
     @classmethod
     def build(cls, spans: list[Span], input_ids: list[int] | torch.Tensor, device="cpu") -> "ForwardBatch":

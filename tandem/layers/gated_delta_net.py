@@ -3,7 +3,8 @@
 q/k/v channels of `in_proj_qkv` and of the depthwise `conv1d` are split per part (q, k, v) so that every
 rank keeps whole key heads and the value heads they serve; `A_log`, `dt_bias`, `in_proj_a/b` and `in_proj_z`
 split by value heads; `out_proj` is row-parallel. Per-request conv and recurrent states live in the stage's
-state pool (float32 recurrent state)."""
+linear-attention state pool (float32 recurrent state), in the slot each span names; one-token continuations
+run batched through the recurrent step, longer spans one by one through the chunked rule."""
 
 from __future__ import annotations
 
@@ -73,15 +74,25 @@ class GatedDeltaNet(nn.Module):
         z = self.in_proj_z(x).view(num_tokens, self.num_v_heads, self.head_v_dim)
         beta = self.in_proj_b(x).sigmoid()  # [T, Hv]
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)  # [T, Hv]
-        conv_state, ssm_state = batch.state_cache.layer(self.layer_idx)
+        conv_state, ssm_state = batch.state_pool.layer(self.layer_idx)
         weight = self.conv1d.weight.squeeze(1)  # [C, K]
         if batch.is_decode:
-            core = self._decode(mixed, g, beta, weight, conv_state, ssm_state, batch.slots)
+            slots = torch.tensor([s.state_slot for s in batch.spans], dtype=torch.long, device=x.device)
+            core = self._decode(mixed, g, beta, weight, conv_state, ssm_state, slots)
         else:
             core = torch.empty(num_tokens, self.num_v_heads, self.head_v_dim, dtype=x.dtype, device=x.device)
-            for offset, span in zip(batch.offsets, batch.spans):
+            decodes = set(batch.decode_spans)
+            if decodes:  # one-token continuations of a mixed batch, all at once
+                spans = [batch.spans[i] for i in batch.decode_spans]
+                rows = torch.tensor([batch.offsets[i] for i in batch.decode_spans], dtype=torch.long, device=x.device)
+                slots = torch.tensor([s.state_slot for s in spans], dtype=torch.long, device=x.device)
+                core[rows] = self._decode(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state, slots)
+            for i, (offset, span) in enumerate(zip(batch.offsets, batch.spans)):
+                if i in decodes:
+                    continue
                 rows = slice(offset, offset + span.num_tokens)
-                core[rows] = self._prefill(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state, span.slot)
+                core[rows] = self._prefill(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state,
+                                           span.state_slot)
         out = self.norm(core, z).reshape(num_tokens, self.local_value_dim)
         return self.out_proj(out)
 

@@ -14,13 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tandem.config import ModelConfig
-from tandem.layers.attention import cached_causal_attention
 from tandem.layers.embedding import VocabParallelEmbedding
 from tandem.layers.forward_batch import ForwardBatch
 from tandem.layers.gated_delta_net import GatedDeltaNet
 from tandem.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tandem.layers.moe import SparseMoE
 from tandem.layers.norm import RMSNorm
+from tandem.layers.paged_attention import paged_attention
 from tandem.layers.rotary import RotaryEmbedding
 from tandem.parallel.layout import GroupInfo, ParallelLayout
 from tandem.parallel.partition import PPMissingLayer, make_layers
@@ -88,8 +88,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, cos_sin)
-        k_cache, v_cache = batch.kv_cache.layer(self.layer_idx)
-        out = cached_causal_attention(q, k, v, batch, k_cache, v_cache, self.scaling)
+        k_cache, v_cache = batch.kv_pool.layer(self.layer_idx)
+        out = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scaling)
         out = out.reshape(num_tokens, self.num_heads * self.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)

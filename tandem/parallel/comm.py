@@ -1,4 +1,5 @@
-"""Collectives inside a stage (TP all-reduce / all-gather) and tensor send/recv between stages (PP).
+"""Collectives inside a stage (TP all-reduce / all-gather), tensor send/recv between stages (PP), and the
+world-wide minimum the stages agree on their pool sizes with.
 
 Between stages only raw tensors travel (`dist.send`/`dist.recv`, or their async forms); the receiver
 knows the shapes from the step's batch description, so nothing is serialized on the hot path.
@@ -46,3 +47,14 @@ def recv_from_prev_stage(pp: GroupInfo, num_tokens: int, hidden_size: int, dtype
         dist.recv(buf, src)
         out[name] = buf
     return out
+
+
+def world_min(values: list[int], device) -> list[int]:
+    """The element-wise minimum of `values` over every rank of the world (start-up agreement on pool sizes,
+    which every stage must share); the values themselves in a single-process world."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    on = device if torch.device(device).type == "cuda" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.int64, device=on)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor.tolist()

@@ -19,7 +19,7 @@ class PagedKVPool:
         return 2 * num_attn_layers * kv_heads * head_dim * dtype.itemsize
 
     def __init__(self, layer_ids: list[int], num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, zero_fill: bool = True):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if num_pages < 0:
@@ -27,8 +27,11 @@ class PagedKVPool:
         self.page_size, self.num_pages = page_size, num_pages
         self.index = {layer: i for i, layer in enumerate(layer_ids)}
         shape = (len(layer_ids), num_pages, page_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # NOTE: without zero_fill the pool is not touched here: on CPU its pages are only mapped when first
+        # written, so a large pool costs no resident memory up front. Attention reads only written slots.
+        make = torch.zeros if zero_fill else torch.empty
+        self.k = make(shape, dtype=dtype, device=device)
+        self.v = make(shape, dtype=dtype, device=device)
 
     @property
     def max_total_tokens(self) -> int:

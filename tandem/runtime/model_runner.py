@@ -1,6 +1,12 @@
-"""One rank's model runner: builds this stage's model, loads its weights, allocates its caches and runs
-steps. Non-first stages receive `{hidden_states, residual}` from the previous stage; non-last stages send
-theirs on; the last stage computes logits and samples."""
+"""One rank's model runner: builds this stage's model, loads its weights, sizes and allocates its cache pools
+and runs steps. Non-first stages receive `{hidden_states, residual}` from the previous stage; non-last stages
+send theirs on; the last stage computes logits and samples.
+
+Cache pools (see `tandem.runtime.geometry`): the KV pool holds `max_total_tokens` tokens for this stage's
+full-attention layers, the linear-attention state pool `state_slots` slots for its Gated-DeltaNet layers.
+Both sizes are agreed by every rank of the world (the minimum), since the driver hands out page and slot ids
+once for all stages. Each step's page tables and state-slot operations come from the driver
+(`tandem.runtime.step`); the runner keeps each request's page table between steps."""
 
 from __future__ import annotations
 
@@ -11,65 +17,121 @@ from collections import deque
 import torch
 
 from tandem.config import EngineArgs, ModelConfig
+from tandem.errors import ConfigError
 from tandem.layers.forward_batch import ForwardBatch
+from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.loader import load_weights
 from tandem.parallel import comm
 from tandem.parallel.layout import ParallelLayout
-from tandem.runtime.geometry import CacheGeometry
+from tandem.runtime.activation_reserve import measure_activation_reserve
+from tandem.runtime.device_memory import available_memory_bytes, device_memory_bytes
+from tandem.runtime.geometry import (
+    DEFAULT_MAX_RUNNING_REQUESTS,
+    StageCacheShape,
+    StageMemory,
+    final_requests,
+    size_requests,
+    size_tokens,
+    state_slots_per_request,
+)
 from tandem.runtime.logprobs import grouped_token_logprobs
-from tandem.runtime.planner import build_model
 from tandem.runtime.sampler import Sampler
+from tandem.runtime.stage_costs import build_model
 from tandem.runtime.step import StepInput, StepOutput
 
 logger = logging.getLogger("tandem")
+NO_TOKEN_LIMIT = 1 << 62  # a stage without full-attention layers, in the agreement on the minimum
 
 
-def available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: do not refuse
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
 
 
 class ModelRunner:
-    """One rank: its stage's model (built for `layout`), its weights, its caches, and `execute(step)`."""
+    """One rank: its stage's model (built for `layout`), its weights, its caches, and `execute(step)`.
+    `local_ranks` is the number of ranks sharing this node's RAM (CPU memory sizing)."""
 
-    def __init__(self, args: EngineArgs, model_config: ModelConfig, layout: ParallelLayout, progress: bool = True):
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, layout: ParallelLayout, progress: bool = True,
+                 local_ranks: int = 1):
         self.args, self.config, self.layout = args, model_config, layout
         self.dtype = args.resolve_dtype(model_config)
         self.device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         start = time.perf_counter()
-        self.geometry = CacheGeometry.from_args(model_config, args)
-        self.max_len, self.num_slots = self.geometry.max_len, self.geometry.num_slots
+        self.device_memory = device_memory_bytes(self.device, local_ranks)
         self.model = build_model(model_config, layout, self.dtype, self.device)  # parameters not yet touched
         self.layer_start, self.layer_end = self.model.layer_range
         own_layers = {i: self.model.model.layers[i] for i in range(self.layer_start, self.layer_end)}
-        self._check_memory(sum(self.geometry.layer_bytes(layer, model_config) for layer in own_layers.values()))
+        self.shape = StageCacheShape.from_layers(own_layers, model_config, self.dtype)
+        self.page_size = args.page_size
+        self.slots_per_request = state_slots_per_request(model_config, not args.disable_radix_cache)
+        self.context_length = args.resolve_context_length(model_config)
+        self.activation_reserve = 0
+        if args.max_total_tokens is not None:  # sizes known before loading: refuse early if they cannot fit
+            self._size_pools(None)
+            self._check_memory()
+        elif self.weight_bytes > self.device_memory * args.resolved_mem_fraction():
+            raise MemoryError(f"not enough memory on {layout.label}: weights {gb(self.weight_bytes)} exceed "
+                              f"{args.resolved_mem_fraction()} x {gb(self.device_memory)}; use more pipeline "
+                              f"stages or TP ranks")
         self.load_report = load_weights(self.model, args.model_path, layout.label, progress=progress)
-        self.kv_cache, self.state_cache = self.geometry.allocate(own_layers, model_config, self.device)
+        if args.max_total_tokens is None:
+            self.activation_reserve = measure_activation_reserve(
+                self, self._dry_run_context(), args.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS)
+            self._size_pools(StageMemory(self.device_memory, args.resolved_mem_fraction(), self.weight_bytes,
+                                         self.activation_reserve))
+        self.kv_pool, self.state_pool = self.shape.allocate(self.max_total_tokens, self.page_size, self.state_slots,
+                                                            self.device, zero_fill=False)
         self.load_seconds = time.perf_counter() - start
         self.sampler = Sampler()
+        self.page_tables: dict = {}
         self._pending_sends: list = []
         # wall-clock (start, end) of each step's computation, excluding the wait for the previous stage
         self.step_times: deque[tuple[float, float]] = deque(maxlen=4096)
         self._compute_start = 0.0
         logger.info(self.report_line())
+        logger.info(self.capacity_line())
 
-    def _check_memory(self, need_cache: int) -> None:
-        """Refuse to start when weights + caches cannot fit, instead of failing mid-load."""
-        need_weights = self.weight_bytes
-        available = available_memory_bytes(self.device)
-        if need_weights + need_cache > available:
-            gb = lambda n: f"{n / 1e9:.2f} GB"
+    def _dry_run_context(self) -> int:
+        """The context of the prefill dry run: the context length, unless a quarter of the memory left after
+        the weights holds fewer tokens (the pool could not hold such a context anyway)."""
+        free = int(self.device_memory * self.args.resolved_mem_fraction()) - self.weight_bytes
+        per_token = max(1, self.shape.kv_bytes_per_token)
+        return max(self.args.chunked_prefill_size, min(self.context_length, free // 4 // per_token))
+
+    def _size_pools(self, memory: StageMemory | None) -> None:
+        """max_running_requests, max_total_tokens and state slots, agreed with every other rank (the minimum)."""
+        args, shape, label = self.args, self.shape, self.layout.label
+        requests = size_requests(args.max_running_requests, memory, shape.state_bytes_per_slot,
+                                 self.slots_per_request)
+        requests = comm.world_min([requests], self.device)[0]
+        if requests < 1:
+            raise MemoryError(f"not enough memory on {label}: the linear-attention state of one request "
+                              f"({gb(self.slots_per_request * shape.state_bytes_per_slot)}) does not fit in half "
+                              f"of the {gb(memory.budget)} left after weights and activations")
+        state_bytes = requests * self.slots_per_request * shape.state_bytes_per_slot
+        try:
+            tokens = size_tokens(args.max_total_tokens, memory, state_bytes, shape.kv_bytes_per_token, self.page_size)
+        except ValueError as exc:
+            raise MemoryError(f"not enough memory on {label}: {exc}") from None
+        self.stage_max_total_tokens = tokens
+        agreed = comm.world_min([NO_TOKEN_LIMIT if tokens is None else tokens], self.device)[0]
+        if agreed == NO_TOKEN_LIMIT:
+            raise ConfigError("the model has no full-attention layer: there is no KV cache to size")
+        self.max_total_tokens = agreed
+        self.max_running_requests = final_requests(args.max_running_requests, requests, agreed, self.page_size)
+        self.state_slots = self.max_running_requests * self.slots_per_request
+
+    def _check_memory(self) -> None:
+        """With --max-total-tokens given, refuse to start when weights + caches cannot fit, before loading."""
+        need_cache = (self.max_total_tokens * self.shape.kv_bytes_per_token
+                      + self.state_slots * self.shape.state_bytes_per_slot)
+        available = available_memory_bytes(self.device) if self.device.type == "cuda" else self.device_memory
+        if self.weight_bytes + need_cache > available:
             raise MemoryError(
-                f"not enough memory on {self.layout.label}: weights {gb(need_weights)} + caches {gb(need_cache)} "
-                f"({self.num_slots} requests x {self.max_len} tokens) exceed the {gb(available)} available; "
-                f"lower --max-running-requests or --context-length, or use more stages / TP ranks")
+                f"not enough memory on {self.layout.label}: weights {gb(self.weight_bytes)} + caches "
+                f"{gb(need_cache)} ({self.max_total_tokens} KV tokens, {self.state_slots} state slots) exceed the "
+                f"{gb(available)} available; lower --max-total-tokens or --max-running-requests, or use more "
+                f"pipeline stages / TP ranks")
 
     @property
     def weight_bytes(self) -> int:
@@ -80,9 +142,14 @@ class ModelRunner:
         return {
             "pp_rank": pp.rank, "pp_size": pp.size, "tp_rank": tp.rank, "tp_size": tp.size,
             "layer_start": self.layer_start, "layer_end": self.layer_end,
-            "weight_bytes": self.weight_bytes, "kv_cache_bytes": self.kv_cache.nbytes,
-            "state_cache_bytes": self.state_cache.nbytes, "load_seconds": self.load_seconds,
-            "num_slots": self.num_slots, "max_len": self.max_len,
+            "weight_bytes": self.weight_bytes, "kv_cache_bytes": self.kv_pool.nbytes,
+            "state_cache_bytes": self.state_pool.nbytes, "load_seconds": self.load_seconds,
+            "max_total_tokens": self.max_total_tokens, "page_size": self.page_size,
+            "stage_max_total_tokens": self.stage_max_total_tokens,
+            "kv_bytes_per_token": self.shape.kv_bytes_per_token,
+            "state_slots": self.state_slots, "state_bytes_per_slot": self.shape.state_bytes_per_slot,
+            "max_running_requests": self.max_running_requests, "context_length": self.context_length,
+            "device_memory_bytes": self.device_memory, "activation_reserve_bytes": self.activation_reserve,
             "tensors_read": list(self.load_report.tensors_read), "bytes_read": self.load_report.bytes_read,
             "step_times": list(self.step_times),
             "peak_memory_bytes": self.peak_memory_bytes(),
@@ -99,8 +166,15 @@ class ModelRunner:
     def report_line(self) -> str:
         mb = lambda n: f"{n / 1e6:.1f} MB"
         return (f"{self.layout.label} layers [{self.layer_start}, {self.layer_end}): weights {mb(self.weight_bytes)}, "
-                f"kv cache {mb(self.kv_cache.nbytes)}, state cache {mb(self.state_cache.nbytes)}, "
+                f"kv cache {mb(self.kv_pool.nbytes)}, state cache {mb(self.state_pool.nbytes)}, "
                 f"load {self.load_seconds:.1f} s")
+
+    def capacity_line(self) -> str:
+        own = "" if self.stage_max_total_tokens in (None, self.max_total_tokens) else \
+            f" (this stage alone: {self.stage_max_total_tokens})"
+        return (f"{self.layout.label} KV cache: {self.max_total_tokens} tokens{own} ({gb(self.kv_pool.nbytes)}), "
+                f"linear-attention state: {self.state_slots} slots ({gb(self.state_pool.nbytes)}); "
+                f"activation reserve {gb(self.activation_reserve)} of {gb(self.device_memory)}")
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step on this stage; the last stage returns the sampled tokens."""
@@ -115,15 +189,29 @@ class ModelRunner:
         pp = self.layout.pp
         for key in step.release_keys:
             self.sampler.release(key)
-        self.state_cache.reset(step.reset_slots)
+            self.page_tables.pop(key, None)
+        for key, pages, fresh in zip(step.keys, step.new_pages, step.fresh_table):
+            if fresh:
+                self.page_tables[key] = list(pages)
+            else:
+                self.page_tables[key].extend(pages)
+        if step.state_restores:
+            self.state_pool.copy([src for src, _ in step.state_restores], [dst for _, dst in step.state_restores])
+        self.state_pool.reset(step.state_resets)
         batch = ForwardBatch.build(step.spans, step.input_ids, self.device)
-        batch.kv_cache, batch.state_cache = self.kv_cache, self.state_cache
+        batch.kv_pool, batch.state_pool = self.kv_pool, self.state_pool
+        if self.shape.attn_layers:
+            batch.attn = PagedAttentionMetadata.build([self.page_tables[key] for key in step.keys],
+                                                      [s.prefix_len for s in step.spans],
+                                                      [s.num_tokens for s in step.spans], self.page_size, self.device)
         hidden = residual = None
         if not pp.is_first:
             received = comm.recv_from_prev_stage(pp, batch.num_tokens, self.config.hidden_size, self.dtype, self.device)
             hidden, residual = received["hidden_states"], received["residual"]
             self._compute_start = time.time()
         hidden, residual = self.model(batch, hidden, residual)
+        if step.state_snapshots:
+            self.state_pool.copy([src for src, _ in step.state_snapshots], [dst for _, dst in step.state_snapshots])
         if not pp.is_last:
             for work in self._pending_sends:
                 work.wait()
@@ -136,9 +224,10 @@ class ModelRunner:
         """Give the sampler each request's tokens of this step (its history for penalties and seeds)."""
         offset = 0
         prompt_lens = step.prompt_lens or [0] * len(step.spans)
-        for span, key, params, prompt_len in zip(step.spans, step.keys, step.params, prompt_lens):
-            if span.prefix_len == 0:
-                self.sampler.begin(key, params, prompt_len)
+        for i, (span, key, params, prompt_len) in enumerate(zip(step.spans, step.keys, step.params, prompt_lens)):
+            if span.prefix_len == 0 or (step.fresh_table and step.fresh_table[i]):  # (re)admitted
+                history = step.histories[i] if step.histories else None
+                self.sampler.begin(key, params, prompt_len, history or (), start_position=span.prefix_len)
             self.sampler.observe(key, step.input_ids[offset:offset + span.num_tokens], span.prefix_len)
             offset += span.num_tokens
 

@@ -65,6 +65,13 @@ class TokenHistory:
             self.tokens.extend(token_ids)
         self.length = start_position + len(token_ids)
 
+    def skip_to(self, position: int) -> None:
+        """Start observing at `position` without the tokens before it (a prefix-cache hit of a request that
+        counts nothing); a counting history needs those tokens."""
+        if self.count_tokens:
+            raise ValueError("a request that uses penalties needs the tokens of its cached prefix (prefix_ids)")
+        self.length = position
+
     def _forget_from(self, position: int) -> None:
         if self.count_tokens:
             for p in range(position, self.length):

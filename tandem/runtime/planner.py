@@ -1,162 +1,121 @@
-"""Stage planner: what each pipeline stage holds (weights, KV cache, Gated-DeltaNet state cache, compute per
-token) computed from the model config alone, and the `auto` / `auto-compute` layer partitions.
+"""Stage planner: what each pipeline stage holds (weights, KV pool, linear-attention state pool, activation
+reserve, token capacity, compute per token) from the model config alone, and the automatic partitions.
 
-Byte counts are exact by construction: the planner builds the real Tandem model classes on the `meta` device
-(no memory, no weights read) for a `ParallelLayout` describing TP rank 0 of the wanted layout, so a stage's
-weight bytes are the sum of the same parameters `ModelRunner.weight_bytes` sums, and cache bytes come from
-the same `CacheGeometry` the runner allocates with.
+`resolve_partition` is the one resolver of a `--pp-layer-partition` spec:
+- `uniform`, or an explicit list (validated);
+- `auto`: the contiguous split minimising the largest stage's memory: weights, plus the caches when their
+  sizes are given (`--max-total-tokens` tokens, `--max-running-requests` requests' state slots);
+- `auto-compute`: minimising the largest stage's FLOPs per token;
+- `auto-capacity`: maximising the engine's KV capacity, the minimum over stages of the tokens each stage's
+  pool holds in the device's memory (`tandem.runtime.geometry` sizing, with the estimated activation
+  reserve). For hybrid models, where the full-attention layers fall decides it.
 
-`resolve_partition` is the one resolver of a `--pp-layer-partition` spec (uniform, explicit, auto,
-auto-compute).
+`min_max_partition` (auto, auto-compute) is exact by dynamic programming over (stage, end layer), ties broken
+by the smallest sum of squared stage costs. `capacity_partition` (auto-capacity) is exact too: the stages
+agree on the number of running requests (the minimum of each stage's), which sets the state pool and so the
+tokens every stage holds; for each possible agreed value R it maximises the minimum capacity over splits
+whose smallest stage value is exactly R (a dynamic program with one flag), and keeps the best R.
 
-A stage's cost is additive: the sum of its layers' costs plus a constant that depends only on the stage's
-position (the embedding on the first stage, the final norm and LM head on the last, both when there is one
-stage). `min_max_partition` finds the contiguous split minimising the largest stage cost exactly (dynamic
-programming), breaking ties by the smallest sum of squared stage costs (the most even split).
-"""
+`plan_stages` reports each stage as the engine would size it: the same functions, the same agreement."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 from tandem.config import EngineArgs, ModelConfig
 from tandem.errors import PartitionError
-from tandem.models.registry import get_model_class
-from tandem.parallel.layout import ParallelLayout
 from tandem.parallel.partition import parse_partition, stage_bounds, uniform_partition
-from tandem.runtime.geometry import CacheGeometry
+from tandem.runtime.device_memory import driver_device_memory_bytes
+from tandem.runtime.geometry import (
+    StageMemory,
+    agreed_min,
+    final_requests,
+    size_requests,
+    state_slots_per_request,
+)
+from tandem.runtime.stage_costs import (  # noqa: F401  (re-exported: the planner's public API)
+    ModelCosts,
+    build_model,
+    build_stage_on_meta,
+    costs_for,
+    model_costs,
+    model_weight_bytes,
+    stage_weight_bytes_on_meta,
+)
 
-AUTO_KINDS = ("auto", "auto-compute")
-
-
-def build_model(model_config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, device):
-    """The model of one rank of `layout`, with parameters allocated (uninitialised) on `device`."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return get_model_class(model_config.architecture)(model_config, layout)
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _param_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def build_stage_on_meta(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, pp_size: int = 1,
-                        pp_rank: int = 0, partition: Sequence[int] | None = None, tp_rank: int = 0):
-    """The model one rank would build, with every tensor on the meta device (nothing allocated)."""
-    partition = tuple(partition) if partition is not None else tuple(uniform_partition(model_config.num_layers,
-                                                                                       pp_size))
-    layout = ParallelLayout.describe(partition, tp_size, tp_rank, pp_rank)
-    return build_model(model_config, layout, dtype, torch.device("meta"))
+AUTO_KINDS = ("auto", "auto-compute", "auto-capacity")
 
 
-def stage_weight_bytes_on_meta(model_config: ModelConfig, dtype: torch.dtype, tp_size: int,
-                               partition: Sequence[int]) -> list[int]:
-    """Weight bytes per stage from building each stage's whole model on meta (a cross-check of the
-    additive model in `model_costs`; slower, as it builds every layer once per stage)."""
-    return [_param_bytes(build_stage_on_meta(model_config, dtype, tp_size, len(partition), rank, partition))
-            for rank in range(len(partition))]
+@dataclass(frozen=True)
+class PoolSettings:
+    """The engine settings that size the pools, and the device memory to size them in."""
+
+    page_size: int
+    max_total_tokens: int | None
+    max_running_requests: int | None
+    slots_per_request: int
+    mem_fraction: float
+    memory_bytes: int | None = None  # per device; needed for memory-derived sizes and auto-capacity
+    activation_reserve_bytes: int | None = None  # a measured reserve, for every stage, instead of the estimate
+
+    @classmethod
+    def from_args(cls, config: ModelConfig, args: EngineArgs, memory_bytes: int | None = None,
+                  activation_reserve_bytes: int | None = None) -> "PoolSettings":
+        return cls(args.page_size, args.max_total_tokens, args.max_running_requests,
+                   state_slots_per_request(config, not args.disable_radix_cache), args.resolved_mem_fraction(),
+                   memory_bytes, activation_reserve_bytes)
 
 
-@dataclass
-class ModelCosts:
-    """Per-layer costs on one device (TP rank 0) and the per-position constants of a stage."""
+@dataclass(frozen=True)
+class StageSums:
+    """One stage's per-device figures before sizing."""
 
-    layer_types: tuple[str, ...]
-    layer_moe: tuple[bool, ...]
-    weight_bytes: list[int]  # per layer
-    kv_cache_bytes: list[int]  # per layer (0 for linear-attention layers)
-    state_cache_bytes: list[int]  # per layer (0 for full-attention layers)
-    flops: list[float]  # per layer, per token
-    # extras by position: "single" (pp=1: first and last), "first", "middle", "last"
-    extra_weight_bytes: dict[str, int] = field(default_factory=dict)
-    extra_flops: dict[str, float] = field(default_factory=dict)
-    slots: int = 0
-    max_len: int = 0
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.weight_bytes)
-
-    def memory(self, i: int) -> int:
-        return self.weight_bytes[i] + self.kv_cache_bytes[i] + self.state_cache_bytes[i]
-
-    @staticmethod
-    def position(pp_rank: int, pp_size: int) -> str:
-        if pp_size == 1:
-            return "single"
-        return "first" if pp_rank == 0 else "last" if pp_rank == pp_size - 1 else "middle"
+    weight_bytes: int
+    kv_bytes_per_token: int
+    state_bytes_per_slot: int
+    activation_reserve_bytes: int
+    flops_per_token: float
 
 
-def _layer_flops(layer, weight_params: float, context: int) -> float:
-    """2 FLOPs per active parameter, plus the attention / recurrence terms that do not live in weights."""
-    flops = 2.0 * weight_params
-    if hasattr(layer, "self_attn"):
-        attn = layer.self_attn
-        flops += 4.0 * attn.num_heads * attn.head_dim * context  # q.k over the context, then p.v
-    elif hasattr(layer, "linear_attn"):
-        gdn = layer.linear_attn
-        # decay, k^T S, rank-1 update, q^T S: about 7 FLOPs per element of the [Hv, Dk, Dv] state
-        flops += 7.0 * gdn.num_v_heads * gdn.head_k_dim * gdn.head_v_dim
-    return flops
+def stage_sums(costs: ModelCosts, start: int, end: int, position: str, settings: PoolSettings | None) -> StageSums:
+    layers = range(start, end)
+    reserve = (settings.activation_reserve_bytes if settings and settings.activation_reserve_bytes is not None
+               else max(costs.activation_bytes[i] for i in layers) + costs.extra_activation_bytes[position])
+    return StageSums(sum(costs.weight_bytes[i] for i in layers) + costs.extra_weight_bytes[position],
+                     sum(costs.kv_bytes_per_token[i] for i in layers),
+                     sum(costs.state_bytes_per_slot[i] for i in layers), reserve,
+                     sum(costs.flops[i] for i in layers) + costs.extra_flops[position])
 
 
-def _active_params(layer, config: ModelConfig) -> float:
-    total = 0.0
-    for name, p in layer.named_parameters():
-        if ".experts." in f".{name}" and config.num_experts:
-            total += p.numel() * config.num_experts_per_tok / config.num_experts  # only top-k experts run
-        else:
-            total += p.numel()
-    return total
+def stage_memory(sums: StageSums, settings: PoolSettings) -> StageMemory | None:
+    """The memory a stage sizes its pools from (None when --max-total-tokens fixes them)."""
+    if settings.max_total_tokens is not None or settings.memory_bytes is None:
+        return None
+    return StageMemory(settings.memory_bytes, settings.mem_fraction, sums.weight_bytes, sums.activation_reserve_bytes)
 
 
-def model_costs(model_config: ModelConfig, tp_size: int, geometry: CacheGeometry,
-                context: int | None = None) -> ModelCosts:
-    """Per-layer bytes and FLOPs for one TP rank, from models built on meta. `context` is the number of
-    context tokens assumed for the attention term of the compute estimate (default max_len // 2)."""
-    dtype, slots, max_len = geometry.dtype, geometry.num_slots, geometry.max_len
-    context = max_len // 2 if context is None else context
-    L = model_config.num_layers
-    full = build_stage_on_meta(model_config, dtype, tp_size)
-    layers = full.model.layers
-    weights, kv, gdn_state, flops = [], [], [], []
-    for i in range(L):
-        layer = layers[i]
-        weights.append(_param_bytes(layer))
-        flops.append(_layer_flops(layer, _active_params(layer, model_config), context))
-        cache = geometry.layer_bytes(layer, model_config)
-        is_linear = model_config.layer_types[i] == "linear_attention"
-        kv.append(0 if is_linear else cache)
-        gdn_state.append(cache if is_linear else 0)
-    head_rows = full.lm_head.weight.shape[0]
-    head_flops = 2.0 * head_rows * model_config.hidden_size  # logits for the sampled token
-    extra_bytes = {"single": _param_bytes(full) - sum(weights)}
-    if L >= 2:
-        first = build_stage_on_meta(model_config, dtype, tp_size, 2, 0, (1, L - 1))
-        last = build_stage_on_meta(model_config, dtype, tp_size, 2, 1, (L - 1, 1))
-        extra_bytes["first"] = _param_bytes(first) - weights[0]
-        extra_bytes["last"] = _param_bytes(last) - weights[L - 1]
-    if L >= 3:
-        middle = build_stage_on_meta(model_config, dtype, tp_size, 3, 1, (1, 1, L - 2))
-        extra_bytes["middle"] = _param_bytes(middle) - weights[1]
-    extra_flops = {"single": head_flops, "first": 0.0, "middle": 0.0, "last": head_flops}
-    moe = tuple(model_config.is_moe_layer(i) for i in range(L))
-    return ModelCosts(tuple(model_config.layer_types), moe, weights, kv, gdn_state, flops, extra_bytes,
-                      extra_flops, slots, max_len)
+def stage_capacity(sums: StageSums, settings: PoolSettings, requests: int) -> int | None:
+    """Tokens a stage's KV pool holds with state slots for `requests` requests: the given max_total_tokens, or
+    what its memory holds in whole pages (<= 0 when not even one page fits). None: no full-attention layer."""
+    ps = settings.page_size
+    if settings.max_total_tokens is not None:
+        return settings.max_total_tokens // ps * ps
+    if sums.kv_bytes_per_token == 0:
+        return None
+    memory = stage_memory(sums, settings)
+    if memory is None:
+        raise PartitionError("sizing the KV pool from memory needs the device memory")
+    state = requests * settings.slots_per_request * sums.state_bytes_per_slot
+    return (memory.budget - state) // (sums.kv_bytes_per_token * ps) * ps
 
 
-def costs_for(model_config: ModelConfig, args: EngineArgs) -> ModelCosts:
-    return model_costs(model_config, args.tp_size, CacheGeometry.from_args(model_config, args))
+def stage_requests(sums: StageSums, settings: PoolSettings) -> int:
+    return size_requests(settings.max_running_requests, stage_memory(sums, settings), sums.state_bytes_per_slot,
+                         settings.slots_per_request)
 
 
-# ---- the partition algorithm ------------------------------------------------------------------------------
+# ---- partitions -----------------------------------------------------------------------------------------------
 
 
 def min_max_partition(layer_costs: Sequence[float], pp_size: int,
@@ -204,7 +163,11 @@ def min_max_partition(layer_costs: Sequence[float], pp_size: int,
                 value = sq[k - 1][i] + c * c
                 if sq[k][j] is None or value < sq[k][j]:
                     sq[k][j], choice[k][j] = value, i
-    counts, j = [], L
+    return _counts_from_choices(choice, pp_size, L)
+
+
+def _counts_from_choices(choice: list[list[int]], pp_size: int, num_layers: int) -> list[int]:
+    counts, j = [], num_layers
     for k in range(pp_size - 1, 0, -1):
         i = choice[k][j]
         counts.append(j - i)
@@ -217,36 +180,117 @@ def stage_extras(values: dict, pp_size: int) -> list:
     return [values[ModelCosts.position(k, pp_size)] for k in range(pp_size)]
 
 
-def partition_from_costs(costs: ModelCosts, pp_size: int, kind: str) -> list[int]:
+def capacity_partition(costs: ModelCosts, pp_size: int, settings: PoolSettings) -> list[int]:
+    """The split maximising the engine's KV capacity (see the module docstring). Exact; among splits of equal
+    capacity it prefers a larger agreed request count, then the one found first (earliest stage ends)."""
+    L = costs.num_layers
+    uniform_partition(L, pp_size)
+    positions = {k: ModelCosts.position(k, pp_size) for k in range(pp_size)}
+    sums = {(p, i, j): stage_sums(costs, i, j, p, settings)
+            for p in set(positions.values()) for i in range(L) for j in range(i + 1, L + 1)}
+    requests = {key: stage_requests(s, settings) for key, s in sums.items()}
+    given = settings.max_running_requests is not None
+    candidates = [settings.max_running_requests] if given else sorted({r for r in requests.values() if r >= 1},
+                                                                      reverse=True)
+    best_value, best_counts = None, None
+    for agreed in candidates:
+        value, counts = _capacity_dp(sums, requests, positions, L, pp_size, settings, agreed, exact=not given)
+        if counts is not None and (best_value is None or value > best_value):
+            best_value, best_counts = value, counts
+    if best_counts is None:  # nothing fits (the plan says so): the split that misses by the least
+        relaxed = {key: max(r, 1) for key, r in requests.items()}
+        _, best_counts = _capacity_dp(sums, relaxed, positions, L, pp_size, settings, 1, exact=False)
+    return best_counts
+
+
+def _capacity_dp(sums, requests, positions, L: int, pp_size: int, settings: PoolSettings, agreed: int,
+                 exact: bool) -> tuple[float, list[int] | None]:
+    """Max over splits of the minimum stage capacity with state for `agreed` requests, over splits whose stages
+    all allow `agreed` requests and (exact) one of them allows exactly that many."""
+    inf = float("inf")
+    value: dict = {}
+    for (p, i, j), s in sums.items():
+        r = requests[(p, i, j)]
+        if r < agreed:
+            continue
+        tokens = stage_capacity(s, settings, agreed)
+        value[(p, i, j)] = (inf if tokens is None else tokens, r == agreed or not exact)
+    # best[k][j][flag]: the best minimum capacity of stages 0..k covering [0, j); flag: a stage allows exactly
+    # `agreed` requests (always true when not exact)
+    best = [[[None, None] for _ in range(L + 1)] for _ in range(pp_size)]
+    choice = [[[None, None] for _ in range(L + 1)] for _ in range(pp_size)]
+    for j in range(1, L - pp_size + 2):
+        v = value.get((positions[0], 0, j))
+        if v is not None:
+            best[0][j][int(v[1])] = v[0]
+    for k in range(1, pp_size):
+        for j in range(k + 1, L - (pp_size - 1 - k) + 1):
+            for i in range(k, j):
+                v = value.get((positions[k], i, j))
+                if v is None:
+                    continue
+                for flag in (0, 1):
+                    prev = best[k - 1][i][flag]
+                    if prev is None:
+                        continue
+                    new_flag, candidate = flag | int(v[1]), min(prev, v[0])
+                    if best[k][j][new_flag] is None or candidate > best[k][j][new_flag]:
+                        best[k][j][new_flag], choice[k][j][new_flag] = candidate, (i, flag)
+    final = best[pp_size - 1][L][1]
+    if final is None:
+        return -inf, None
+    counts, j, flag = [], L, 1
+    for k in range(pp_size - 1, 0, -1):
+        i, flag = choice[k][j][flag]
+        counts.append(j - i)
+        j = i
+    counts.append(j)
+    return final, counts[::-1]
+
+
+def partition_from_costs(costs: ModelCosts, pp_size: int, kind: str, settings: PoolSettings | None = None) -> list[int]:
     if kind == "auto":
-        layer = [costs.memory(i) for i in range(costs.num_layers)]
+        tokens = settings.max_total_tokens or 0 if settings else 0
+        slots = (settings.max_running_requests or 0) * settings.slots_per_request if settings else 0
+        layer = [costs.weight_bytes[i] + tokens * costs.kv_bytes_per_token[i] + slots * costs.state_bytes_per_slot[i]
+                 for i in range(costs.num_layers)]
         return min_max_partition(layer, pp_size, stage_extras(costs.extra_weight_bytes, pp_size))
     if kind == "auto-compute":
         return min_max_partition(costs.flops, pp_size, stage_extras(costs.extra_flops, pp_size))
+    if kind == "auto-capacity":
+        if settings is None or settings.memory_bytes is None:
+            raise PartitionError("auto-capacity needs the device memory to size the stages' pools")
+        return capacity_partition(costs, pp_size, settings)
     raise PartitionError(f"unknown automatic partition {kind!r}; expected one of {', '.join(AUTO_KINDS)}")
 
 
-def resolve_partition(spec, pp_size: int, num_layers: int, costs: Callable[[], ModelCosts]) -> list[int]:
+def resolve_partition(spec, pp_size: int, num_layers: int, costs: Callable[[], ModelCosts],
+                      settings: Callable[[], PoolSettings] | None = None) -> list[int]:
     """The layers per stage for a `--pp-layer-partition` spec: None/"uniform", an explicit list (validated),
-    "auto" (balance memory: weights + caches per device) or "auto-compute" (balance FLOPs per token).
-    `costs()` is called only for the automatic kinds."""
+    or one of `AUTO_KINDS`. `costs()` and `settings()` are called only for the automatic kinds."""
     if spec is None or spec == "uniform":
         return uniform_partition(num_layers, pp_size)
     if isinstance(spec, str) and spec.startswith("auto"):
         if spec not in AUTO_KINDS:
             raise PartitionError(f"unknown automatic partition {spec!r}; expected one of {', '.join(AUTO_KINDS)}")
         uniform_partition(num_layers, pp_size)  # clear error when pp_size > layers
-        return [num_layers] if pp_size == 1 else partition_from_costs(costs(), pp_size, spec)
+        if pp_size == 1:
+            return [num_layers]
+        return partition_from_costs(costs(), pp_size, spec, settings() if settings else None)
     return parse_partition(spec, num_layers, pp_size)
 
 
 def engine_partition(model_config: ModelConfig, args: EngineArgs) -> list[int]:
-    """The partition an engine with `args` runs."""
+    """The partition an engine with `args` runs (auto-capacity: in the memory of this machine's devices)."""
+    def settings() -> PoolSettings:
+        memory = driver_device_memory_bytes(args.device, args.world_size // args.nnodes)
+        return PoolSettings.from_args(model_config, args, memory)
+
     return resolve_partition(args.pp_layer_partition, args.pp_size, model_config.num_layers,
-                             lambda: costs_for(model_config, args))
+                             lambda: costs_for(model_config, args), settings)
 
 
-# ---- plans ------------------------------------------------------------------------------------------------
+# ---- plans ----------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -259,9 +303,22 @@ class StagePlan:
     has_embedding: bool
     has_lm_head: bool
     weight_bytes: int
-    kv_cache_bytes: int
-    state_cache_bytes: int
+    kv_bytes_per_token: int
+    state_bytes_per_slot: int
+    activation_reserve_bytes: int
+    stage_max_total_tokens: int | None  # what this stage alone holds (None: no full-attention layer)
+    max_total_tokens: int  # agreed by every stage (the engine's capacity)
+    max_running_requests: int
+    state_slots: int
     flops_per_token: float
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.max_total_tokens * self.kv_bytes_per_token
+
+    @property
+    def state_cache_bytes(self) -> int:
+        return self.state_slots * self.state_bytes_per_slot
 
     @property
     def cache_bytes(self) -> int:
@@ -282,42 +339,53 @@ class StagePlan:
             return text + ", dense MLP"
         return text + f", {self.moe_layers} MoE + {n - self.moe_layers} dense MLP"
 
+    def fits(self, device_memory: int) -> bool:
+        """Weights, caches and the activation reserve fit the device, with at least one page of KV."""
+        holds = self.stage_max_total_tokens is None or self.stage_max_total_tokens > 0
+        return holds and self.max_total_tokens > 0 and self.max_running_requests > 0 and \
+            self.total_bytes + self.activation_reserve_bytes <= device_memory
+
     def to_dict(self, device_memory: int | None = None) -> dict:
         out = {
             "pp_rank": self.pp_rank, "layer_start": self.layer_start, "layer_end": self.layer_end,
             "num_layers": self.layer_end - self.layer_start, "layer_kinds": dict(self.layer_kinds),
             "moe_layers": self.moe_layers, "kinds": self.kinds, "has_embedding": self.has_embedding,
             "has_lm_head": self.has_lm_head, "weight_bytes": self.weight_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token, "state_bytes_per_slot": self.state_bytes_per_slot,
+            "stage_max_total_tokens": self.stage_max_total_tokens, "max_total_tokens": self.max_total_tokens,
+            "max_running_requests": self.max_running_requests, "state_slots": self.state_slots,
             "kv_cache_bytes": self.kv_cache_bytes, "state_cache_bytes": self.state_cache_bytes,
             "cache_bytes": self.cache_bytes, "total_bytes": self.total_bytes,
-            "flops_per_token": self.flops_per_token,
+            "activation_reserve_bytes": self.activation_reserve_bytes, "flops_per_token": self.flops_per_token,
         }
         if device_memory is not None:
-            out["fits"] = self.total_bytes <= device_memory
+            out["fits"] = self.fits(device_memory)
         return out
 
 
-def plan_stages(costs: ModelCosts, partition: Sequence[int]) -> list[StagePlan]:
-    """What each stage of a (validated) partition holds, from the per-layer costs."""
+def plan_stages(costs: ModelCosts, partition: Sequence[int], settings: PoolSettings) -> list[StagePlan]:
+    """What each stage of a (validated) partition holds, sized as the engine sizes it."""
     pp_size = len(partition)
     order = list(dict.fromkeys(costs.layer_types))  # kinds listed in the model's order on every stage
+    bounds = stage_bounds(partition)
+    sums = [stage_sums(costs, start, end, ModelCosts.position(rank, pp_size), settings)
+            for rank, (start, end) in enumerate(bounds)]
+    requests = max(0, min(stage_requests(s, settings) for s in sums))
+    capacities = [stage_capacity(s, settings, requests) for s in sums]
+    agreed = max(0, agreed_min(capacities) or 0) if requests else 0  # no request's state fits: nothing does
+    running = final_requests(settings.max_running_requests, requests, agreed, settings.page_size) if agreed else 0
     stages = []
-    for rank, (start, end) in enumerate(stage_bounds(partition)):
-        position = ModelCosts.position(rank, pp_size)
+    for rank, ((start, end), s, own) in enumerate(zip(bounds, sums, capacities)):
         layers = range(start, end)
         kinds = {kind: n for kind in order if (n := sum(costs.layer_types[i] == kind for i in layers))}
         stages.append(StagePlan(
             pp_rank=rank, layer_start=start, layer_end=end, layer_kinds=kinds,
             moe_layers=sum(costs.layer_moe[i] for i in layers),
             has_embedding=rank == 0, has_lm_head=rank == pp_size - 1,
-            weight_bytes=sum(costs.weight_bytes[i] for i in layers) + costs.extra_weight_bytes[position],
-            kv_cache_bytes=sum(costs.kv_cache_bytes[i] for i in layers),
-            state_cache_bytes=sum(costs.state_cache_bytes[i] for i in layers),
-            flops_per_token=sum(costs.flops[i] for i in layers) + costs.extra_flops[position],
+            weight_bytes=s.weight_bytes, kv_bytes_per_token=s.kv_bytes_per_token,
+            state_bytes_per_slot=s.state_bytes_per_slot, activation_reserve_bytes=s.activation_reserve_bytes,
+            stage_max_total_tokens=None if own is None else max(own, 0), max_total_tokens=agreed,
+            max_running_requests=running, state_slots=running * settings.slots_per_request,
+            flops_per_token=s.flops_per_token,
         ))
     return stages
-
-
-def model_weight_bytes(costs: ModelCosts) -> int:
-    """The whole text model on one TP rank (pp=1): every layer, the embedding, final norm and LM head."""
-    return sum(costs.weight_bytes) + costs.extra_weight_bytes["single"]

@@ -139,6 +139,24 @@ class RadixCache:
             self.hit_tokens += best_len
         return MatchResult(pages[:best_pages], best_len, best)
 
+    def cached_len(self, token_ids) -> int:
+        """Tokens of the longest cached page-aligned prefix of `token_ids`, wherever the state snapshots are (for a
+        hybrid tree, where a request's tokens leave the cached KV; `match_prefix` may end earlier). Changes
+        nothing: no split, no recency."""
+        ps = self.page_size
+        key = tuple(token_ids[:len(token_ids) // ps * ps])
+        node, pos = self.root, 0
+        while pos < len(key):
+            child = node.children.get(key[pos:pos + ps])
+            if child is None:
+                break
+            k = self._common_pages(child.key, key, pos)
+            pos += k * ps
+            if k < len(child.pages):
+                break
+            node = child
+        return pos
+
     def insert(self, token_ids, page_ids, state_slot: int | None = None) -> InsertResult:
         """Cache `token_ids` (a whole number of pages) stored in `page_ids` (one per page). Positions the tree
         already holds keep the tree's pages: `cached_pages` says how many leading pages that is. A request whose

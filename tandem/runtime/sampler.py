@@ -56,12 +56,16 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # ---- per-request history ---------------------------------------------------------------------------
-    def begin(self, key: Hashable, params: SamplingParams, prompt_len: int, prefix_ids: Sequence[int] = ()) -> None:
-        """Start (or restart) a request whose cache starts empty; `prefix_ids` are tokens at positions
-        0, 1, ... that will not be fed through the model (a reused cached prefix), if any."""
-        self.histories[key] = TokenHistory(prompt_len, count_tokens=params.uses_penalties)
+    def begin(self, key: Hashable, params: SamplingParams, prompt_len: int, prefix_ids: Sequence[int] = (),
+              start_position: int = 0) -> None:
+        """Start (or restart) a request; `prefix_ids` are tokens at positions 0, 1, ... that will not be fed
+        through the model (a reused cached prefix), if any. A request that uses no penalty may instead give
+        only where its first fed token sits (`start_position`): its history then needs no tokens."""
+        history = self.histories[key] = TokenHistory(prompt_len, count_tokens=params.uses_penalties)
         if len(prefix_ids):
-            self.histories[key].observe(prefix_ids, 0)
+            history.observe(prefix_ids, 0)
+        elif start_position:
+            history.skip_to(start_position)
 
     def observe(self, key: Hashable, token_ids: Sequence[int], start_position: int) -> None:
         """Tokens of `key` fed through the model in this step, starting at `start_position`; positions at or

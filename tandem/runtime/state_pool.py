@@ -21,15 +21,17 @@ class LinearStatePool:
         return num_linear_layers * (conv + recurrent)
 
     def __init__(self, layer_ids: list[int], num_slots: int, conv_channels: int, conv_kernel: int, v_heads: int,
-                 key_dim: int, value_dim: int, dtype: torch.dtype, device):
+                 key_dim: int, value_dim: int, dtype: torch.dtype, device, zero_fill: bool = True):
         if num_slots < 0:
             raise ValueError(f"num_slots must be >= 0, got {num_slots}")
         self.num_slots = num_slots
         self.index = {layer: i for i, layer in enumerate(layer_ids)}
         n = len(layer_ids)
-        self.conv = torch.zeros(n, num_slots, conv_channels, max(conv_kernel - 1, 0), dtype=dtype, device=device)
+        # without zero_fill, slots are zeroed by `reset` (or overwritten by `copy`) when a request takes them
+        make = torch.zeros if zero_fill else torch.empty
+        self.conv = make(n, num_slots, conv_channels, max(conv_kernel - 1, 0), dtype=dtype, device=device)
         # NOTE: the recurrent state is always float32; bf16 accumulation drifts over long sequences
-        self.recurrent = torch.zeros(n, num_slots, v_heads, key_dim, value_dim, dtype=torch.float32, device=device)
+        self.recurrent = make(n, num_slots, v_heads, key_dim, value_dim, dtype=torch.float32, device=device)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Conv and recurrent state of one global layer index: [slots, C, K-1] and [slots, Hv, Dk, Dv] views."""

@@ -1,6 +1,17 @@
 """The step messages between the scheduler and the ranks: `StepInput` (what one forward step computes, a few
-ints per request) and `StepOutput` (what the last stage sampled). Both are msgspec structs, so the rank
-processes receive and return them through a typed codec (`tandem.executors.messages`), never pickle."""
+ints per request, plus the cache decisions the driver made for it) and `StepOutput` (what the last stage
+sampled). Both are msgspec structs, so the rank processes receive and return them through a typed codec
+(`tandem.executors.messages`), never pickle.
+
+Every stage applies a step's cache decisions the same way, in this order:
+1. drop the page tables (and sampler state) of `release_keys`;
+2. page tables: for each span, `new_pages` are appended to its request's table, or replace it when
+   `fresh_table` is set (a request admitted or re-admitted, whose table starts with its prefix-cache hit);
+3. linear-attention state slots: `state_restores` (a cached prefix's snapshot -> the request's slot),
+   then `state_resets` (a request starting from an empty prefix);
+4. the forward pass;
+5. `state_snapshots` (a request's slot -> a cache slot, taken right after the chunk that ends at a cached
+   prefix end)."""
 
 from __future__ import annotations
 
@@ -17,13 +28,20 @@ class StepInput(msgspec.Struct):
     input_ids: list[int]  # packed tokens of all spans
     sample: list[bool]  # per span: sample a token after its last token
     params: list[SamplingParams]  # per span
-    keys: list[RequestKey]  # per span: request id (for per-request generators)
-    reset_slots: list[int] = []  # slots newly given to requests
+    keys: list[RequestKey]  # per span: request id (page tables and per-request generators)
+    new_pages: list[list[int]] = []  # per span: pages appended to its request's page table before the step
+    fresh_table: list[bool] = []  # per span: its page table is new_pages (not appended to)
+    state_restores: list[tuple[int, int]] = []  # (cache slot, request slot), before the forward pass
+    state_resets: list[int] = []  # request slots starting from the zero state, before the forward pass
+    state_snapshots: list[tuple[int, int]] = []  # (request slot, cache slot), after the forward pass
     release_keys: list[RequestKey] = []  # finished requests
-    input_logprobs: list[bool] | None = None  # per span: also return logprobs of its prompt tokens
+    input_logprobs: list[bool] | None = None  # per span: also return logprobs of its tokens' successors
     next_ids: list[int | None] | None = None  # per span: the prompt token after the span, if any
     prompt_lens: list[int] | None = None  # per span: its request's prompt length (positions past it are output)
     top_logprobs_num: list[int] | None = None  # per span: top-N logprobs wanted with its sampled / prompt tokens
+    # per span: for a request (re)admitted past position 0 that uses penalties, its tokens before the span
+    # (the sampler's token history of a prefix-cache hit); None elsewhere
+    histories: list[list[int] | None] | None = None
 
 
 class StepOutput(msgspec.Struct):

@@ -4,13 +4,17 @@ Counters and histograms are updated as requests arrive, produce tokens and finis
 taken on the engine's loop thread, when the token exists). Gauges (queue lengths, cache use per stage)
 are refreshed from the scheduler when /metrics is scraped.
 
-Cache use per stage: every stage holds a slot for each running request (capacity is agreed across
-stages), so slot use is the same on all stages; the bytes in use differ because each stage allocates KV
-cache only for its full-attention layers and state cache only for its linear-attention layers."""
+Cache use per stage: every stage holds the same pages and state slots (the driver hands them out once for
+all stages), so page and slot use are the same on all stages; the bytes in use differ because each stage's
+KV pool covers only its full-attention layers and its state pool only its linear-attention layers.
+
+Engine counters (preemptions, prefix-cache queries and hits) are kept by the engine's scheduler and exported
+as Prometheus counters by a collector that reads them at scrape time."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0, 300.0)
 
@@ -33,20 +37,25 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=registry)
         self.e2e = Histogram("tandem_e2e_request_latency_seconds", "Time from arrival to the last token.",
                              buckets=_LATENCY_BUCKETS, registry=registry)
-        self.running = Gauge("tandem_num_requests_running", "Requests holding a cache slot.", registry=registry)
-        self.waiting = Gauge("tandem_num_requests_waiting", "Requests queued for a cache slot.", registry=registry)
+        self.running = Gauge("tandem_num_requests_running", "Requests holding KV pages and a state slot.",
+                             registry=registry)
+        self.waiting = Gauge("tandem_num_requests_waiting", "Requests queued (new, or preempted to resume).",
+                             registry=registry)
         self.healthy = Gauge("tandem_engine_healthy", "1 while every rank is healthy, else 0.", registry=registry)
         stage = ["pp_rank", "tp_rank"]
-        self.slot_usage = Gauge("tandem_cache_slots_usage_ratio", "Fraction of the stage's cache slots in use.",
+        self.slot_usage = Gauge("tandem_cache_slots_usage_ratio",
+                                "Fraction of the stage's request state slots in use (one per running request).",
                                 stage, registry=registry)
         self.kv_usage = Gauge("tandem_kv_cache_usage_ratio",
-                              "Fraction of the stage's KV cache token capacity in use (0 without KV layers).",
-                              stage, registry=registry)
+                              "Fraction of the stage's KV pages in use by requests and the prefix cache "
+                              "(0 without KV layers).", stage, registry=registry)
         self.cache_bytes = Gauge("tandem_cache_bytes", "Cache bytes allocated on the stage.", stage + ["cache"],
                                  registry=registry)
         self.cache_used_bytes = Gauge("tandem_cache_used_bytes", "Cache bytes in use on the stage.",
                                       stage + ["cache"], registry=registry)
         self.stages: list[dict] = []
+        self.engine_stats: dict = {}
+        registry.register(_EngineCounters(self))
 
     # ---- request events (any thread) ---------------------------------------------------------------
     def request_started(self, tracked) -> None:
@@ -62,30 +71,59 @@ class Metrics:
     # ---- gauges (refreshed on scrape) --------------------------------------------------------------
     def set_stages(self, reports: list[dict]) -> None:
         """Remember each rank's static cache sizes (taken once, before the step loop starts)."""
-        self.stages = [{k: r.get(k) for k in ("pp_rank", "tp_rank", "kv_cache_bytes", "state_cache_bytes",
-                                              "num_slots", "max_len")} for r in reports]
+        self.stages = [{k: r.get(k) for k in ("pp_rank", "tp_rank", "kv_cache_bytes", "state_cache_bytes")}
+                       for r in reports]
         for s in self.stages:
             labels = (str(s["pp_rank"]), str(s["tp_rank"]))
             self.cache_bytes.labels(*labels, "kv").set(s["kv_cache_bytes"] or 0)
             self.cache_bytes.labels(*labels, "state").set(s["state_cache_bytes"] or 0)
 
     def refresh(self, engine, healthy: bool = True) -> None:
-        running, waiting = engine.queue_stats()
-        self.running.set(len(running))
-        self.waiting.set(waiting)
+        stats = self.engine_stats = engine.cache_stats()
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
         self.healthy.set(1 if healthy else 0)
+        page_ratio = min(stats["used_pages"] / max(stats["num_pages"], 1), 1.0)
+        slot_ratio = min(stats["running"] / max(stats["max_running_requests"], 1), 1.0)
         for s in self.stages:
             labels = (str(s["pp_rank"]), str(s["tp_rank"]))
-            slots, max_len = s["num_slots"] or 1, s["max_len"] or 1
-            slot_ratio = min(len(running) / slots, 1.0)
-            token_ratio = min(sum(running) / (slots * max_len), 1.0)
             kv_bytes, state_bytes = s["kv_cache_bytes"] or 0, s["state_cache_bytes"] or 0
             self.slot_usage.labels(*labels).set(slot_ratio)
-            self.kv_usage.labels(*labels).set(token_ratio if kv_bytes else 0.0)
-            self.cache_used_bytes.labels(*labels, "kv").set(int(kv_bytes * token_ratio))
+            self.kv_usage.labels(*labels).set(page_ratio if kv_bytes else 0.0)
+            self.cache_used_bytes.labels(*labels, "kv").set(int(kv_bytes * page_ratio))
             self.cache_used_bytes.labels(*labels, "state").set(int(state_bytes * slot_ratio))
 
     def render(self, engine=None, healthy: bool = True) -> bytes:
         if engine is not None:
             self.refresh(engine, healthy)
         return generate_latest(self.registry)
+
+
+class _EngineCounters:
+    """The engine's own counters, read at scrape time (they live in the scheduler, not in this registry)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        stats = self.metrics.engine_stats
+        counters = (
+            ("tandem_preemptions", "Requests retracted because decode ran out of KV pages (they resume later).",
+             "preemptions"),
+            ("tandem_prefix_cache_queries", "Requests looked up in the radix prefix cache.", "prefix_cache_queries"),
+            ("tandem_prefix_cache_query_tokens", "Prompt tokens of the requests looked up in the prefix cache.",
+             "prefix_cache_query_tokens"),
+            ("tandem_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache (not computed).",
+             "prefix_cache_hit_tokens"),
+        )
+        for name, documentation, key in counters:
+            family = CounterMetricFamily(name, documentation)
+            family.add_metric([], stats.get(key, 0))
+            yield family
+        rate = GaugeMetricFamily("tandem_prefix_cache_hit_rate", "Prefix-cache hit tokens over queried prompt tokens.")
+        queried = stats.get("prefix_cache_query_tokens", 0)
+        rate.add_metric([], stats.get("prefix_cache_hit_tokens", 0) / queried if queried else 0.0)
+        yield rate
+        pages = GaugeMetricFamily("tandem_prefix_cache_pages", "KV pages held by the radix prefix cache.")
+        pages.add_metric([], stats.get("cached_pages", 0))
+        yield pages

@@ -52,7 +52,9 @@ def check_model(request: Request, name: str | None) -> str:
 def usage(trackeds: list[Tracked]) -> dict:
     prompt = sum(len(t.req.prompt_ids) for t in trackeds)
     completion = sum(len(t.req.output_ids) for t in trackeds)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(t.req.cached_tokens for t in trackeds)  # prompt tokens served by the radix prefix cache
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def wait_all(bridge: EngineBridge, trackeds: list[Tracked], queue: asyncio.Queue, request: Request) -> bool:

@@ -141,7 +141,7 @@ def _classes(kind: str, multimodal: bool):
 
 
 def make_config(kind: str, *, tied: bool = False, multimodal: bool = False, num_layers: int | None = None,
-                layer_types: list[str] | None = None):
+                layer_types: list[str] | None = None, max_position_embeddings: int = MAX_POS):
     """The transformers config object used by build_checkpoint (exposed for tests that want it)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -161,6 +161,7 @@ def make_config(kind: str, *, tied: bool = False, multimodal: bool = False, num_
     if num_layers is None:
         num_layers = DEFAULT_LAYERS
     text = dict(_COMMON, **_KIND_CONFIG[kind], num_hidden_layers=num_layers, tie_word_embeddings=tied)
+    text["max_position_embeddings"] = max_position_embeddings
     if kind == "qwen3_5_moe":
         del text["intermediate_size"]  # not a Qwen3.5-MoE config field (all layers are MoE)
     if kind in HYBRID_KINDS:
@@ -433,6 +434,7 @@ def build_checkpoint(
     max_shard_size: str | None = None,
     with_tokenizer: bool = False,
     seed: int = 0,
+    max_position_embeddings: int = MAX_POS,
 ) -> pathlib.Path:
     """Build a tiny randomized HF checkpoint of `kind` into out_dir and return out_dir as a Path.
 
@@ -441,6 +443,7 @@ def build_checkpoint(
     multimodal: (qwen3_5*) save the *ForConditionalGeneration model with a tiny vision tower
         (`model.language_model.*`, `model.visual.*`, `lm_head.weight`; config.json has text_config/vision_config).
     add_mtp: add `mtp.*` tensors and `mtp_num_hidden_layers: 1` to the (text) config.
+    max_position_embeddings: the context the config declares (default 2048).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)}")
@@ -449,7 +452,8 @@ def build_checkpoint(
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    config = make_config(kind, tied=tied, multimodal=multimodal, num_layers=num_layers, layer_types=layer_types)
+    config = make_config(kind, tied=tied, multimodal=multimodal, num_layers=num_layers, layer_types=layer_types,
+                         max_position_embeddings=max_position_embeddings)
     _, model_cls = _classes(kind, multimodal)
     torch_dtype = _DTYPES[dtype]
     with torch.random.fork_rng(devices=[]):
