@@ -190,6 +190,8 @@ class EngineArgs:
     node_rank: int = 0
     dist_init_addr: str | None = None
     dist_auth_token: str | None = None  # shared secret of a multi-node run's control plane
+    max_rank_restarts: int = 3  # restarts of the ranks allowed within rank_restart_window; one more failure is final
+    rank_restart_window: float = 300.0  # seconds
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -197,6 +199,12 @@ class EngineArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_rank_restarts, int) or isinstance(self.max_rank_restarts, bool) \
+                or self.max_rank_restarts < 0:
+            raise ConfigError(f"max_rank_restarts must be a non-negative integer, got {self.max_rank_restarts!r}")
+        if not isinstance(self.rank_restart_window, (int, float)) or not self.rank_restart_window > 0:
+            raise ConfigError(f"rank_restart_window must be a positive number of seconds, got "
+                              f"{self.rank_restart_window!r}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         if self.device not in ("cpu", "cuda"):

@@ -23,6 +23,9 @@ HELP = {
     "node_rank": "This machine's index among --nnodes.",
     "dist_init_addr": "host:port of node 0's rendezvous for multi-node runs (default: a free local port).",
     "dist_auth_token": "Shared secret authenticating control messages between nodes (required when --nnodes > 1).",
+    "max_rank_restarts": "Restarts of the ranks allowed within --rank-restart-window after a rank dies or raises; "
+                         "one more failure stops the engine (the server exits non-zero).",
+    "rank_restart_window": "Seconds over which --max-rank-restarts counts restarts.",
     "log_level": "Logging level (debug, info, warning).",
 }
 
@@ -41,6 +44,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
             kwargs["help"] += f" (default: {f.default})"
         if str(f.type).startswith("int"):
             kwargs["type"] = int
+        elif str(f.type).startswith("float"):
+            kwargs["type"] = float
         parser.add_argument(flag, **kwargs)
 
 

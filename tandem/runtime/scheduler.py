@@ -2,7 +2,10 @@
 
 Every step packs one decode token for each decoding request plus prefill chunks of admitted requests up
 to the token budget (chunked prefill, so long prompts do not stall decoding). Requests finish on
-max_new_tokens, EOS (unless ignore_eos), stop_token_ids, stop strings, the context limit, or abort."""
+max_new_tokens, EOS (unless ignore_eos), stop_token_ids, stop strings, the context limit, or abort.
+
+`requeue_all()` forgets every cache (the ranks were restarted): running requests go back to the front of
+the queue and are prefilled again from their prompt plus the tokens they already generated."""
 
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ class Scheduler:
         self.max_len, self.chunk_size = max_len, chunk_size
         self.eos_token_ids = set(eos_token_ids)
         self.decode_text = decode_text
+        self.num_slots = num_slots
         self.free_slots = deque(range(num_slots))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -69,12 +73,27 @@ class Scheduler:
             return
         self.waiting.append(req)
 
-    def abort(self, rid) -> bool:
+    def abort(self, rid, message: str | None = None) -> bool:
+        """Finish request `rid` with {"type": "abort"} (plus `message`, the reason, when the engine ends it
+        rather than its client). False if there is no such unfinished request."""
         for req in list(self.waiting) + self.running:
             if req.rid == rid:
-                self._finish(req, {"type": "abort"})
+                self._finish(req, {"type": "abort", "message": message} if message else {"type": "abort"})
                 return True
         return False
+
+    def requeue_all(self) -> list[Request]:
+        """Every cache is gone: put the running requests back at the front of the queue, in the order they
+        were admitted, to be prefilled again from position 0 (prompt + tokens already generated; the
+        sampler rebuilds its history from what is fed through the model). Returns them."""
+        requeued = list(self.running)
+        for req in requeued:
+            req.slot, req.num_cached = None, 0
+        self.waiting.extendleft(reversed(requeued))
+        self.running.clear()
+        self.free_slots = deque(range(self.num_slots))
+        self._released.clear()  # the fresh ranks hold no state for them
+        return requeued
 
     @property
     def has_work(self) -> bool:
@@ -129,7 +148,11 @@ class Scheduler:
                 continue
             req.num_cached += step.spans[i].num_tokens
             if out.input_logprobs and out.input_logprobs[i] is not None:
-                req.input_logprobs.extend(out.input_logprobs[i])
+                # logprob j of the span is that of position prefix_len + j + 1; a request prefilled again
+                # (requeue_all) already holds the first ones, and its span runs past the prompt
+                start = len(req.input_logprobs) - step.spans[i].prefix_len
+                end = len(req.prompt_ids) - 1 - step.spans[i].prefix_len
+                req.input_logprobs.extend(out.input_logprobs[i][max(start, 0):max(end, 0)])
             if out.errors and out.errors[i]:
                 self._finish(req, {"type": "abort", "message": out.errors[i]})
                 updated.append(req)
