@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tandem.server.bridge import EngineBridge, TextStream, Tracked, wait_finished
+from tandem.server.limits import check_caps
 from tandem.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from tandem.server.sampling import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -66,6 +67,7 @@ def client_gone() -> Response:
 
 def submit_all(bridge: EngineBridge, prompts: list[list[int]], params: list, queue: asyncio.Queue,
                endpoint: str, input_logprobs: bool = False) -> list[Tracked]:
+    bridge.admit(len(prompts))
     trackeds: list[Tracked] = []
     try:
         for i, (ids, p) in enumerate(zip(prompts, params)):
@@ -154,10 +156,11 @@ async def completions(body: CompletionRequest, request: Request):
     bridge: EngineBridge = request.app.state.bridge
     model = check_model(request, body.model)
     check_unsupported(body)
+    check_caps(body)
     bridge.check_healthy()
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:
         raise APIError("logprobs must be between 0 and 20", param="logprobs")
-    prompts = bridge.engine.prompts.from_prompt(body.prompt, "prompt")
+    prompts = await bridge.run_blocking(bridge.engine.prompts.from_prompt, body.prompt, "prompt")
     params = [sampling_params(body, max_new_tokens_for(body.max_tokens, len(ids), bridge.context_length,
                                                        DEFAULT_MAX_NEW_TOKENS))
               for ids in prompts]
@@ -226,11 +229,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     bridge: EngineBridge = request.app.state.bridge
     model = check_model(request, body.model)
     check_unsupported(body)
+    check_caps(body)
     bridge.check_healthy()
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise APIError("top_logprobs must be between 0 and 20", param="top_logprobs")
     check_chat_options(body)
-    ids = bridge.engine.prompts.from_chat([{"role": m.role, "content": m.content} for m in body.messages])
+    ids = await bridge.run_blocking(bridge.engine.prompts.from_chat,
+                                    [{"role": m.role, "content": m.content} for m in body.messages])
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     # no limit asked: the rest of the context (as vLLM and SGLang do for chat)
