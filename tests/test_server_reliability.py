@@ -573,3 +573,72 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+# ---- in process: tokenization leaves the event loop free ---------------------------------------------
+
+class _BlockingPrompts:
+    """A PromptBuilder stand-in whose tokenization blocks until released."""
+
+    def __init__(self):
+        import threading
+
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.released = None
+
+    def from_prompt(self, prompt, field):
+        self.entered.set()
+        self.released = self.release.wait(60)  # False only if the event loop could not answer meanwhile
+        return [[1, 2, 3]]
+
+
+class _InstantEngine:
+    """The engine surface the app uses; every request finishes with one token as soon as it is added."""
+
+    model_path, context_length, error, loop_running = "/models/fake", 64, None, True
+
+    def __init__(self):
+        self.prompts = _BlockingPrompts()
+
+    def health(self):
+        return True, ""
+
+    def queue_stats(self):
+        return [], 0
+
+    def fault_stats(self):
+        return {"rank_failures": 0, "restarts": 0, "recovering": False}
+
+    def add_request(self, req):
+        req.output_ids.append(7)
+        req.output_logprobs.append(-0.5)
+        req.finish_reason = {"type": "length", "length": 1}
+        req.on_update(req)
+
+    def abort_request(self, rid):
+        pass
+
+    def text_of(self, req):
+        return "x"
+
+    def decode(self, ids):
+        return "x" * len(ids)
+
+
+def test_tokenization_runs_off_the_event_loop():
+    from tandem.server import create_app
+
+    engine = _InstantEngine()
+    app = create_app(engine, shutdown_engine=False)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            pending = asyncio.ensure_future(client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}))
+            assert await asyncio.to_thread(engine.prompts.entered.wait, 60)
+            health = await client.get("/health")  # answered while the tokenizer is still busy
+            engine.prompts.release.set()
+            return health, await pending
+
+    health, completion = asyncio.run(run())
+    assert health.status_code == 200 and engine.prompts.released
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"] == "x"

@@ -18,6 +18,7 @@ import hmac
 import json
 from dataclasses import dataclass
 
+from tandem.errors import ConfigError
 from tandem.server.protocol import APIError
 
 MAX_PROMPTS = 256  # prompts per call (/v1/completions prompt list, /generate batch)
@@ -41,9 +42,9 @@ class ServerLimits:
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
-            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+            raise ConfigError(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
         if self.max_request_body < 1:
-            raise ValueError(f"max_request_body must be >= 1 byte, got {self.max_request_body}")
+            raise ConfigError(f"--max-request-body must be >= 1 byte, got {self.max_request_body}")
 
 
 class QueueFullError(APIError):
