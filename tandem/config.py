@@ -197,6 +197,8 @@ class EngineArgs:
     node_rank: int = 0
     dist_init_addr: str | None = None
     dist_auth_token: str | None = None  # shared secret of a multi-node run's control plane
+    max_rank_restarts: int = 3  # restarts of the ranks allowed within rank_restart_window; one more failure is final
+    rank_restart_window: float = 300.0  # seconds
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -216,6 +218,12 @@ class EngineArgs:
             raise ConfigError(f"mem_fraction_static must be a number in (0, 1], got {fraction!r}")
         if not isinstance(self.disable_radix_cache, bool):
             raise ConfigError(f"disable_radix_cache must be a boolean, got {self.disable_radix_cache!r}")
+        if not isinstance(self.max_rank_restarts, int) or isinstance(self.max_rank_restarts, bool) \
+                or self.max_rank_restarts < 0:
+            raise ConfigError(f"max_rank_restarts must be a non-negative integer, got {self.max_rank_restarts!r}")
+        if not isinstance(self.rank_restart_window, (int, float)) or not self.rank_restart_window > 0:
+            raise ConfigError(f"rank_restart_window must be a positive number of seconds, got "
+                              f"{self.rank_restart_window!r}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         if self.device not in ("cpu", "cuda"):

@@ -3,20 +3,31 @@ one rank, one process per rank otherwise), tokenizes, schedules and runs request
 
 Besides `generate`, its public surface is what the server uses, so that nothing outside reaches into its
 parts: `model_path`, `context_length`, `tokenizer`, `prompts` (a `PromptBuilder`), `error`,
-`add_request`, `abort_request`, `start_background_loop`, `loop_running`, `health()`, `stage_report()`,
-`queue_stats()`, `model_info()`, `text_of`, `decode`, `token_texts` and `shutdown`."""
+`add_request`, `abort_request`, `abort_all`, `start_background_loop`, `loop_running`, `health()`,
+`stage_report()`, `queue_stats()`, `fault_stats()`, `wait_failed()`, `model_info()`, `text_of`, `decode`,
+`token_texts` and `shutdown`.
+
+A failed world is restarted, not abandoned: when a rank dies or raises (or the executor fails in any other
+way), the step loop logs the cause, stops every rank, starts a fresh set with the same layout (weights
+reloaded) and puts every unfinished request back at the front of the queue (`Scheduler.requeue_all`), to
+be prefilled again from its prompt plus the tokens it already produced. Clients only see a pause: the
+sampler rebuilds each request's token history from position 0 and seeded draws depend only on (seed, token
+number), so outputs are the same as without the fault. After `max_rank_restarts` restarts within
+`rank_restart_window` seconds, the next failure is final: `error` is set, every request is aborted with the
+cause and `wait_failed()` returns it."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Self
 
 from tandem.config import EngineArgs
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, RankFailedError
 from tandem.loader import checkpoint_weight_map
 from tandem.models.registry import load_model_config
 from tandem.prompts import PromptBuilder, build_result, output_text
@@ -49,15 +60,9 @@ class Engine:
         self.tokenizer = load_tokenizer(self.args.model_path)
         self.executor = None
         self._stopping = True
+        self._stop_requested = threading.Event()  # lets a restart in progress give up at shutdown
         self._loop_thread = None
-        if self.args.world_size == 1:
-            from tandem.executors.local import LocalExecutor
-
-            self.executor = LocalExecutor(self.args, self.model_config, self.partition, progress)
-        else:
-            from tandem.executors.process import ProcessExecutor
-
-            self.executor = ProcessExecutor(self.args, self.model_config, self.partition, progress)
+        self.executor = self._start_executor(progress)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -68,10 +73,13 @@ class Engine:
         self._loop_thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
+        self._failed = threading.Event()
+        self._recovering: str | None = None  # the cause, while the ranks are being restarted
+        self._restart_times: list[float] = []  # monotonic times of recent restarts
+        self.rank_failures = 0
+        self.restarts = 0
         capacity = self.executor.capacity
-        cache = CacheManager(capacity.max_total_tokens, capacity.page_size, capacity.max_running_requests,
-                             is_hybrid(self.model_config), radix_cache=not self.args.disable_radix_cache)
-        self.scheduler = Scheduler(cache, capacity.context_length, self.args.chunked_prefill_size,
+        self.scheduler = Scheduler(self._cache_manager(capacity), capacity.context_length, self.args.chunked_prefill_size,
                                    self.eos_token_ids, self.decode if self.tokenizer is not None else None)
         self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, capacity.context_length,
                                      capacity.max_total_tokens)
@@ -79,6 +87,19 @@ class Engine:
                     "requests, context length %d, radix cache %s", capacity.max_total_tokens, capacity.page_size,
                     capacity.max_running_requests, self.scheduler.max_len,
                     "off" if self.args.disable_radix_cache else "on")
+
+    def _cache_manager(self, capacity) -> CacheManager:
+        return CacheManager(capacity.max_total_tokens, capacity.page_size, capacity.max_running_requests,
+                            is_hybrid(self.model_config), radix_cache=not self.args.disable_radix_cache)
+
+    def _start_executor(self, progress: bool):
+        if self.args.world_size == 1:
+            from tandem.executors.local import LocalExecutor
+
+            return LocalExecutor(self.args, self.model_config, self.partition, progress)
+        from tandem.executors.process import ProcessExecutor
+
+        return ProcessExecutor(self.args, self.model_config, self.partition, progress, abandon=self._stop_requested)
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt=None, input_ids=None, sampling_params=None, return_logprob: bool = False,
@@ -119,6 +140,9 @@ class Engine:
         """Run requests to completion on the calling thread (no background loop)."""
         if self._loop_thread is not None:
             raise RuntimeError("the background loop is running: use add_request")
+        self._raise_if_failed()
+        for req in reqs:
+            req.params.validate_vocab(self.model_config.vocab_size)
         for req in reqs:
             self.scheduler.add(req)
         self._run_steps(stop_when_idle=True)
@@ -128,6 +152,7 @@ class Engine:
         """Queue a request (thread-safe). `req.on_update(req)` runs on the loop thread after each step
         that gives it a token, and when it finishes."""
         self._raise_if_failed()
+        req.params.validate_vocab(self.model_config.vocab_size)
         with self._lock:
             self.scheduler.add(req)
         if req.finished and req.on_update:
@@ -140,8 +165,17 @@ class Engine:
             for req in list(self.scheduler.waiting) + self.scheduler.running:
                 if req.rid == rid:
                     self.scheduler.abort(rid)
-                    if req.on_update:
-                        req.on_update(req)
+                    self._notify([req])
+
+    def abort_all(self, message: str) -> int:
+        """Finish every unfinished request with {"type": "abort", "message": message} (thread-safe); returns
+        how many there were. The server uses it to end open requests at shutdown."""
+        with self._lock:
+            pending = list(self.scheduler.waiting) + self.scheduler.running
+            for req in pending:
+                self.scheduler.abort(req.rid, message)
+        self._notify(pending)
+        return len(pending)
 
     def start_background_loop(self) -> None:
         """Run steps on a daemon thread until shutdown (used by the server)."""
@@ -167,14 +201,29 @@ class Engine:
                 "tp_size": self.args.tp_size, "pp_size": self.args.pp_size, "context_length": self.context_length}
 
     def health(self) -> tuple[bool, str]:
-        """(True, "") while the engine can run requests; else (False, why): its loop stopped on an error,
-        it is shut down, or a rank process has exited (seen at once, not at the next step)."""
+        """(True, "") while the engine can run requests; else (False, why): its loop gave up after repeated
+        failures, it is shut down, its ranks are being restarted, or a rank process has exited (seen at
+        once, not at the next step). Requests added while the ranks restart wait for them."""
         if self.error is not None:
             return False, str(self.error)
         if self.executor is None:
             return False, "the engine is shut down"
+        recovering = self._recovering
+        if recovering is not None:
+            return False, f"restarting the ranks after a failure: {recovering}"
         dead = self.executor.dead_ranks()
         return (False, "; ".join(dead)) if dead else (True, "")
+
+    def fault_stats(self) -> dict:
+        """{"rank_failures", "restarts", "recovering"}: failures seen, restarts that succeeded, and whether
+        a restart is under way."""
+        return {"rank_failures": self.rank_failures, "restarts": self.restarts,
+                "recovering": self._recovering is not None}
+
+    def wait_failed(self, timeout: float | None = None) -> BaseException | None:
+        """Block until the engine has given up (returns the error) or `timeout` passed (returns None)."""
+        self._failed.wait(timeout)
+        return self.error
 
     def queue_stats(self) -> tuple[list[int], int]:
         """(tokens cached per running request, number of waiting requests), read consistently."""
@@ -187,41 +236,100 @@ class Engine:
         except BaseException as exc:
             self.error = exc
             logger.error("engine loop stopped: %s", exc)
-            with self._lock:
-                pending = list(self.scheduler.waiting) + self.scheduler.running
-                for req in pending:
-                    self.scheduler.abort(req.rid)
-            for req in pending:
-                if req.on_update:
-                    req.on_update(req)
+            self.abort_all(f"the engine failed: {exc}")
+            self._failed.set()
 
     def _run_steps(self, stop_when_idle: bool) -> None:
         """Keep up to `num_micro_batches` steps in flight: while stage k+1 works on one micro-batch,
-        stage k already works on the next. A request is never in two in-flight steps."""
+        stage k already works on the next. A request is never in two in-flight steps. A failure of the
+        executor (a rank died or raised) restarts the ranks and requeues every request (`_recover`)."""
         in_flight: deque = deque()
         while not self._stopping:
-            with self._lock:
-                busy = {req.rid for _, _, reqs in in_flight for req in reqs}
-                while len(in_flight) < self.num_micro_batches:
-                    planned = self.scheduler.next_step(busy, self.num_micro_batches)
-                    if planned is None:
-                        break
-                    step, reqs = planned
-                    in_flight.append((self.executor.submit(step), step, reqs))
-                    busy.update(req.rid for req in reqs)
-            if not in_flight:
-                if stop_when_idle:
+            try:
+                with self._lock:
+                    busy = {req.rid for _, _, reqs in in_flight for req in reqs}
+                    while len(in_flight) < self.num_micro_batches:
+                        planned = self.scheduler.next_step(busy, self.num_micro_batches)
+                        if planned is None:
+                            break
+                        step, reqs = planned
+                        in_flight.append((self.executor.submit(step), step, reqs))
+                        busy.update(req.rid for req in reqs)
+                if not in_flight:
+                    if stop_when_idle:
+                        return
+                    self.executor.check_alive()  # a rank that dies while idle is replaced at once
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                step_id, step, reqs = in_flight.popleft()
+                out = self.executor.collect(step_id)
+            except Exception as exc:
+                if self._stopping:
                     return
-                self._wake.wait(0.05)
-                self._wake.clear()
+                in_flight.clear()  # those steps died with the ranks; their requests are requeued
+                self._recover(exc)
                 continue
-            step_id, step, reqs = in_flight.popleft()
-            out = self.executor.collect(step_id)
             with self._lock:
                 updated = self.scheduler.process(step, reqs, out)
-            for req in updated:
-                if req.on_update:
+            self._notify(updated)
+
+    def _notify(self, reqs: list[Request]) -> None:
+        """Run the requests' `on_update` callbacks; a failing callback is logged and does not stop the loop."""
+        for req in reqs:
+            if req.on_update:
+                try:
                     req.on_update(req)
+                except Exception:
+                    logger.exception("on_update of request %s failed", req.rid)
+
+    def _recover(self, failure: Exception) -> None:
+        """Replace the failed world by a fresh one with the same layout and requeue every running request;
+        raise RankFailedError instead when the last `max_rank_restarts` restarts all fall within
+        `rank_restart_window` seconds (or a restart is abandoned at shutdown)."""
+        cause = str(failure) if isinstance(failure, RankFailedError) else f"{type(failure).__name__}: {failure}"
+        requeued: list[Request] = []
+        while True:
+            self.rank_failures += 1
+            logger.error("rank failure #%d: %s", self.rank_failures, cause)
+            with self._lock:
+                self._recovering = cause
+                requeued += self.scheduler.requeue_all()
+            with contextlib.suppress(Exception):  # stop whatever is left of the failed world
+                self.executor.shutdown(graceful=False)
+            now = time.monotonic()
+            window = self.args.rank_restart_window
+            self._restart_times = [t for t in self._restart_times if now - t < window]
+            if len(self._restart_times) >= self.args.max_rank_restarts:
+                self.error = RankFailedError(f"giving up: {len(self._restart_times)} restart(s) of the ranks in the "
+                                             f"last {window:g} s (--max-rank-restarts {self.args.max_rank_restarts}); "
+                                             f"last failure: {cause}")
+                self._recovering = None
+                raise self.error
+            self._restart_times.append(now)
+            logger.warning("restarting the ranks (restart %d); %d request(s) will be prefilled again",
+                           self.restarts + 1, len(requeued))
+            try:
+                executor = self._start_executor(progress=False)
+            except Exception as exc:
+                if self._stopping:  # shutdown abandoned the restart
+                    return
+                cause = f"the restart failed: {exc}"
+                continue
+            break
+        if self._stopping:
+            executor.shutdown()
+            return
+        with self._lock:
+            self.executor = executor
+            # the fresh pools may be sized differently (memory-derived sizing): nothing is cached or running
+            # now, so the scheduler simply takes the new capacity
+            self.scheduler.cache = self._cache_manager(executor.capacity)
+            self.scheduler.set_capacity(executor.capacity.context_length)
+            self.prompts.max_total_tokens = executor.capacity.max_total_tokens
+            self._recovering = None
+        self.restarts += 1
+        logger.warning("the ranks are back (restart %d); resuming %d request(s)", self.restarts, len(requeued))
 
     def cache_stats(self) -> dict:
         """Cache use and counters (pages, running/waiting requests, preemptions, prefix-cache hits), read
@@ -253,6 +361,7 @@ class Engine:
 
     def shutdown(self) -> None:
         self._stopping = True
+        self._stop_requested.set()
         if self._loop_thread is not None:
             self._wake.set()
             self._loop_thread.join(timeout=10)

@@ -68,7 +68,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(workdir):
-    srv = ServeProcess(DEFAULT_MODEL, workdir / "server.log", "--pp-size", "2", "--dtype", "float32")
+    srv = ServeProcess(DEFAULT_MODEL, workdir / "server.log", ["--pp-size", "2", "--dtype", "float32"])
     try:
         srv.wait_healthy()
         yield srv

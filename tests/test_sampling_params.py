@@ -28,7 +28,9 @@ NAN, INF = float("nan"), float("inf")
     ("logit_bias", {-1: 1.0}), ("logit_bias", {"x": 1.0}), ("logit_bias", {"-3": 1.0}), ("logit_bias", {1.5: 1.0}),
     ("logit_bias", {5: "1"}), ("logit_bias", [1, 2]),
     ("seed", 1.0), ("seed", "7"), ("seed", NAN), ("seed", True),
-    ("max_new_tokens", -1),
+    ("max_new_tokens", -1), ("max_new_tokens", 2 ** 63),
+    ("stop_token_ids", [-1]), ("stop_token_ids", [2 ** 64]), ("logit_bias", {2 ** 63: 1.0}),
+    ("logit_bias", {"9" * 5000: 1.0}),
 ])
 def test_invalid_values_name_their_field(field, value):
     with pytest.raises(ConfigError) as info:
@@ -99,3 +101,17 @@ def test_huge_and_negative_seeds_give_reproducible_distinct_streams():
     for seed in seeds:
         assert stream(seed) == streams[seed], seed
     assert len({tuple(s) for s in streams.values()}) == len(seeds), "different seeds, different streams"
+
+
+def test_extreme_valid_values_fit_the_step_messages():
+    """Whatever validates can travel to the ranks: every integer fits the wire's 64 bits."""
+    import msgspec
+
+    from tandem.layers.forward_batch import Span
+    from tandem.runtime.step import StepInput
+
+    p = SamplingParams(top_k=2 ** 70, seed=-(2 ** 200), max_new_tokens=2 ** 63 - 1, stop_token_ids=[0, 2 ** 63 - 1],
+                       logit_bias={2 ** 63 - 1: 1.0, "0": -1.0}, temperature=1e308)
+    assert p.top_k == -1  # more than any vocabulary: off
+    step = StepInput([Span(0, 0, 1)], [5], [True], [p], [1])
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(step), type=StepInput).params[0] == p

@@ -486,6 +486,9 @@ class _FakeEngine:
     def queue_stats(self):
         return [], 0
 
+    def fault_stats(self):
+        return {"rank_failures": 0, "restarts": 0, "recovering": False}
+
     def add_request(self, req):
         raise AssertionError("no request may reach a failed engine")
 

@@ -37,8 +37,8 @@ def model_dir(ckpt):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    srv = ServeProcess(model_dir, tmp_path_factory.mktemp("server_logprobs") / "server.log", "--pp-size", "2",
-                       "--dtype", "float32", "--context-length", str(CONTEXT))
+    srv = ServeProcess(model_dir, tmp_path_factory.mktemp("server_logprobs") / "server.log",
+                       ["--pp-size", "2", "--dtype", "float32", "--context-length", str(CONTEXT)])
     try:
         srv.wait_healthy()
         yield srv

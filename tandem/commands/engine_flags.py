@@ -33,6 +33,9 @@ HELP = {
     "node_rank": "This machine's index among --nnodes.",
     "dist_init_addr": "host:port of node 0's rendezvous for multi-node runs (default: a free local port).",
     "dist_auth_token": "Shared secret authenticating control messages between nodes (required when --nnodes > 1).",
+    "max_rank_restarts": "Restarts of the ranks allowed within --rank-restart-window after a rank dies or raises; "
+                         "one more failure stops the engine (the server exits non-zero).",
+    "rank_restart_window": "Seconds over which --max-rank-restarts counts restarts.",
     "log_level": "Logging level (debug, info, warning).",
 }
 

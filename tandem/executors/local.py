@@ -36,5 +36,8 @@ class LocalExecutor:
         """The one rank is this process: never dead while anyone can ask."""
         return []
 
-    def shutdown(self) -> None:
+    def check_alive(self) -> None:
+        """Nothing to check: a failure in this process raises from `submit`."""
+
+    def shutdown(self, graceful: bool = True) -> None:
         self.runner = None

@@ -3,20 +3,29 @@ over ZMQ, collects results, and turns any rank failure into a `RankFailedError` 
 cause. `shutdown()` leaves no rank process behind. Every message is a typed, authenticated struct
 (`tandem.executors.messages`); anything else that reaches the sockets is dropped.
 
-Addresses: torch.distributed rendezvous at `dist_init_addr` (host:port; default a free 127.0.0.1 port),
-the step feed at port+1 and the result channel at port+2, so ranks on other nodes can find the driver. On
-one node every socket binds to loopback; across nodes the secret comes from `--dist-auth-token`."""
+Addresses: the step feed at port+1 and the result channel at port+2 of `dist_init_addr` (host:port;
+default a free 127.0.0.1 port), so ranks on other nodes can find the driver; the torch.distributed
+rendezvous is a TCP store at `dist_init_addr` across nodes, a file in a private temporary directory on one
+node. On one node every socket binds to loopback (gloo's too: GLOO_SOCKET_IFNAME=lo unless set); across
+nodes the secret comes from `--dist-auth-token`.
+
+`check_alive()` raises at once for a rank that has exited, so the engine can replace a world that died
+while idle; `abandon` (an Event) stops waiting for ranks that are still starting."""
 
 from __future__ import annotations
 
 import atexit
 import itertools
 import logging
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import zmq
 
@@ -82,18 +91,28 @@ def control_secret(args: EngineArgs) -> bytes:
     return messages.secret_from_token(args.dist_auth_token)
 
 
+def _rank_environment(args: EngineArgs) -> dict | None:
+    """On one node, gloo listens on loopback only (unless the operator chose an interface)."""
+    if args.nnodes > 1 or "GLOO_SOCKET_IFNAME" in os.environ or not Path("/sys/class/net/lo").exists():
+        return None
+    return dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+
+
 def start_node_ranks(args: EngineArgs, partition: list[int], host: str, port: int, secret: bytes,
-                     progress: bool = True) -> list[subprocess.Popen]:
+                     progress: bool = True, init_method: str | None = None) -> list[subprocess.Popen]:
     """Start this node's share of the ranks as fresh interpreters (`python -m tandem.executors.rank`), so
-    nothing depends on the caller's __main__ and no torch threads are forked."""
+    nothing depends on the caller's __main__ and no torch threads are forked. The rendezvous is
+    `init_method` (default: a TCP store at host:port)."""
     per_node = args.world_size // args.nnodes
     procs = []
+    env = _rank_environment(args)
     for local in range(per_node):
         rank = args.node_rank * per_node + local
-        launch = Launch(rank, args.world_size, per_node, f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}",
-                        f"tcp://{host}:{port + 2}", list(partition), secret, args, progress)
+        launch = Launch(rank, args.world_size, per_node, init_method or f"tcp://{host}:{port}",
+                        f"tcp://{host}:{port + 1}", f"tcp://{host}:{port + 2}", list(partition), secret, args,
+                        progress)
         proc = subprocess.Popen([sys.executable, "-m", "tandem.executors.rank"], stdin=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         proc.stdin.write(messages.encode_launch(launch))
         proc.stdin.close()
         proc.name = f"rank {rank}"
@@ -120,14 +139,18 @@ def stop_processes(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 
 
 class ProcessExecutor:
-    def __init__(self, args: EngineArgs, model_config: ModelConfig, partition: list[int], progress: bool = True):
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, partition: list[int], progress: bool = True,
+                 abandon: threading.Event | None = None):
         if args.node_rank != 0:
             raise ValueError("the driver runs on node 0; other nodes run `run_node`")
         self.args = args
         self.procs: list = []
+        self._abandon = abandon
         self._context = zmq.Context()
         self._io = threading.RLock()
         self._closed = False
+        # one node: rendezvous through a file only this user can reach, so no TCP store listens anywhere
+        self._store_dir = tempfile.mkdtemp(prefix="tandem-rendezvous-") if args.nnodes == 1 else None
         secret = control_secret(args)
         self._codec = Codec(secret, RankMessage)
         host, port = _addresses(args)
@@ -140,7 +163,8 @@ class ProcessExecutor:
         self._step_ids = itertools.count()
         self._done: dict[int, StepOutput] = {}
         atexit.register(self.shutdown)
-        self.procs = start_node_ranks(args, partition, host, port, secret, progress)
+        init_method = f"file://{self._store_dir}/store" if self._store_dir else None
+        self.procs = start_node_ranks(args, partition, host, port, secret, progress, init_method)
         self._reports: dict[int, dict] = {}
         self._fresh: set[int] = set()
         try:
@@ -178,12 +202,24 @@ class ProcessExecutor:
             self._done[message.step_id] = message.output
 
     def _fail(self, cause: str) -> None:
+        # a rank killed by a signal sends nothing; its peers then fail on the broken connection, possibly
+        # before the kernel has finished its exit: look for it a moment, and name it first
+        deadline = time.monotonic() + 0.5
+        while True:
+            killed = [p for p in self.procs if p.poll() is not None and p.returncode < 0 and p.name not in cause]
+            if killed or time.monotonic() > deadline or all(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.02)
+        if killed:
+            cause = f"{killed[0].name} was killed by signal {-killed[0].returncode}; then {cause}"
         self.shutdown(graceful=False)
         raise RankFailedError(cause)
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while len(self._reports) < self.args.world_size:
+            if self._abandon is not None and self._abandon.is_set():
+                self._fail("abandoned while the ranks were starting (the engine is shutting down)")
             if time.monotonic() > deadline:
                 self._fail(f"only {len(self._reports)} of {self.args.world_size} ranks became ready in "
                            f"{STARTUP_TIMEOUT_S} s")
@@ -204,6 +240,13 @@ class ProcessExecutor:
             if message is not None:
                 self._handle(message)
         return self._done.pop(step_id)
+
+    def check_alive(self) -> None:
+        """Raise RankFailedError (with the rank's own cause, when it sent one) if a rank has exited."""
+        while self.dead_ranks():
+            message = self._receive(0.05)  # raises once no message of the dead rank is left
+            if message is not None:
+                self._handle(message)
 
     def dead_ranks(self) -> list[str]:
         """'rank N exited with code C' for each of this node's rank processes that has exited."""
@@ -233,16 +276,42 @@ class ProcessExecutor:
         self._steps.close(linger=0)
         self._results.close(linger=0)
         self._context.term()
+        if self._store_dir:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
         atexit.unregister(self.shutdown)
 
 
+def _wait_for_exit_or_failure(procs: list[subprocess.Popen]) -> bool:
+    """Wait until every process exited with 0 (True) or one exited otherwise (False)."""
+    while True:
+        codes = [p.poll() for p in procs]
+        if any(c not in (None, 0) for c in codes):
+            return False
+        if all(c == 0 for c in codes):
+            return True
+        time.sleep(0.2)
+
+
 def run_node(args: EngineArgs, partition: list[int]) -> int:
-    """Run a non-driver node's ranks until they exit (the driver on node 0 stops them)."""
+    """Run a non-driver node's ranks until the driver on node 0 stops them (exit code 0). When one of them
+    fails, the driver restarts the world: this node restarts its ranks too, within the same restart limit
+    (--max-rank-restarts within --rank-restart-window), then exits with the failed rank's code."""
     host, port = _addresses(args)
-    procs = start_node_ranks(args, partition, host, port, control_secret(args))
-    try:
-        for proc in procs:
-            proc.wait()
-    finally:
-        stop_processes(procs, grace_s=0.0)
-    return max((p.returncode or 0) for p in procs)
+    secret = control_secret(args)
+    restarts: list[float] = []
+    while True:
+        procs = start_node_ranks(args, partition, host, port, secret)
+        try:
+            if _wait_for_exit_or_failure(procs):
+                return 0
+        finally:
+            stop_processes(procs, grace_s=0.0)
+        failed = next(p for p in procs if p.returncode not in (None, 0))
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < args.rank_restart_window]
+        if len(restarts) >= args.max_rank_restarts:
+            logger.error("%s exited with code %s; giving up after %d restart(s)", failed.name, failed.returncode,
+                         len(restarts))
+            return failed.returncode if failed.returncode > 0 else 1
+        restarts.append(now)
+        logger.warning("%s exited with code %s; restarting this node's ranks", failed.name, failed.returncode)

@@ -130,6 +130,14 @@ class CacheManager:
             ids = self.snapshot_slots.alloc(1)
         return None if ids is None else self.max_running_requests + ids[0]
 
+    def reset(self) -> None:
+        """Forget everything (the ranks' pools are gone): every page and slot free, the prefix cache empty."""
+        self.pages.reset()
+        self.request_slots.reset()
+        self.snapshot_slots.reset()
+        if self.radix is not None:
+            self.radix = RadixCache(self.page_size, hybrid=self.hybrid)
+
     # ---- release ------------------------------------------------------------------------------------------
     def release(self, req) -> None:
         """Free what `req` holds: its own pages, its duplicates, its state slot, its lock on the tree."""

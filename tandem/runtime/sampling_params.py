@@ -3,7 +3,10 @@
 Construction validates (so an invalid `SamplingParams` cannot reach a rank) and normalises in place:
 - a temperature below `GREEDY_TEMPERATURE` (1e-5) becomes 0, i.e. greedy, as vLLM and SGLang do;
 - numbers become floats, `logit_bias` keys become ints (JSON sends them as strings);
-- the seed becomes `normalize_seed(seed)`, a value in [0, 2**63) that fits any 64-bit wire format.
+- the seed becomes `normalize_seed(seed)`, a value in [0, 2**63) that fits any 64-bit wire format;
+- a top_k of `MAX_TOKEN_ID` or more (more than any vocabulary) becomes -1 (off).
+Every other integer (max_new_tokens, stop_token_ids, logit_bias keys) must lie in [0, 2**63): no larger value
+means anything, and every value must fit the 64-bit integers of the step messages sent to the ranks.
 
 `n` > 1 asks for several completions of one prompt: each is its own request with `for_choice(j)`'s params
 (choice j of a seeded request draws with seed + j, so the choices differ and each is reproducible).
@@ -20,6 +23,8 @@ from tandem.errors import ConfigError
 
 GREEDY_TEMPERATURE = 1e-5
 SEED_RANGE = 2 ** 63
+INT_RANGE = 2 ** 63  # integers sent to the ranks are int64
+MAX_TOKEN_ID = 2 ** 31  # no vocabulary comes near it
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty: [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 MAX_N = 128  # OpenAI's limit on completions per prompt
@@ -57,7 +62,7 @@ def _token_id(value) -> int | None:
     if _is_int(value):
         return value
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
+        return int(value) if len(value) <= 30 else INT_RANGE  # (int() refuses thousands of digits)
     return None
 
 
@@ -100,14 +105,16 @@ class SamplingParams:
             if not ok:
                 raise ConfigError(message)
 
-        check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 0,
-              f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        check(_is_int(self.max_new_tokens) and 0 <= self.max_new_tokens < INT_RANGE,
+              f"max_new_tokens must be a non-negative integer below 2**63, got {self.max_new_tokens!r}")
         self.temperature = _finite_float("temperature", self.temperature)
         check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
         if self.temperature < GREEDY_TEMPERATURE:
             self.temperature = 0.0
         check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
               f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}")
+        if self.top_k >= MAX_TOKEN_ID:
+            self.top_k = -1
         self.top_p = _finite_float("top_p", self.top_p)
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
         self.min_p = _finite_float("min_p", self.min_p)
@@ -116,8 +123,9 @@ class SamplingParams:
         if self.seed is not None:
             self.seed = normalize_seed(self.seed)
         check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
-        check(isinstance(self.stop_token_ids, (list, tuple)) and all(_is_int(t) for t in self.stop_token_ids),
-              f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+        check(isinstance(self.stop_token_ids, (list, tuple))
+              and all(_is_int(t) and 0 <= t < INT_RANGE for t in self.stop_token_ids),
+              f"stop_token_ids must be a list of token ids (integers in [0, 2**63)), got {self.stop_token_ids!r}")
         check(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
               f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -135,8 +143,8 @@ class SamplingParams:
         checked = {}
         for key, bias in self.logit_bias.items():
             token = _token_id(key)
-            if token is None or token < 0:
-                raise ConfigError(f"logit_bias keys must be non-negative token ids, got {key!r}")
+            if token is None or not 0 <= token < INT_RANGE:
+                raise ConfigError(f"logit_bias keys must be token ids in [0, 2**63), got {key!r}"[:200])
             value = _finite_float(f"logit_bias value for token {token}", bias)
             if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
                 raise ConfigError(f"logit_bias value for token {token} must be in [-100, 100], got {value!r}")

@@ -19,7 +19,10 @@ request with the same prompt, or sharing as much, resumes there.
 Every step packs one decode token for each decoding request plus prefill chunks up to the token budget
 (chunked prefill, so long prompts do not stall decoding). Requests finish on max_new_tokens, EOS (unless
 ignore_eos), stop_token_ids, stop strings, the context limit, or abort. A request with max_new_tokens 0 that
-wants its prompt logprobs is prefilled and scored, then finishes without a token."""
+wants its prompt logprobs is prefilled and scored, then finishes without a token.
+
+`requeue_all()` forgets every cache (the ranks were restarted): running requests go back to the front of
+the queue and are prefilled again from their prompt plus the tokens they already generated."""
 
 from __future__ import annotations
 
@@ -109,9 +112,7 @@ class Scheduler:
     def __init__(self, cache: CacheManager, context_length: int, chunk_size: int, eos_token_ids=(),
                  decode_text: Callable[[list[int]], str] | None = None):
         self.cache, self.chunk_size = cache, chunk_size
-        self.page_size = cache.page_size
-        self.context_length = context_length
-        self.max_len = min(context_length, cache.max_total_tokens)  # tokens one request may reach
+        self.set_capacity(context_length)
         self.eos_token_ids = set(eos_token_ids)
         self.decode_text = decode_text
         self.waiting: deque[Request] = deque()
@@ -119,6 +120,12 @@ class Scheduler:
         self._released: list = []
         self.num_preemptions = 0
         self.prefix_queries = self.prefix_query_tokens = self.prefix_hit_tokens = 0
+
+    def set_capacity(self, context_length: int) -> None:
+        """Take the context length, and the limits of `self.cache` (a new one after a restart)."""
+        self.page_size = self.cache.page_size
+        self.context_length = context_length
+        self.max_len = min(context_length, self.cache.max_total_tokens)  # tokens one request may reach
 
     # ---- requests in and out ------------------------------------------------------------------------------
     def validate(self, req: Request) -> None:
@@ -133,12 +140,31 @@ class Scheduler:
             return
         self.waiting.append(req)
 
-    def abort(self, rid) -> bool:
+    def abort(self, rid, message: str | None = None) -> bool:
+        """Finish request `rid` with {"type": "abort"} (plus `message`, the reason, when the engine ends it
+        rather than its client). False if there is no such unfinished request."""
         for req in list(self.waiting) + self.running:
             if req.rid == rid:
-                self._finish(req, {"type": "abort"})
+                self._finish(req, {"type": "abort", "message": message} if message else {"type": "abort"})
                 return True
         return False
+
+    def requeue_all(self) -> list[Request]:
+        """Every cache is gone (the ranks were restarted): forget every page, slot and prefix, and put the
+        running requests back at the front of the queue, in the order they were admitted, to be prefilled
+        again from position 0 (prompt + tokens already generated; the sampler rebuilds its history from what
+        is fed through the model). Returns them."""
+        requeued = list(self.running)
+        for req in requeued:
+            req.pages, req.tree_pages, req.duplicate_pages, req.lock_node, req.state_slot = [], 0, [], None, None
+            req.num_cached = req.num_planned = 0
+            req.snapshot_points = set()
+            req.unsent_pages, req.fresh_table = [], False
+        self.cache.reset()
+        self.waiting.extendleft(reversed(requeued))
+        self.running.clear()
+        self._released.clear()  # the fresh ranks hold no state for them
+        return requeued
 
     @property
     def has_work(self) -> bool:

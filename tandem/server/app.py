@@ -1,10 +1,11 @@
 """The FastAPI application: routes (openai_api, native_api), OpenAI-style errors and the engine's life.
 
-`create_app(engine)` serves an already loaded `Engine`, using only its public surface (see tandem.engine):
-at startup it records each stage's cache sizes for /metrics and starts the engine's step thread; at
-shutdown it shuts the engine down (every rank process exits). Every error is answered as OpenAI does,
-{"error": {"message", "type", "param", "code"}}: FastAPI's 422 validation errors (wrong types, malformed
-JSON) and bad prompts (`PromptError`, naming the request field) become 400s."""
+`create_app(engine, limits=ServerLimits(...))` serves an already loaded `Engine`, using only its public
+surface (see tandem.engine): at startup it records each stage's cache sizes for /metrics and starts the
+engine's step thread; at shutdown it shuts the engine down (every rank process exits). `RequestGuard`
+(tandem.server.limits) checks the API key and the body size before any route runs. Every error is
+answered as OpenAI does, {"error": {"message", "type", "param", "code"}}: FastAPI's 422 validation errors
+(wrong types, malformed JSON) and bad prompts (`PromptError`, naming the request field) become 400s."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.prompts import PromptError
 from tandem.server.bridge import EngineBridge
+from tandem.server.limits import RequestGuard, ServerLimits
 from tandem.server.metrics import Metrics
 from tandem.server.protocol import APIError
 
@@ -45,17 +47,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def _error_response(request: Request, error: APIError) -> JSONResponse:
     metrics: Metrics | None = getattr(request.app.state, "metrics", None)
     if metrics is not None and 400 <= error.status < 500:
-        metrics.invalid.labels(request.url.path).inc()
-    return JSONResponse(error.body(), status_code=error.status)
+        route = request.scope.get("route")  # the route's path: a client cannot mint new label values
+        metrics.invalid.labels(getattr(route, "path", "other")).inc()
+    return JSONResponse(error.body(), status_code=error.status, headers=getattr(error, "headers", None))
 
 
-def create_app(engine, served_model_name: str | None = None, shutdown_engine: bool = True) -> FastAPI:
-    """An app serving `engine`. The engine's step loop starts with the app; with `shutdown_engine` the
-    engine is shut down when the app stops."""
+def create_app(engine, served_model_name: str | None = None, shutdown_engine: bool = True,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """An app serving `engine` within `limits` (default: no API key, the default bounds). The engine's
+    step loop starts with the app; with `shutdown_engine` the engine is shut down when the app stops."""
     model_path = str(engine.model_path)
     name = served_model_name or Path(model_path).name or model_path
+    limits = limits or ServerLimits()
     metrics = Metrics()
-    bridge = EngineBridge(engine, metrics)
+    bridge = EngineBridge(engine, metrics, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -66,11 +71,13 @@ def create_app(engine, served_model_name: str | None = None, shutdown_engine: bo
         try:
             yield
         finally:
+            bridge.close()
             if shutdown_engine:
                 logger.info("shutting down the engine")
                 engine.shutdown()
 
     app = FastAPI(title="Tandem", lifespan=lifespan)
+    app.add_middleware(RequestGuard, limits=limits, on_reject=lambda reason: metrics.rejected.labels(reason).inc())
     app.state.bridge = bridge
     app.state.metrics = metrics
     app.state.served_model_name = name

@@ -6,6 +6,14 @@ thread: it records token timings for the metrics and wakes the HTTP handler thro
 one HTTP request. The handler then reads the request's live state (`output_ids` only grows, and
 `finish_reason` is set after the last token), so no per-token copies cross threads.
 
+The bridge also decides what a call may do and what its client sees: `admit` applies the queue bound
+(429), `check_healthy` refuses calls once the engine has given up or the server is draining (503; calls
+made while the ranks restart are queued, so their clients only wait), `failure` turns a request the
+engine ended with a message into the error its client gets (500 for a numeric failure, 503 when the
+engine failed or the server shut down), and `run_blocking` runs tokenization and chat templating on one
+worker thread, off the event loop (as vLLM does). `wait_finished` returns as soon as a non-streaming
+client disconnects, so that its requests are aborted at once.
+
 `TextStream` turns growing token lists into text deltas whose concatenation equals the final text: it
 holds back an incomplete UTF-8 character (a trailing U+FFFD) and any tail that could be the start of a
 stop string, since the final text is cut before a matched stop string."""
@@ -17,9 +25,11 @@ import contextlib
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from tandem.runtime.sampler import SamplingParams
+from tandem.runtime.sampler import RAW_LOGITS_ERROR, SamplingParams
 from tandem.runtime.scheduler import Request
+from tandem.server.limits import QueueFullError, ServerLimits
 from tandem.server.protocol import APIError
 
 logger = logging.getLogger("tandem.server")
@@ -64,11 +74,18 @@ class Tracked:
             pass
 
 
+SHUTDOWN_MESSAGE = "the server is shutting down"
+DISCONNECTED = -1  # put in a call's queue when its (non-streaming) client has gone
+
+
 class EngineBridge:
     """The server's side of the engine: it uses only the engine's public surface (see tandem.engine)."""
 
-    def __init__(self, engine, metrics=None):
+    def __init__(self, engine, metrics=None, limits: ServerLimits | None = None):
         self.engine, self.metrics = engine, metrics
+        self.limits = limits or ServerLimits()
+        self.draining = False
+        self._blocking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-tokenizer")
 
     @property
     def context_length(self) -> int:
@@ -78,10 +95,46 @@ class EngineBridge:
         return self.engine.health()
 
     def check_healthy(self) -> None:
-        ok, reason = self.engine.health()
-        if not ok:
-            raise APIError(f"the engine is not running: {reason}", status=503, type="server_error",
+        """503 once the engine has given up or the server is shutting down. While the ranks are being
+        restarted requests are still accepted: they wait in the queue."""
+        if self.draining:
+            raise APIError(SHUTDOWN_MESSAGE, status=503, type="server_error", code="server_shutting_down")
+        if self.engine.error is not None:
+            raise APIError(f"the engine is not running: {self.engine.error}", status=503, type="server_error",
                            code="engine_unavailable")
+
+    def admit(self, count: int) -> None:
+        """429 (with Retry-After) unless the waiting queue has room for `count` more requests."""
+        bound = self.limits.max_queued_requests
+        if not bound:
+            return
+        waiting = self.engine.queue_stats()[1]
+        if waiting + count > bound:
+            if self.metrics is not None:
+                self.metrics.rejected.labels("queue_full").inc()
+            raise QueueFullError(waiting, count, bound)
+
+    async def run_blocking(self, fn, *args):
+        """fn(*args) on the tokenizer thread (tokenization, chat templates), leaving the event loop free."""
+        return await asyncio.get_running_loop().run_in_executor(self._blocking, fn, *args)
+
+    def begin_shutdown(self, grace_s: float) -> threading.Timer:
+        """Refuse new calls now; after `grace_s` seconds end every open request with a 503 / an error
+        event (a daemon timer thread; returned so that a caller may cancel it)."""
+        self.draining = True
+        timer = threading.Timer(grace_s, self._end_open_requests)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _end_open_requests(self) -> None:
+        with contextlib.suppress(Exception):  # the engine may already be shut down
+            ended = self.engine.abort_all(SHUTDOWN_MESSAGE)
+            if ended:
+                logger.warning("ended %d open request(s): the shutdown grace period is over", ended)
+
+    def close(self) -> None:
+        self._blocking.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0,
                input_logprobs: bool = False, endpoint: str = "generate", top_logprobs_num: int = 0) -> Tracked:
@@ -116,27 +169,49 @@ class EngineBridge:
         return self.engine.token_texts(ids)
 
     def failure(self, req: Request) -> APIError | None:
-        """The error to report for a request the engine aborted because a rank failed."""
-        if (req.finish_reason or {}).get("type") == "abort" and self.engine.error is not None:
+        """The error its client gets for a request the engine ended (finish_reason abort with a message):
+        503 when the engine gave up or the server is shutting down; for a numeric failure, 500 when the
+        model's logits were not finite (as vLLM answers a request that finished with an error), 400 when
+        the request's own sampling parameters made them invalid. None for any other request."""
+        reason = req.finish_reason or {}
+        if reason.get("type") != "abort":
+            return None
+        if self.engine.error is not None:
             return APIError(f"the engine failed: {self.engine.error}", status=503, type="server_error",
                             code="engine_unavailable")
-        return None
+        message = reason.get("message")
+        if not message:
+            return None  # aborted for its client, which has gone
+        if message == SHUTDOWN_MESSAGE:
+            return APIError(SHUTDOWN_MESSAGE, status=503, type="server_error", code="server_shutting_down")
+        if message == RAW_LOGITS_ERROR:  # the model's own output: a server-side fault
+            return APIError(f"generation failed: {message}", status=500, type="server_error",
+                            code="generation_failed")
+        # finite logits made invalid by the request's penalties, logit_bias or temperature
+        return APIError(f"the request's sampling parameters made generation fail: {message}",
+                        code="invalid_sampling_parameters")
 
 
-async def wait_finished(trackeds: list[Tracked], queue: asyncio.Queue, request=None, poll_s: float = 1.0) -> bool:
+async def _watch_disconnect(request, queue: asyncio.Queue) -> None:
+    """Put DISCONNECTED in `queue` when the client of `request` (a starlette Request whose body has been
+    read) disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait(DISCONNECTED)
+
+
+async def wait_finished(trackeds: list[Tracked], queue: asyncio.Queue, request=None) -> bool:
     """Wait until every request finished: True, or False as soon as the client (a starlette Request) has
-    gone. NOTE: updates arrive with every token, so the client is checked by the clock, not on timeouts."""
-    last_check = time.monotonic()
-    while not all(t.req.finished for t in trackeds):
-        try:
-            await asyncio.wait_for(queue.get(), poll_s)
-        except TimeoutError:
-            pass
-        if request is not None and time.monotonic() - last_check >= poll_s:
-            last_check = time.monotonic()
-            if await request.is_disconnected():
+    gone."""
+    watcher = asyncio.create_task(_watch_disconnect(request, queue)) if request is not None else None
+    try:
+        while not all(t.req.finished for t in trackeds):
+            if await queue.get() == DISCONNECTED:
                 return False
-    return True
+        return True
+    finally:
+        if watcher is not None:
+            watcher.cancel()
 
 
 class TextStream:

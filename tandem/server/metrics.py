@@ -2,7 +2,9 @@
 
 Counters and histograms are updated as requests arrive, produce tokens and finish (token timings are
 taken on the engine's loop thread, when the token exists). Gauges (queue lengths, cache use per stage)
-are refreshed from the scheduler when /metrics is scraped.
+and the engine's fault counters (rank failures, restarts) are refreshed from the engine when /metrics is
+scraped. A request the engine ended with a message (a numeric failure, the engine giving up, shutdown)
+finishes with reason "error"; one aborted because its client left, with "abort".
 
 Cache use per stage: every stage holds the same pages and state slots (the driver hands them out once for
 all stages), so page and slot use are the same on all stages; the bytes in use differ because each stage's
@@ -42,6 +44,13 @@ class Metrics:
         self.waiting = Gauge("tandem_num_requests_waiting", "Requests queued (new, or preempted to resume).",
                              registry=registry)
         self.healthy = Gauge("tandem_engine_healthy", "1 while every rank is healthy, else 0.", registry=registry)
+        self.rejected = Counter("tandem_rejected_requests", "Calls refused before reaching the engine, by reason "
+                                "(queue_full, unauthorized, body_too_large).", ["reason"], registry=registry)
+        self.rank_failures = Counter("tandem_rank_failures", "Failures of the ranks (a rank died or raised, or a "
+                                     "restart failed).", registry=registry)
+        self.restarts = Counter("tandem_engine_restarts", "Restarts of the ranks after a failure.",
+                                registry=registry)
+        self._faults_seen = {"rank_failures": 0, "restarts": 0}
         stage = ["pp_rank", "tp_rank"]
         self.slot_usage = Gauge("tandem_cache_slots_usage_ratio",
                                 "Fraction of the stage's request state slots in use (one per running request).",
@@ -64,7 +73,8 @@ class Metrics:
 
     def request_finished(self, tracked, now: float) -> None:
         req = tracked.req
-        self.finished.labels((req.finish_reason or {}).get("type", "unknown")).inc()
+        reason = req.finish_reason or {}
+        self.finished.labels("error" if reason.get("message") else reason.get("type", "unknown")).inc()
         self.generation_tokens.inc(len(req.output_ids))
         self.e2e.observe(now - tracked.arrival)
 
@@ -82,6 +92,10 @@ class Metrics:
         stats = self.engine_stats = engine.cache_stats()
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
+        faults = engine.fault_stats()
+        for name in ("rank_failures", "restarts"):  # the engine counts; the counters follow
+            getattr(self, name).inc(max(0, faults[name] - self._faults_seen[name]))
+            self._faults_seen[name] = max(faults[name], self._faults_seen[name])
         self.healthy.set(1 if healthy else 0)
         page_ratio = min(stats["used_pages"] / max(stats["num_pages"], 1), 1.0)
         slot_ratio = min(stats["running"] / max(stats["max_running_requests"], 1), 1.0)

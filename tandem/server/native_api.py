@@ -19,6 +19,7 @@ from tandem.errors import ConfigError
 from tandem.prompts import build_result
 from tandem.runtime.sampler import SamplingParams
 from tandem.server.bridge import EngineBridge, Tracked
+from tandem.server.limits import check_caps
 from tandem.server.openai_api import client_gone, expand_choices, sse, submit_all, wait_all
 from tandem.server.protocol import APIError, GenerateRequest
 from tandem.server.sampling import config_error, max_new_tokens_for
@@ -61,8 +62,10 @@ def _result(bridge: EngineBridge, t: Tracked, body: GenerateRequest, rid: str) -
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request):
     bridge: EngineBridge = request.app.state.bridge
+    check_caps(body)
     bridge.check_healthy()
-    prompts, batch = bridge.engine.prompts.from_either(body.text, body.input_ids, "text", "input_ids")
+    prompts, batch = await bridge.run_blocking(bridge.engine.prompts.from_either, body.text, body.input_ids, "text",
+                                               "input_ids")
     if not prompts:
         raise APIError("no prompt given", param="text" if body.text is not None else "input_ids")
     params = _params(bridge, body, prompts)

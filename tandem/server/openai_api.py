@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tandem.server.bridge import EngineBridge, TextStream, Tracked, wait_finished
+from tandem.server.limits import check_caps
 from tandem.server.logprobs import (
     MAX_CHAT_TOP_LOGPROBS,
     MAX_COMPLETION_LOGPROBS,
@@ -77,6 +78,7 @@ def client_gone() -> Response:
 
 def submit_all(bridge: EngineBridge, prompts: list[list[int]], params: list, queue: asyncio.Queue,
                endpoint: str, input_logprobs: bool = False, top_logprobs_num: int = 0) -> list[Tracked]:
+    bridge.admit(len(prompts))
     trackeds: list[Tracked] = []
     try:
         for i, (ids, p) in enumerate(zip(prompts, params)):
@@ -177,11 +179,12 @@ async def completions(body: CompletionRequest, request: Request):
     bridge: EngineBridge = request.app.state.bridge
     model = check_model(request, body.model)
     check_unsupported(body)
+    check_caps(body)
     bridge.check_healthy()
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
         raise APIError(f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {body.logprobs}",
                        param="logprobs")
-    prompts = bridge.engine.prompts.from_prompt(body.prompt, "prompt")
+    prompts = await bridge.run_blocking(bridge.engine.prompts.from_prompt, body.prompt, "prompt")
     vocab_size = bridge.engine.prompts.vocab_size
     params = [sampling_params(body, max_new_tokens_for(body.max_tokens, len(ids), bridge.context_length,
                                                        DEFAULT_MAX_NEW_TOKENS), vocab_size)
@@ -263,9 +266,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     bridge: EngineBridge = request.app.state.bridge
     model = check_model(request, body.model)
     check_unsupported(body)
+    check_caps(body)
     bridge.check_healthy()
     check_chat_options(body)
-    ids = bridge.engine.prompts.from_chat([{"role": m.role, "content": m.content} for m in body.messages])
+    ids = await bridge.run_blocking(bridge.engine.prompts.from_chat,
+                                    [{"role": m.role, "content": m.content} for m in body.messages])
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     # no limit asked: the rest of the context (as vLLM and SGLang do for chat)

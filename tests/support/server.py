@@ -1,5 +1,4 @@
-"""A `tandem serve` subprocess for end-to-end tests: started on a free port, waited for until /health answers,
-killed (with its rank processes, which die with their parent) at the end."""
+"""A `tandem serve` subprocess for tests (loopback only), and /proc helpers to find what it listens on."""
 
 from __future__ import annotations
 
@@ -22,33 +21,94 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`python -m tandem.cli serve --model-path MODEL --port P *flags`, logging to `log`."""
+    """`python -m tandem.cli serve --model-path <model_dir> --port <free> <flags>`, output in `log`."""
 
-    def __init__(self, model_dir, log: Path, *flags: str):
+    def __init__(self, model_dir: Path, log: Path, flags: list[str], api_key: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("TANDEM_API_KEY", None)
+        key_flags = ["--api-key", api_key] if api_key else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli", "serve", "--model-path", str(model_dir), "--port", str(self.port),
-             *flags], stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+             *key_flags, *flags], stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def wait_healthy(self, timeout_s: float = 240) -> None:
-        """Return once /health answers 200; raise RuntimeError (with the log's tail) if the server exits or
-        does not become healthy within timeout_s (a guard against hanging, not a speed requirement)."""
+        """Until /health answers 200 (the bound only keeps a broken server from hanging the run)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.3)
-        raise RuntimeError(f"server not healthy after {timeout_s} s:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"server not healthy after {timeout_s} s:\n{self.log_text()[-4000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of the processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[len("socket:["):-1]))
+    except OSError:
+        pass
+    return inodes
+
+
+def _decode_address(hex_address: str) -> tuple[str, int]:
+    host, port = hex_address.split(":")
+    raw = bytes.fromhex(host)
+    if len(raw) == 4:
+        address = socket.inet_ntop(socket.AF_INET, raw[::-1])
+    else:  # /proc/net/tcp6 stores four little-endian 32-bit words
+        address = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return address, int(port, 16)
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket in LISTEN state held by one of `pids` (/proc/net/tcp{,6}
+    matched with /proc/<pid>/fd)."""
+    owner = {inode: pid for pid in pids for inode in _socket_inodes(pid)}
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if state == "0A" and inode in owner:  # 0A: TCP_LISTEN
+                found.append((owner[inode], *_decode_address(local)))
+    return found
