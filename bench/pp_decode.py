@@ -64,12 +64,34 @@ def decode_run(engine: Engine, num_requests: int, input_len: int, output_len: in
     start = max(t[0] for t in times)
     end = max(t[-1] for t in times)
     tokens = sum(1 for t in times for x in t if x > start)
+    reports = engine.stage_report()
     busy = []
-    for report in engine.stage_report():
+    for report in reports:
         inside = [(max(a, start), min(b, end)) for a, b in report["step_times"] if b > start and a < end]
         busy.append(sum(b - a for a, b in inside) / (end - start) if end > start else 0.0)
     return {"decode_tokens_per_s": tokens / (end - start) if end > start else 0.0, "stage_busy": busy,
-            "window_s": end - start, "cpu_s": cpu, "output_tokens": sum(len(t) for t in times)}
+            "window_s": end - start, "cpu_s": cpu, "output_tokens": sum(len(t) for t in times),
+            "turnaround_ms": turnaround_ms(reports, engine.num_micro_batches, start, end)}
+
+
+def turnaround_ms(reports: list[dict], micro_batches: int, start: float, end: float) -> list[float]:
+    """For each step k of the window that the first stage had to wait for: the time from the last stage
+    finishing step k to the first stage starting step k + micro_batches (the same requests' next step),
+    i.e. the return path last stage -> driver -> scheduler -> published step -> first stage. Empty for pp=1.
+    The i-th interval of every rank is step i (all ranks run all steps, in order)."""
+    if len(reports) < 2:
+        return []
+    first, last = reports[0]["step_times"], reports[-1]["step_times"]
+    n = min(len(first), len(last))
+    first, last = first[len(first) - n:], last[len(last) - n:]
+    gaps = []
+    for k in range(n - micro_batches):
+        nxt = k + micro_batches
+        if not (start <= last[k][1] and first[nxt][0] <= end):
+            continue
+        if first[nxt - 1][1] < last[k][1]:  # the first stage was idle when step k's tokens came back
+            gaps.append((first[nxt][0] - last[k][1]) * 1e3)
+    return gaps
 
 
 def decode_cpu_per_token(engine: Engine, num_requests: int, input_len: int, output_len: int, seed: int) -> dict:
@@ -85,7 +107,10 @@ def decode_cpu_per_token(engine: Engine, num_requests: int, input_len: int, outp
 def describe(result: dict) -> str:
     run = result["run"]
     cpu = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in result.items() if k != "run")
-    return f"{run['decode_tokens_per_s']:.0f} tok/s, busy {[round(b, 2) for b in run['stage_busy']]}, cpu ms/token {cpu}"
+    gaps = sorted(run["turnaround_ms"])
+    turn = f", turnaround ms p50 {gaps[len(gaps) // 2]:.2f} (n={len(gaps)})" if gaps else ""
+    return (f"{run['decode_tokens_per_s']:.0f} tok/s, busy {[round(b, 2) for b in run['stage_busy']]}, "
+            f"cpu ms/token {cpu}{turn}")
 
 
 def summarize(results: list[dict]) -> dict:
@@ -99,7 +124,10 @@ def summarize(results: list[dict]) -> dict:
     stages = [k for k in keys if k.startswith("rank")] or ["driver"]
     busy = [round(statistics.median(r["run"]["stage_busy"][i] for r in results), 3)
             for i in range(len(results[0]["run"]["stage_busy"]))]
-    return {"wall_tokens_per_s": statistics.median(wall), "wall_min": min(wall), "wall_max": max(wall),
+    gaps = sorted(g for r in results for g in r["run"]["turnaround_ms"])
+    return {"turnaround_ms_p50": gaps[len(gaps) // 2] if gaps else None,
+            "turnaround_ms_p90": gaps[int(len(gaps) * 0.9)] if gaps else None,
+            "wall_tokens_per_s": statistics.median(wall), "wall_min": min(wall), "wall_max": max(wall),
             "cpu_ms_per_token": {k: round(v * 1e3, 3) for k, v in cpu.items()},
             "cpu_bound_tokens_per_s": 1 / max(cpu[k] for k in stages), "stage_busy": busy}
 
@@ -164,7 +192,8 @@ def main() -> int:
         ratio = (f"  wall x{s['wall_tokens_per_s'] / base['wall_tokens_per_s']:.2f}, cpu-bound x"
                  f"{s['cpu_bound_tokens_per_s'] / base['cpu_bound_tokens_per_s']:.2f} of pp1") if base else ""
         print(f"{label:<12} wall {s['wall_tokens_per_s']:7.1f} tok/s (min {s['wall_min']:.1f}, max {s['wall_max']:.1f}); "
-              f"cpu ms/token {s['cpu_ms_per_token']}; busy {s['stage_busy']}{ratio}")
+              f"cpu ms/token {s['cpu_ms_per_token']}; busy {s['stage_busy']}; turnaround ms p50/p90 "
+              f"{s['turnaround_ms_p50']}/{s['turnaround_ms_p90']}{ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "batch": args.batch, "input_len": args.input_len,
                                                "output_len": args.output_len, "summary": summary, "runs": runs},
