@@ -4,6 +4,7 @@ without the radix cache side by side, or `--serving` against a server."""
 from __future__ import annotations
 
 import json
+import time
 
 from tandem.commands.engine_flags import add_engine_flags, engine_kwargs
 
@@ -28,6 +29,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:30000", help="Server URL for --serving.")
     parser.add_argument("--concurrency", type=int, default=8, help="Requests in flight for --serving.")
     parser.add_argument("--json", dest="json_out", help="Also write the result as JSON to this file.")
+    parser.add_argument("--timeline", help="Also draw each rank's busy intervals of the measured run into this "
+                                           "image (e.g. out.png; needs matplotlib, the bench extra).")
     parser.set_defaults(run=run)
 
 
@@ -36,6 +39,8 @@ def run(args) -> int:
 
     if args.shared_prefix_len:
         return run_shared_prefix(args)
+    if args.serving and args.timeline:
+        raise SystemExit("--timeline draws the ranks of an offline run; it does not apply to --serving")
     if args.serving:
         words = ["alpha", "beta", "gamma", "delta", "12+34=", "hello"]
         prompts = [" ".join(words[(i + j) % len(words)] for j in range(args.input_len // 2))
@@ -49,7 +54,10 @@ def run(args) -> int:
             for _ in range(args.warmup):
                 bench_engine(engine, prompts[:2], 4)
             label = f"tp{args.tp_size} pp{args.pp_size}"
+            start = time.time()  # the clock of the ranks' step_times
             result = bench_engine(engine, prompts, args.output_len, label)
+            if args.timeline:
+                draw_run_timeline(engine, start, time.time(), args.timeline, label)
     print(format_table([result]))
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -81,3 +89,10 @@ def run_shared_prefix(args) -> int:
         with open(args.json_out, "w") as f:
             json.dump({"workload": "shared-prefix", "results": [r.to_dict() for r in results]}, f, indent=2)
     return 0
+def draw_run_timeline(engine, start: float, end: float, path: str, label: str) -> None:
+    from tandem.timeline import draw_timeline, rank_rows
+
+    rows = rank_rows(engine.stage_report(), start, end)
+    draw_timeline(rows, path, num_colors=engine.num_micro_batches,
+                  title=f"{label}: busy intervals per rank (colour: step number mod {engine.num_micro_batches})")
+    print(f"timeline: {path}")

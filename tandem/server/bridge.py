@@ -14,9 +14,7 @@ engine failed or the server shut down), and `run_blocking` runs tokenization and
 worker thread, off the event loop (as vLLM does). `wait_finished` returns as soon as a non-streaming
 client disconnects, so that its requests are aborted at once.
 
-`TextStream` turns growing token lists into text deltas whose concatenation equals the final text: it
-holds back an incomplete UTF-8 character (a trailing U+FFFD) and any tail that could be the start of a
-stop string, since the final text is cut before a matched stop string."""
+`TextStream` (streamed text deltas of one request) lives in `tandem.server.detokenize`."""
 
 from __future__ import annotations
 
@@ -29,11 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tandem.runtime.sampler import RAW_LOGITS_ERROR, SamplingParams
 from tandem.runtime.scheduler import Request
+from tandem.server.detokenize import TextStream  # noqa: F401 (the endpoints import it from here)
 from tandem.server.limits import QueueFullError, ServerLimits
 from tandem.server.protocol import APIError
 
 logger = logging.getLogger("tandem.server")
-
 
 class Tracked:
     """One engine request as the server sees it."""
@@ -213,38 +211,3 @@ async def wait_finished(trackeds: list[Tracked], queue: asyncio.Queue, request=N
         if watcher is not None:
             watcher.cancel()
 
-
-class TextStream:
-    """Incremental detokenization for one request (see the module docstring)."""
-
-    def __init__(self, bridge: EngineBridge, stop: list[str]):
-        self.bridge, self.stop = bridge, list(stop)
-        self.sent = ""
-        self.num_tokens = 0  # tokens whose text has been considered
-
-    def _held_back(self, text: str) -> int:
-        hold = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:k]):
-                    hold = k
-                    break
-        return hold
-
-    def update(self, req: Request) -> str:
-        """The new text since the last call; after the request finished, everything that is left."""
-        finished = req.finished
-        ids = req.output_ids if finished else req.output_ids[:]
-        self.num_tokens = len(ids)
-        if finished:
-            text = self.bridge.text_of(req)
-        else:
-            text = self.bridge.decode(ids).rstrip("\ufffd")
-            text = text[: len(text) - self._held_back(text)]
-        if not text.startswith(self.sent):
-            if finished:
-                logger.warning("streamed text diverged from the final text of request %s", req.rid)
-                self.sent = text
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
