@@ -118,7 +118,7 @@ def test_stage_weights_sum_to_model_parameters(real, name):
     costs = planner.costs_for(real[name], args_for(2, dtype="bfloat16"))
     assert planner.model_weight_bytes(costs) == expected
     for pp in (1, 2, 3, 4, 8):
-        for spec in ("uniform", "auto", "auto-compute", "auto-capacity"):
+        for spec in ("uniform", "auto", "auto-compute") + (("auto-capacity",) if pp <= 4 else ()):
             counts = resolve(spec, costs, pp, settings_for(real[name], args_for(pp), 80 * 10**9))
             assert len(counts) == pp and sum(counts) == real[name].num_layers and min(counts) >= 1
             stages = plan(costs, counts)
