@@ -380,6 +380,26 @@ def test_plan_equals_stage_report_tp2(small):
     check_against_plan(small["qwen3_5_moe"], 1, 2, "auto", "float32")
 
 
+def test_engine_runs_the_auto_capacity_split(small):
+    """`--pp-layer-partition auto-capacity` in a real engine: the driver sizes the stages in this machine's
+    memory and picks the split. Both full-attention layers of this checkpoint are at the front and its weights
+    are tiny next to the memory, so the capacity is the largest with one full-attention layer per stage,
+    [1, 5] (uniform [3, 3] puts both on stage 0: half the tokens); the tokens equal one process's."""
+    from tandem.engine import Engine
+
+    path, prompt = small["qwen3_5_moe"], [[5, 17, 42, 99, 123, 7]]
+    sampling = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
+    with Engine(path, pp_size=2, dtype="float32", pp_layer_partition="auto-capacity", progress=False) as engine:
+        partition = engine.partition
+        out = engine.generate(input_ids=prompt, sampling_params=sampling)
+        reports = engine.stage_report()
+    with Engine(path, dtype="float32", progress=False) as single:
+        expected = single.generate(input_ids=prompt, sampling_params=sampling)
+    assert out[0]["output_ids"] == expected[0]["output_ids"]
+    assert partition == [1, 5]
+    assert [(r["layer_start"], r["layer_end"]) for r in reports] == [(0, 1), (1, 6)]
+
+
 def test_memory_sized_pools_follow_the_planner_formulas(small):
     """Without --max-total-tokens every rank sizes its pools from its memory, weights and measured activation
     reserve; the planner's functions, given the memory and reserve each rank reports, find the same request
