@@ -11,6 +11,7 @@ p99), with the prompt tokens the radix cache served."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import time
@@ -128,6 +129,24 @@ def bench_shared_prefix(engine, prompts: list[list[int]], prefix_len: int, label
     return PrefillResult(label, len(prompts), prefix_len, len(prompts[0]) - prefix_len, seconds, prompt_tokens,
                          sum(r.cached_tokens for r in reqs), prompt_tokens / seconds, mean(ttft), percentile(ttft, 50),
                          percentile(ttft, 99))
+
+
+def machine_info() -> dict:
+    """The CPU this ran on (model name and the SIMD flags that decide GEMM speed) and torch's thread count."""
+    import torch
+
+    name, flags = "unknown", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return {"cpu": name, "cpus": len(os.sched_getaffinity(0)), "flags": [f for f in wanted if f in flags],
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def format_prefill_table(results: list[PrefillResult]) -> str:

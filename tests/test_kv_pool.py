@@ -112,3 +112,11 @@ def test_allocator_random_sequence_keeps_ids_disjoint():
         assert len(owned) == len(set(owned)) == alloc.num_used
         assert alloc.num_free + alloc.num_used == 50
         assert all(0 <= i < 50 and alloc.is_allocated(i) for i in owned)
+
+
+def test_allocator_reuses_freed_ids_first_and_keeps_no_list_of_unused_ones():
+    alloc = IdAllocator(10**12)  # a list of the free ids would not fit in memory
+    assert alloc.num_free == 10**12 and alloc.alloc(3) == [0, 1, 2]
+    alloc.free([1])
+    assert alloc.alloc(2) == [1, 3]  # the freed id again before an untouched one
+    assert alloc.num_used == 4 and alloc.num_free == 10**12 - 4

@@ -67,7 +67,7 @@ def run(args) -> int:
 
 def run_shared_prefix(args) -> int:
     """The same engine settings twice, with the radix cache and without, on the same prompts."""
-    from tandem.bench import bench_shared_prefix, format_prefill_table, shared_prefix_prompts
+    from tandem.bench import bench_shared_prefix, format_prefill_table, machine_info, shared_prefix_prompts
     from tandem.engine import Engine
 
     results = []
@@ -87,7 +87,10 @@ def run_shared_prefix(args) -> int:
           f"{with_cache.prefill_tokens_per_s / without.prefill_tokens_per_s:.2f}x prompt tokens/s")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"workload": "shared-prefix", "results": [r.to_dict() for r in results]}, f, indent=2)
+            json.dump({"workload": "shared-prefix", "model_path": args.model_path, "dtype": args.dtype,
+                       "machine": machine_info(), "results": [r.to_dict() for r in results],
+                       "ttft_speedup": without.ttft_mean_ms / with_cache.ttft_mean_ms,
+                       "prefill_speedup": with_cache.prefill_tokens_per_s / without.prefill_tokens_per_s}, f, indent=2)
     return 0
 def draw_run_timeline(engine, start: float, end: float, path: str, label: str) -> None:
     from tandem.timeline import draw_timeline, rank_rows

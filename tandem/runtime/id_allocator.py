@@ -2,7 +2,10 @@
 
 Driver-side bookkeeping in pure Python, separate from the tensors that the ids index: under pipeline
 parallelism the driver picks the ids once and every stage applies them to its own pool. Allocation is
-all-or-nothing and first-in first-out over the free list, so the ids handed out are deterministic."""
+all-or-nothing and deterministic: freed ids are handed out again first (oldest freed first), then ids never
+used yet, in order. Reusing first keeps the part of a pool ever touched as small as the most ids held at once
+(a CPU pool's pages are only mapped when first written), and the never-used ids are a counter rather than a
+list, so a pool of millions of pages costs nothing until they are used."""
 
 from __future__ import annotations
 
@@ -14,12 +17,11 @@ class IdAllocator:
         if count < 0:
             raise ValueError(f"the number of {what}s must be >= 0, got {count}")
         self.count, self.what = count, what
-        self._free: deque[int] = deque(range(count))
-        self._in_use: set[int] = set()
+        self.reset()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self.count - self._fresh + len(self._free)
 
     @property
     def num_used(self) -> int:
@@ -29,9 +31,12 @@ class IdAllocator:
         """n ids, or None (and nothing taken) when fewer than n are free."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} {self.what}s")
-        if n > len(self._free):
+        if n > self.num_free:
             return None
-        ids = [self._free.popleft() for _ in range(n)]
+        ids = [self._free.popleft() for _ in range(min(n, len(self._free)))]
+        fresh = n - len(ids)
+        ids += range(self._fresh, self._fresh + fresh)
+        self._fresh += fresh
         self._in_use.update(ids)
         return ids
 
@@ -52,5 +57,6 @@ class IdAllocator:
 
     def reset(self) -> None:
         """Everything free again, in the initial order."""
-        self._free = deque(range(self.count))
-        self._in_use = set()
+        self._fresh = 0  # ids >= _fresh were never handed out
+        self._free: deque[int] = deque()  # freed ids, oldest first
+        self._in_use: set[int] = set()

@@ -182,7 +182,7 @@ def stage_extras(values: dict, pp_size: int) -> list:
 
 def capacity_partition(costs: ModelCosts, pp_size: int, settings: PoolSettings) -> list[int]:
     """The split maximising the engine's KV capacity (see the module docstring). Exact; among splits of equal
-    capacity it prefers a larger agreed request count, then the one found first (earliest stage ends)."""
+    capacity it prefers a larger agreed request count, then the one found first."""
     L = costs.num_layers
     uniform_partition(L, pp_size)
     positions = {k: ModelCosts.position(k, pp_size) for k in range(pp_size)}
@@ -190,31 +190,29 @@ def capacity_partition(costs: ModelCosts, pp_size: int, settings: PoolSettings) 
             for p in set(positions.values()) for i in range(L) for j in range(i + 1, L + 1)}
     requests = {key: stage_requests(s, settings) for key, s in sums.items()}
     given = settings.max_running_requests is not None
-    candidates = [settings.max_running_requests] if given else sorted({r for r in requests.values() if r >= 1},
-                                                                      reverse=True)
+    candidates = [settings.max_running_requests] if given else sorted({r for r in requests.values() if r >= 1})
     best_value, best_counts = None, None
-    for agreed in candidates:
-        value, counts = _capacity_dp(sums, requests, positions, L, pp_size, settings, agreed, exact=not given)
-        if counts is not None and (best_value is None or value > best_value):
+    for agreed in candidates:  # ascending: a larger agreed count only lowers every stage's capacity
+        value, counts, bound = _capacity_dp(sums, requests, positions, L, pp_size, settings, agreed, exact=not given)
+        if best_value is not None and bound < best_value:
+            break  # no split agreeing on `agreed` or more requests can do better
+        if counts is not None and (best_value is None or value >= best_value):
             best_value, best_counts = value, counts
     if best_counts is None:  # nothing fits (the plan says so): the split that misses by the least
         relaxed = {key: max(r, 1) for key, r in requests.items()}
-        _, best_counts = _capacity_dp(sums, relaxed, positions, L, pp_size, settings, 1, exact=False)
+        _, best_counts, _ = _capacity_dp(sums, relaxed, positions, L, pp_size, settings, 1, exact=False)
     return best_counts
 
 
 def _capacity_dp(sums, requests, positions, L: int, pp_size: int, settings: PoolSettings, agreed: int,
-                 exact: bool) -> tuple[float, list[int] | None]:
+                 exact: bool) -> tuple[float, list[int] | None, float]:
     """Max over splits of the minimum stage capacity with state for `agreed` requests, over splits whose stages
-    all allow `agreed` requests and (exact) one of them allows exactly that many."""
+    all allow `agreed` requests and (exact) one of them allows exactly that many: (value, split, bound). The
+    bound drops the `exactly` condition: no split agreeing on `agreed` or more requests holds more than it
+    (those splits are among these, and more requests leave each stage less room)."""
     inf = float("inf")
-    value: dict = {}
-    for (p, i, j), s in sums.items():
-        r = requests[(p, i, j)]
-        if r < agreed:
-            continue
-        tokens = stage_capacity(s, settings, agreed)
-        value[(p, i, j)] = (inf if tokens is None else tokens, r == agreed or not exact)
+    value = {key: (_none_is_inf(stage_capacity(s, settings, agreed)), requests[key] == agreed or not exact)
+             for key, s in sums.items() if requests[key] >= agreed}
     # best[k][j][flag]: the best minimum capacity of stages 0..k covering [0, j); flag: a stage allows exactly
     # `agreed` requests (always true when not exact)
     best = [[[None, None] for _ in range(L + 1)] for _ in range(pp_size)]
@@ -236,16 +234,22 @@ def _capacity_dp(sums, requests, positions, L: int, pp_size: int, settings: Pool
                     new_flag, candidate = flag | int(v[1]), min(prev, v[0])
                     if best[k][j][new_flag] is None or candidate > best[k][j][new_flag]:
                         best[k][j][new_flag], choice[k][j][new_flag] = candidate, (i, flag)
+    ends = [v for v in best[pp_size - 1][L] if v is not None]
+    bound = max(ends) if ends else -inf
     final = best[pp_size - 1][L][1]
     if final is None:
-        return -inf, None
+        return -inf, None, bound
     counts, j, flag = [], L, 1
     for k in range(pp_size - 1, 0, -1):
         i, flag = choice[k][j][flag]
         counts.append(j - i)
         j = i
     counts.append(j)
-    return final, counts[::-1]
+    return final, counts[::-1], bound
+
+
+def _none_is_inf(tokens: int | None) -> float:
+    return float("inf") if tokens is None else tokens
 
 
 def partition_from_costs(costs: ModelCosts, pp_size: int, kind: str, settings: PoolSettings | None = None) -> list[int]:
