@@ -306,17 +306,18 @@ class Scheduler:
         chosen: list[tuple[Request, int]] = []
         budget = self.chunk_size
         for req in list(self.running):
-            if req.rid in busy or req not in self.running:
+            in_flight = req.rid in busy
+            if (in_flight and not self._next_chunk_can_follow(req)) or req not in self.running:
                 continue
             if len(chosen) >= cap:
                 break
-            pending = len(req.all_ids) - req.num_cached
-            if req.num_cached and pending == 1:  # decoding
+            pending = len(req.all_ids) - req.num_planned
+            if req.num_planned and pending == 1 and not in_flight:  # decoding
                 if not self._ensure_page(req, busy):
                     continue
                 n = 1
             elif budget > 0:
-                n = self._chunk_end(req, req.num_cached + min(pending, budget)) - req.num_cached
+                n = self._chunk_end(req, req.num_planned + min(pending, budget)) - req.num_planned
             else:
                 continue
             budget -= n
@@ -326,16 +327,24 @@ class Scheduler:
             return None
         return self._build(chosen), [req for req, _ in chosen]
 
+    @staticmethod
+    def _next_chunk_can_follow(req: Request) -> bool:
+        """Chunked pipeline prefill: the next prefill chunk of a request may be planned while its previous
+        chunks are in flight, since every rank runs steps in order (chunk i's KV and linear-attention state
+        are in place when chunk i + 1 arrives) and a chunk that does not end the prompt samples nothing.
+        Not for a request that wants its prompt logprobs (they are appended as the chunks come back)."""
+        return req.num_planned < req.prefill_end and not req.input_logprobs_wanted
+
     def _chunk_end(self, req: Request, end: int) -> int:
         """A prefill chunk ends at the first snapshot point it would cross."""
-        points = [p for p in req.snapshot_points if req.num_cached < p < end]
+        points = [p for p in req.snapshot_points if req.num_planned < p < end]
         return min(points) if points else end
 
     def _build(self, chosen: list[tuple[Request, int]]) -> StepInput:
         spans, ids, sample, new_pages, fresh, histories = [], [], [], [], [], []
         restores, resets, snapshots = [], [], []
         for req, n in chosen:
-            start, end = req.num_cached, req.num_cached + n
+            start, end = req.num_planned, req.num_planned + n
             if req.fresh_table:
                 restore = req.restore_from
                 if restore is None:
@@ -361,9 +370,9 @@ class Scheduler:
                     self.cache.insert(req, end // self.page_size * self.page_size)
         released, self._released = self._released, []
         reqs = [req for req, _ in chosen]
-        wants = [r.input_logprobs_wanted and r.num_cached < len(r.prompt_ids)
-                 and len(r.input_logprobs) < len(r.prompt_ids) - 1 for r in reqs]
-        next_ids = [r.prompt_ids[r.num_cached + s.num_tokens] if r.num_cached + s.num_tokens < len(r.prompt_ids)
+        wants = [r.input_logprobs_wanted and s.prefix_len < len(r.prompt_ids)
+                 and len(r.input_logprobs) < len(r.prompt_ids) - 1 for r, s in zip(reqs, spans)]
+        next_ids = [r.prompt_ids[s.prefix_len + s.num_tokens] if s.prefix_len + s.num_tokens < len(r.prompt_ids)
                     else None for r, s in zip(reqs, spans)]
         tops = [r.top_logprobs_num for r in reqs]
         return StepInput(spans, ids, sample, [r.params for r in reqs], [r.rid for r in reqs], new_pages, fresh,
