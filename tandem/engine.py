@@ -324,8 +324,7 @@ class Engine:
             self.executor = executor
             # the fresh pools may be sized differently (memory-derived sizing): nothing is cached or running
             # now, so the scheduler simply takes the new capacity
-            self.scheduler.cache = self._cache_manager(executor.capacity)
-            self.scheduler.set_capacity(executor.capacity.context_length)
+            self.scheduler.use_cache(self._cache_manager(executor.capacity), executor.capacity.context_length)
             self.prompts.max_total_tokens = executor.capacity.max_total_tokens
             self._recovering = None
         self.restarts += 1

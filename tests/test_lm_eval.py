@@ -68,12 +68,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(workdir):
-    srv = ServeProcess(DEFAULT_MODEL, workdir / "server.log", ["--pp-size", "2", "--dtype", "float32"])
-    try:
-        srv.wait_healthy()
+    with ServeProcess.running(DEFAULT_MODEL, workdir / "server.log", ["--pp-size", "2", "--dtype", "float32"]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,9 @@ def model_dir(ckpt):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    srv = ServeProcess(model_dir, tmp_path_factory.mktemp("server_logprobs") / "server.log",
-                       ["--pp-size", "2", "--dtype", "float32", "--context-length", str(CONTEXT)])
-    try:
-        srv.wait_healthy()
+    flags = ["--pp-size", "2", "--dtype", "float32", "--context-length", str(CONTEXT)]
+    with ServeProcess.running(model_dir, tmp_path_factory.mktemp("server_logprobs") / "server.log", flags) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

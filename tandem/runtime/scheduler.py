@@ -111,8 +111,8 @@ def shared_pages(a: list[int], b: list[int], page_size: int) -> int:
 class Scheduler:
     def __init__(self, cache: CacheManager, context_length: int, chunk_size: int, eos_token_ids=(),
                  decode_text: Callable[[list[int]], str] | None = None):
-        self.cache, self.chunk_size = cache, chunk_size
-        self.set_capacity(context_length)
+        self.chunk_size = chunk_size
+        self.use_cache(cache, context_length)
         self.eos_token_ids = set(eos_token_ids)
         self.decode_text = decode_text
         self.waiting: deque[Request] = deque()
@@ -121,9 +121,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = self.prefix_query_tokens = self.prefix_hit_tokens = 0
 
-    def set_capacity(self, context_length: int) -> None:
-        """Take the context length, and the limits of `self.cache` (a new one after a restart)."""
-        self.page_size = self.cache.page_size
+    def use_cache(self, cache: CacheManager, context_length: int) -> None:
+        """Plan with `cache` (a fresh one after the ranks were restarted, when nothing runs) and its limits."""
+        self.cache = cache
+        self.page_size = cache.page_size
         self.context_length = context_length
         self.max_len = min(context_length, self.cache.max_total_tokens)  # tokens one request may reach
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -34,6 +35,17 @@ class ServeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli", "serve", "--model-path", str(model_dir), "--port", str(self.port),
              *key_flags, *flags], stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, model_dir: Path, log: Path, flags: list[str]):
+        """A healthy server for the duration of a `with` block (a module fixture's body); stopped after."""
+        server = cls(model_dir, log, flags)
+        try:
+            server.wait_healthy()
+            yield server
+        finally:
+            server.stop()
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
