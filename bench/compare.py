@@ -80,7 +80,7 @@ def compare_model(name: str, path: Path, reps: int, num_prompts: int, input_len:
     prompts = random_prompts(num_prompts, input_len, VOCAB, seed=1)
     engines = {
         "tandem pp1": Engine(path, dtype="bfloat16", progress=False),
-        "tandem pp2": Engine(path, dtype="bfloat16", pp_size=2, pp_layer_partition="auto-compute", progress=False),
+        "tandem pp2": Engine(path, dtype="bfloat16", pp_size=2, pp_layer_partition="auto-latency", progress=False),
         "tandem tp2": Engine(path, dtype="bfloat16", tp_size=2, progress=False),
     }
     runs: dict[str, list[dict]] = {"transformers": [], **{k: [] for k in engines}}
@@ -109,7 +109,7 @@ def pp_scaling(path: Path, batch_sizes: list[int], input_len: int, output_len: i
     torch.set_num_threads(1)
     out = {"batch_sizes": batch_sizes, "tandem pp1": [], "tandem pp2": []}
     engines = {"tandem pp1": Engine(path, dtype="bfloat16", progress=False, max_running_requests=max(batch_sizes)),
-               "tandem pp2": Engine(path, dtype="bfloat16", pp_size=2, pp_layer_partition="auto-compute", progress=False,
+               "tandem pp2": Engine(path, dtype="bfloat16", pp_size=2, pp_layer_partition="auto-latency", progress=False,
                                     max_running_requests=max(batch_sizes))}
     try:
         for batch in batch_sizes:

@@ -156,7 +156,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--configs", default="pp1;pp2 mb2;pp2 mb3",
                         help="';'-separated labels: pp1, pp2 mb3 (micro-batches), pp2 mb2 6,2 (explicit partition)")
-    parser.add_argument("--partition", default="auto-compute", help="layer partition of pp>1 labels without one")
+    parser.add_argument("--partition", default="auto-latency", help="layer partition of pp>1 labels without one")
     parser.add_argument("--only", help="run this one configuration for --seconds (for a profiler)")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--json", help="write the results here")

@@ -14,7 +14,8 @@ HELP = {
     "pp_size": "Pipeline-parallel size: number of stages, each owning a contiguous slice of the layers.",
     "dtype": "Weight/activation dtype: auto (the checkpoint's), float32, bfloat16 or float16.",
     "device": "cpu (gloo) or cuda (NCCL).",
-    "pp_layer_partition": "Layers per stage: uniform (default), auto, auto-compute, or a list like 15,15,14,16.",
+    "pp_layer_partition": "Layers per stage: uniform (default), auto (memory), auto-compute (FLOPs), auto-latency (decode time "
+                          "measured on the device at start-up), auto-capacity, or a list like 15,15,14,16.",
     "context_length": "Maximum tokens per request (prompt + output); default: the model's own limit "
                       "(max_position_embeddings), and never more than the KV cache holds.",
     "max_running_requests": "Upper bound on requests running at once (each holds a linear-attention state slot); "

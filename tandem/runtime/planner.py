@@ -6,11 +6,13 @@ reserve, token capacity, compute per token) from the model config alone, and the
 - `auto`: the contiguous split minimising the largest stage's memory: weights, plus the caches when their
   sizes are given (`--max-total-tokens` tokens, `--max-running-requests` requests' state slots);
 - `auto-compute`: minimising the largest stage's FLOPs per token;
+- `auto-latency`: minimising the largest stage's decode time, measured at start-up on the engine's device
+  (`tandem.runtime.decode_timing`: one layer of each kind, the embedding and the LM head + sampler timed);
 - `auto-capacity`: maximising the engine's KV capacity, the minimum over stages of the tokens each stage's
   pool holds in the device's memory (`tandem.runtime.geometry` sizing, with the estimated activation
   reserve). For hybrid models, where the full-attention layers fall decides it.
 
-`min_max_partition` (auto, auto-compute) is exact by dynamic programming over (stage, end layer), ties broken
+`min_max_partition` (auto, auto-compute, auto-latency) is exact by dynamic programming over (stage, end layer), ties broken
 by the smallest sum of squared stage costs. `capacity_partition` (auto-capacity) is exact too: the stages
 agree on the number of running requests (the minimum of each stage's), which sets the state pool and so the
 tokens every stage holds; for each possible agreed value R it maximises the minimum capacity over splits
@@ -20,12 +22,14 @@ whose smallest stage value is exactly R (a dynamic program with one flag), and k
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tandem.config import EngineArgs, ModelConfig
 from tandem.errors import PartitionError
 from tandem.parallel.partition import parse_partition, stage_bounds, uniform_partition
+from tandem.runtime.decode_timing import DecodeTiming, measure_decode_timing
 from tandem.runtime.device_memory import driver_device_memory_bytes
 from tandem.runtime.geometry import (
     StageMemory,
@@ -44,7 +48,9 @@ from tandem.runtime.stage_costs import (  # noqa: F401  (re-exported: the planne
     stage_weight_bytes_on_meta,
 )
 
-AUTO_KINDS = ("auto", "auto-compute", "auto-capacity")
+logger = logging.getLogger("tandem")
+
+AUTO_KINDS = ("auto", "auto-compute", "auto-latency", "auto-capacity")
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,8 @@ def _none_is_inf(tokens: int | None) -> float:
     return float("inf") if tokens is None else tokens
 
 
-def partition_from_costs(costs: ModelCosts, pp_size: int, kind: str, settings: PoolSettings | None = None) -> list[int]:
+def partition_from_costs(costs: ModelCosts, pp_size: int, kind: str, settings: PoolSettings | None = None,
+                         timing: DecodeTiming | None = None) -> list[int]:
     if kind == "auto":
         tokens = settings.max_total_tokens or 0 if settings else 0
         slots = (settings.max_running_requests or 0) * settings.slots_per_request if settings else 0
@@ -261,6 +268,11 @@ def partition_from_costs(costs: ModelCosts, pp_size: int, kind: str, settings: P
         return min_max_partition(layer, pp_size, stage_extras(costs.extra_weight_bytes, pp_size))
     if kind == "auto-compute":
         return min_max_partition(costs.flops, pp_size, stage_extras(costs.extra_flops, pp_size))
+    if kind == "auto-latency":
+        if timing is None:
+            raise PartitionError("auto-latency times the model on the engine's device at start-up; there is no "
+                                 "timing here (tandem plan cannot measure it: use auto-compute or a list)")
+        return min_max_partition(list(timing.layer_seconds), pp_size, stage_extras(timing.extra_seconds, pp_size))
     if kind == "auto-capacity":
         if settings is None or settings.memory_bytes is None:
             raise PartitionError("auto-capacity needs the device memory to size the stages' pools")
@@ -269,9 +281,11 @@ def partition_from_costs(costs: ModelCosts, pp_size: int, kind: str, settings: P
 
 
 def resolve_partition(spec, pp_size: int, num_layers: int, costs: Callable[[], ModelCosts],
-                      settings: Callable[[], PoolSettings] | None = None) -> list[int]:
+                      settings: Callable[[], PoolSettings] | None = None,
+                      timing: Callable[[], DecodeTiming] | None = None) -> list[int]:
     """The layers per stage for a `--pp-layer-partition` spec: None/"uniform", an explicit list (validated),
-    or one of `AUTO_KINDS`. `costs()` and `settings()` are called only for the automatic kinds."""
+    or one of `AUTO_KINDS`. `costs()`, `settings()` and `timing()` are called only for the automatic kinds
+    (`timing` only for auto-latency)."""
     if spec is None or spec == "uniform":
         return uniform_partition(num_layers, pp_size)
     if isinstance(spec, str) and spec.startswith("auto"):
@@ -280,7 +294,8 @@ def resolve_partition(spec, pp_size: int, num_layers: int, costs: Callable[[], M
         uniform_partition(num_layers, pp_size)  # clear error when pp_size > layers
         if pp_size == 1:
             return [num_layers]
-        return partition_from_costs(costs(), pp_size, spec, settings() if settings else None)
+        measured = timing() if spec == "auto-latency" and timing is not None else None
+        return partition_from_costs(costs(), pp_size, spec, settings() if settings else None, measured)
     return parse_partition(spec, num_layers, pp_size)
 
 
@@ -290,8 +305,16 @@ def engine_partition(model_config: ModelConfig, args: EngineArgs) -> list[int]:
         memory = driver_device_memory_bytes(args.device, args.world_size // args.nnodes)
         return PoolSettings.from_args(model_config, args, memory)
 
-    return resolve_partition(args.pp_layer_partition, args.pp_size, model_config.num_layers,
-                             lambda: costs_for(model_config, args), settings)
+    def timing() -> DecodeTiming:
+        measured = measure_decode_timing(model_config, args)
+        logger.info("auto-latency: %s", measured.describe(model_config))
+        return measured
+
+    partition = resolve_partition(args.pp_layer_partition, args.pp_size, model_config.num_layers,
+                                  lambda: costs_for(model_config, args), settings, timing)
+    if isinstance(args.pp_layer_partition, str) and args.pp_layer_partition.startswith("auto"):
+        logger.info("%s partition: %s", args.pp_layer_partition, partition)
+    return partition
 
 
 # ---- plans ----------------------------------------------------------------------------------------------------

@@ -435,6 +435,7 @@ def build_checkpoint(
     with_tokenizer: bool = False,
     seed: int = 0,
     max_position_embeddings: int = MAX_POS,
+    vocab_size: int | None = None,
 ) -> pathlib.Path:
     """Build a tiny randomized HF checkpoint of `kind` into out_dir and return out_dir as a Path.
 
@@ -444,6 +445,7 @@ def build_checkpoint(
         (`model.language_model.*`, `model.visual.*`, `lm_head.weight`; config.json has text_config/vision_config).
     add_mtp: add `mtp.*` tensors and `mtp_num_hidden_layers: 1` to the (text) config.
     max_position_embeddings: the context the config declares (default 2048).
+    vocab_size: the (text) vocabulary instead of VOCAB_SIZE.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)}")
@@ -454,6 +456,8 @@ def build_checkpoint(
 
     config = make_config(kind, tied=tied, multimodal=multimodal, num_layers=num_layers, layer_types=layer_types,
                          max_position_embeddings=max_position_embeddings)
+    if vocab_size is not None:
+        config.get_text_config().vocab_size = vocab_size
     _, model_cls = _classes(kind, multimodal)
     torch_dtype = _DTYPES[dtype]
     with torch.random.fork_rng(devices=[]):

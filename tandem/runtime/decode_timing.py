@@ -1,0 +1,178 @@
+"""Measured decode cost of every decoder layer and of each stage position's extras, for the `auto-latency`
+layer partition: a short timed dry run on the engine's device at start-up, before any weight is read.
+
+FLOPs (`auto-compute`) misjudge decode badly: at a decode batch the LM head's one large GEMM runs near peak
+while a layer's many small ones, its norms, rotary and attention over the cache do not, so on a CPU the head
+costs about two layers where its FLOPs say five (bench/results/profile.md). Here the real Tandem modules are
+built with random weights, one decoder layer of each kind (layer type x dense/MoE MLP), the embedding, the
+final norm + LM head, and one decode step of `batch` requests at `context` tokens is timed for each part, the
+sampler included (greedy). A stage's time is its layers' times plus its position's extras (the embedding on
+the first stage; final norm, LM head and sampler on the last), which `planner.min_max_partition` balances.
+
+The probe is built for one TP rank of a single-rank layout (no collectives in the driver): relative costs,
+which are all the partition needs, shard evenly under TP. On CPU it runs with the intra-op threads a rank
+process will have."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tandem.config import EngineArgs, ModelConfig
+from tandem.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tandem.layers.forward_batch import ForwardBatch, Span
+from tandem.layers.norm import RMSNorm
+from tandem.layers.paged_metadata import PagedAttentionMetadata
+from tandem.layers.rotary import RotaryEmbedding
+from tandem.models.common import DecoderLayer
+from tandem.models.registry import get_model_class
+from tandem.parallel.layout import GroupInfo
+from tandem.runtime.geometry import StageCacheShape
+from tandem.runtime.sampler import Sampler, SamplingParams
+
+logger = logging.getLogger("tandem")
+
+DEFAULT_BATCH = 32
+MAX_BATCH = 256
+MAX_CONTEXT = 1024
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """Seconds of one decode step of `batch` rows at `context` tokens: per layer, and per stage position
+    ("single", "first", "middle", "last") for what is not a layer."""
+
+    batch: int
+    context: int
+    layer_seconds: tuple[float, ...]
+    extra_seconds: dict[str, float]
+
+    def describe(self, model_config: ModelConfig) -> str:
+        kinds = {}
+        for i, seconds in enumerate(self.layer_seconds):
+            kind = model_config.layer_types[i] + (" moe" if model_config.is_moe_layer(i) else "")
+            kinds.setdefault(kind, seconds)
+        parts = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in kinds.items())
+        return (f"decode step of {self.batch} requests at {self.context} tokens: {parts}; embedding "
+                f"{self.extra_seconds['first'] * 1e3:.2f} ms; final norm + LM head + sampler "
+                f"{self.extra_seconds['last'] * 1e3:.2f} ms")
+
+
+def calibration_shape(args: EngineArgs, model_config: ModelConfig) -> tuple[int, int]:
+    """(decode rows per step, context tokens) to time: a micro-batch of the configured running requests
+    (DEFAULT_BATCH when not given) at half the context length, at most MAX_CONTEXT // 2."""
+    micro_batches = args.num_micro_batches or args.pp_size
+    batch = args.max_running_requests // micro_batches if args.max_running_requests else DEFAULT_BATCH
+    context = min(args.resolve_context_length(model_config), MAX_CONTEXT) // 2
+    return max(1, min(batch, MAX_BATCH)), max(2, context)
+
+
+def rank_threads(args: EngineArgs) -> int:
+    """Intra-op threads of one rank process on CPU (as `tandem.executors.rank` sets them)."""
+    return max(1, (os.cpu_count() or 1) // max(1, args.world_size // args.nnodes))
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.normal_(0.0, 0.02, generator=generator)
+
+
+def measure_decode_timing(model_config: ModelConfig, args: EngineArgs, reps: int = 5) -> DecodeTiming:
+    """Time one decode step of each part on `args.device` (median of `reps` after one warm-up)."""
+    batch, context = calibration_shape(args, model_config)
+    dtype = args.resolve_dtype(model_config)
+    device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+    threads = rank_threads(args) if device.type == "cpu" else torch.get_num_threads()
+    with _threads(threads), torch.inference_mode():
+        return _measure(model_config, args, batch, context, dtype, device, reps)
+
+
+def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: int, dtype: torch.dtype,
+             device: torch.device, reps: int) -> DecodeTiming:
+    alone, page_size = GroupInfo.alone(), args.page_size
+    spec = get_model_class(model_config.architecture).block_spec(model_config)
+    kinds: dict[tuple[str, bool], int] = {}  # (layer type, moe) -> the first layer of that kind
+    for i in range(model_config.num_layers):
+        kinds.setdefault((model_config.layer_types[i], model_config.is_moe_layer(i)), i)
+    generator = torch.Generator().manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            layers = {i: DecoderLayer(alone, model_config, spec, i) for i in kinds.values()}
+            embed = VocabParallelEmbedding(alone, model_config.vocab_size, model_config.hidden_size)
+            norm = RMSNorm(model_config.hidden_size, model_config.rms_norm_eps,
+                           zero_centred=spec.zero_centred_norm)
+            head = ParallelLMHead(alone, model_config.vocab_size, model_config.hidden_size)
+            rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_parameters,
+                                     model_config.partial_rotary_factor, model_config.hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    weights = torch.Generator(device=device).manual_seed(0)
+    for module in (*layers.values(), embed, norm, head):
+        _randomize(module, weights)
+
+    pages_per_request = -(-context // page_size)
+    shape = StageCacheShape.from_layers(layers, model_config, dtype)
+    kv, state = shape.allocate(batch * pages_per_request * page_size, page_size, batch, device)
+    spans = [Span(r, context - 1, 1) for r in range(batch)]
+    ids = torch.randint(0, model_config.vocab_size, (batch,), generator=generator)
+    step = ForwardBatch.build(spans, ids, device)
+    step.kv_pool, step.state_pool = kv, state
+    if shape.attn_layers:
+        tables = [list(range(r * pages_per_request, (r + 1) * pages_per_request)) for r in range(batch)]
+        step.attn = PagedAttentionMetadata.build(tables, [context - 1] * batch, [1] * batch, page_size, device)
+    hidden = (torch.randn(batch, model_config.hidden_size, generator=generator)).to(device, dtype)
+    cos_sin = rotary.cos_sin(step.positions, dtype)
+    sampler, greedy = Sampler(), SamplingParams(temperature=0.0)
+    for r in range(batch):
+        sampler.begin(r, greedy, prompt_len=1)
+
+    def run_head():
+        out, _ = norm(hidden, hidden)
+        sampler.sample(head(out).float(), [greedy] * batch, list(range(batch)))
+
+    parts: dict[object, Callable[[], object]] = {
+        i: (lambda layer=layer: layer(hidden, hidden.clone(), step, rotary, cos_sin)) for i, layer in layers.items()}
+    parts["embedding"] = lambda: embed(step.input_ids)
+    parts["head"] = run_head
+    samples: dict[object, list[float]] = {name: [] for name in parts}
+    for rep in range(reps + 1):
+        for name, fn in parts.items():  # interleaved, so a burst of load spreads over every part
+            seconds = _time(fn, device)
+            if rep:
+                samples[name].append(seconds)
+    median = {name: statistics.median(s) for name, s in samples.items()}
+    layer_seconds = tuple(median[kinds[(model_config.layer_types[i], model_config.is_moe_layer(i))]]
+                          for i in range(model_config.num_layers))
+    embedding, last = median["embedding"], median["head"]
+    return DecodeTiming(batch, context, layer_seconds,
+                        {"single": embedding + last, "first": embedding, "middle": 0.0, "last": last})

@@ -1,0 +1,88 @@
+"""`--pp-layer-partition auto-latency`: the split balances stage decode times measured on the device
+(`tandem.runtime.decode_timing`), checked by brute force on hand-made timings and end to end in an engine."""
+
+import itertools
+
+import pytest
+
+from tandem.config import EngineArgs
+from tandem.engine import Engine
+from tandem.errors import PartitionError
+from tandem.models.registry import load_model_config
+from tandem.parallel.partition import stage_bounds
+from tandem.runtime import planner
+from tandem.runtime.decode_timing import DecodeTiming, calibration_shape, measure_decode_timing
+
+try:
+    from support.checkpoints import build_checkpoint
+except ImportError:  # tests/ imported as a package
+    from tests.support.checkpoints import build_checkpoint
+
+
+def compositions(n: int, parts: int):
+    for cuts in itertools.combinations(range(1, n), parts - 1):
+        bounds = (0, *cuts, n)
+        yield [bounds[i + 1] - bounds[i] for i in range(parts)]
+
+
+def slowest_stage(timing: DecodeTiming, split: list[int]) -> float:
+    extras = planner.stage_extras(timing.extra_seconds, len(split))
+    return max(sum(timing.layer_seconds[start:end]) + extra for (start, end), extra in zip(stage_bounds(split), extras))
+
+
+@pytest.mark.parametrize("layers, head", [((1.0,) * 8, 2.2), ((3.0, 1.0, 1.0, 4.0, 1.0, 2.0, 1.0, 1.0), 0.5),
+                                          ((0.4, 0.4, 2.0, 0.4, 0.4, 2.0, 0.4, 0.4, 0.4, 2.0), 6.0)])
+def test_auto_latency_is_optimal_by_brute_force(layers, head):
+    timing = DecodeTiming(32, 64, layers, {"single": head + 0.1, "first": 0.1, "middle": 0.0, "last": head})
+    costs = object()  # auto-latency needs no config-derived costs
+    for pp in (2, 3, 4):
+        got = planner.partition_from_costs(costs, pp, "auto-latency", timing=timing)
+        assert len(got) == pp and sum(got) == len(layers)
+        assert slowest_stage(timing, got) == pytest.approx(
+            min(slowest_stage(timing, split) for split in compositions(len(layers), pp)), rel=1e-12)
+
+
+def test_auto_latency_needs_a_measurement():
+    timing = None
+    with pytest.raises(PartitionError, match="auto-latency times the model"):
+        planner.partition_from_costs(object(), 2, "auto-latency", timing=timing)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decode_timing")
+    hybrid = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+    return {"hybrid": build_checkpoint("qwen3_5_moe", root / "hybrid", layer_types=hybrid),
+            # a vocabulary of 64k rows over a tiny hidden size: the LM head and sampler cost many layers
+            "big_head": build_checkpoint("llama", root / "big_head", num_layers=4, vocab_size=65536)}
+
+
+def test_measurement_covers_every_layer_kind(checkpoints):
+    path = checkpoints["hybrid"]
+    config = load_model_config(path)
+    args = EngineArgs(model_path=str(path), pp_size=2, dtype="float32", max_running_requests=8,
+                      num_micro_batches=2, context_length=64)
+    assert calibration_shape(args, config) == (4, 32)
+    timing = measure_decode_timing(config, args, reps=2)
+    assert (timing.batch, timing.context) == (4, 32)
+    assert len(timing.layer_seconds) == config.num_layers and min(timing.layer_seconds) > 0
+    # one measurement per kind: layers 0/2 (Gated DeltaNet) and 1/3 (full attention)
+    assert timing.layer_seconds[0] == timing.layer_seconds[2] and timing.layer_seconds[1] == timing.layer_seconds[3]
+    assert timing.extra_seconds["single"] == pytest.approx(timing.extra_seconds["first"] + timing.extra_seconds["last"])
+    assert timing.extra_seconds["middle"] == 0.0
+
+
+def test_engine_runs_the_auto_latency_split(checkpoints):
+    """The LM head over 64k rows costs far more than a layer of hidden size 64, so the measured split gives
+    the last stage a single layer where the uniform split gives it two; the tokens equal one process's."""
+    path, prompts = checkpoints["big_head"], [[5, 17, 42, 99, 123, 7], [3, 1, 4, 1, 5]]
+    sampling = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
+    with Engine(path, pp_size=2, dtype="float32", pp_layer_partition="auto-latency", progress=False) as engine:
+        partition = engine.partition
+        out = engine.generate(input_ids=prompts, sampling_params=sampling)
+        reports = engine.stage_report()
+    with Engine(path, dtype="float32", progress=False) as single:
+        expected = single.generate(input_ids=prompts, sampling_params=sampling)
+    assert partition == [3, 1]
+    assert [(r["layer_start"], r["layer_end"]) for r in reports] == [(0, 3), (3, 4)]
+    assert [o["output_ids"] for o in out] == [e["output_ids"] for e in expected]
