@@ -242,19 +242,13 @@ class Engine:
     def _run_steps(self, stop_when_idle: bool) -> None:
         """Keep up to `num_micro_batches` steps in flight: while stage k+1 works on one micro-batch,
         stage k already works on the next. A request is never in two in-flight steps. A failure of the
-        executor (a rank died or raised) restarts the ranks and requeues every request (`_recover`)."""
+        executor (a rank died or raised) restarts the ranks and requeues every request (`_recover`).
+        After a step's results are processed the next step is submitted before the requests' callbacks run,
+        so the first stage does not wait for them."""
         in_flight: deque = deque()
         while not self._stopping:
             try:
-                with self._lock:
-                    busy = {req.rid for _, _, reqs in in_flight for req in reqs}
-                    while len(in_flight) < self.num_micro_batches:
-                        planned = self.scheduler.next_step(busy, self.num_micro_batches)
-                        if planned is None:
-                            break
-                        step, reqs = planned
-                        in_flight.append((self.executor.submit(step), step, reqs))
-                        busy.update(req.rid for req in reqs)
+                self._fill(in_flight)
                 if not in_flight:
                     if stop_when_idle:
                         return
@@ -265,14 +259,37 @@ class Engine:
                 step_id, step, reqs = in_flight.popleft()
                 out = self.executor.collect(step_id)
             except Exception as exc:
-                if self._stopping:
+                if self._failed_world(exc, in_flight):
                     return
-                in_flight.clear()  # those steps died with the ranks; their requests are requeued
-                self._recover(exc)
                 continue
             with self._lock:
                 updated = self.scheduler.process(step, reqs, out)
+            try:
+                self._fill(in_flight)
+            except Exception as exc:
+                if self._failed_world(exc, in_flight):
+                    return
             self._notify(updated)
+
+    def _fill(self, in_flight: deque) -> None:
+        """Plan and submit steps until `num_micro_batches` are in flight or nothing is ready."""
+        with self._lock:
+            busy = {req.rid for _, _, reqs in in_flight for req in reqs}
+            while len(in_flight) < self.num_micro_batches:
+                planned = self.scheduler.next_step(busy, self.num_micro_batches)
+                if planned is None:
+                    break
+                step, reqs = planned
+                in_flight.append((self.executor.submit(step), step, reqs))
+                busy.update(req.rid for req in reqs)
+
+    def _failed_world(self, exc: Exception, in_flight: deque) -> bool:
+        """Recover from an executor failure (True when the engine is stopping instead)."""
+        if self._stopping:
+            return True
+        in_flight.clear()  # those steps died with the ranks; their requests are requeued
+        self._recover(exc)
+        return False
 
     def _notify(self, reqs: list[Request]) -> None:
         """Run the requests' `on_update` callbacks; a failing callback is logged and does not stop the loop."""

@@ -61,7 +61,7 @@ def check_fits_pool(num_tokens: int, max_total_tokens: int) -> None:
                           f"--max-total-tokens or --mem-fraction-static, or use more pipeline stages")
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: membership tests in the queues compare identity, not every field
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
