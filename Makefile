@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all lint serve setup clean
+.PHONY: test test-all test-cuda lint serve setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,10 @@ test: lint
 	$(BIN)/python -m pytest -q -x --durations=15
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m '' --durations=15
+	$(BIN)/python -m pytest -q -m 'not cuda' --durations=15
+
+test-cuda: $(STAMP)
+	$(BIN)/python -m pytest -q -m cuda --durations=15
 
 serve: $(STAMP)
 	$(BIN)/tandem serve --model-path models/default --pp-size 2 --host 127.0.0.1 --port 30000

@@ -140,10 +140,10 @@ def parse_label(label: str) -> tuple[int, int, str | None]:
     return pp, micro, words[2] if len(words) > 2 else None
 
 
-def start(model: str, label: str, batch: int, context: int, partition: str) -> Engine:
+def start(model: str, label: str, batch: int, context: int, partition: str, device: str = "cpu") -> Engine:
     pp, micro, explicit = parse_label(label)
-    return Engine(model, dtype="bfloat16", pp_size=pp, num_micro_batches=micro, max_running_requests=batch * micro,
-                  context_length=context, progress=False, log_level="warning",
+    return Engine(model, dtype="bfloat16", device=device, pp_size=pp, num_micro_batches=micro,
+                  max_running_requests=batch * micro, context_length=context, progress=False, log_level="warning",
                   pp_layer_partition=(explicit or partition) if pp > 1 else None)
 
 
@@ -157,6 +157,7 @@ def main() -> int:
     parser.add_argument("--configs", default="pp1;pp2 mb2;pp2 mb3",
                         help="';'-separated labels: pp1, pp2 mb3 (micro-batches), pp2 mb2 6,2 (explicit partition)")
     parser.add_argument("--partition", default="auto-latency", help="layer partition of pp>1 labels without one")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per rank)")
     parser.add_argument("--only", help="run this one configuration for --seconds (for a profiler)")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--json", help="write the results here")
@@ -164,7 +165,7 @@ def main() -> int:
     torch.set_num_threads(1)
     context = args.input_len + args.output_len + 8
     if args.only:
-        engine = start(args.model, args.only, args.batch, context, args.partition)
+        engine = start(args.model, args.only, args.batch, context, args.partition, args.device)
         micro = parse_label(args.only)[1]
         decode_run(engine, args.batch * micro, args.input_len, 4, 0)  # warm-up
         deadline = time.time() + args.seconds
@@ -173,7 +174,8 @@ def main() -> int:
         engine.shutdown()
         return 0
     labels = args.configs.split(";")
-    engines = {label: start(args.model, label, args.batch, context, args.partition) for label in labels}
+    engines = {label: start(args.model, label, args.batch, context, args.partition, args.device)
+               for label in labels}
     runs: dict[str, list[dict]] = {label: [] for label in labels}
     try:
         for label, engine in engines.items():
