@@ -6,7 +6,8 @@ while a layer's many small ones, its norms, rotary and attention over the cache 
 costs about two layers where its FLOPs say five (bench/results/profile.md). Here the real Tandem modules are
 built with random weights, one decoder layer of each kind (layer type x dense/MoE MLP), the embedding, the
 final norm + LM head, and one decode step of `batch` requests at `context` tokens is timed for each part, the
-sampler included (greedy). A stage's time is its layers' times plus its position's extras (the embedding on
+sampler included (greedy), median of several interleaved runs (CPU time on CPU, so that other processes'
+load at start-up does not tilt the split). A stage's time is its layers' times plus its position's extras (the embedding on
 the first stage; final norm, LM head and sampler on the last), which `planner.min_max_partition` balances.
 
 The probe is built for one TP rank of a single-rank layout (no collectives in the driver): relative costs,
@@ -90,13 +91,17 @@ def _threads(count: int):
 
 
 def _time(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of fn(): on CUDA wall time between synchronisations; on CPU this process's CPU time, which other
+    processes' load (a busy machine at start-up) hardly changes, unlike wall time."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+    start = time.process_time()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -105,7 +110,7 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
             p.normal_(0.0, 0.02, generator=generator)
 
 
-def measure_decode_timing(model_config: ModelConfig, args: EngineArgs, reps: int = 5) -> DecodeTiming:
+def measure_decode_timing(model_config: ModelConfig, args: EngineArgs, reps: int = 7) -> DecodeTiming:
     """Time one decode step of each part on `args.device` (median of `reps` after one warm-up)."""
     batch, context = calibration_shape(args, model_config)
     dtype = args.resolve_dtype(model_config)
