@@ -12,11 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,19 +22,13 @@ import openai
 import pytest
 
 from support.processes import rank_processes
+from support.server import ServeProcess
 
-REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 512
 EOS = 2  # <|im_end|> of the test tokenizer (tests/support/tokenizer.py)
 PROMPTS = ["Hello, world!", "The cat sees a red ball", "12+34=", "How are you?"]
 REF_TOKENS = 12
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int) -> bool:
@@ -61,36 +51,7 @@ def model_dir(request, tmp_path_factory):
     return ckpt("qwen3_5_moe", with_tokenizer=True)
 
 
-class Server:
-    """A `tandem serve` subprocess (pp=2, fp32, context CONTEXT); `reference` is set by the fixture."""
-
-    def __init__(self, model_dir: Path, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.cli", "serve", "--model-path", str(model_dir), "--pp-size", "2",
-             "--port", str(self.port), "--dtype", "float32", "--context-length", str(CONTEXT)],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
-
-    def wait_healthy(self, timeout_s: float = 240) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        pytest.fail(f"server not healthy after {timeout_s} s:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+SERVE_FLAGS = ["--pp-size", "2", "--dtype", "float32", "--context-length", str(CONTEXT)]
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +92,11 @@ class ServerPool:
         self.started = 0
         self.current = self._start()  # starts loading now, while the reference is computed
 
-    def _start(self) -> Server:
+    def _start(self) -> ServeProcess:
         self.started += 1
-        return Server(self.model_dir, self.log_dir / f"server{self.started}.log")
+        return ServeProcess(self.model_dir, self.log_dir / f"server{self.started}.log", SERVE_FLAGS)
 
-    def live(self) -> Server:
+    def live(self) -> ServeProcess:
         if self.current.proc.poll() is not None:  # stopped by an earlier test
             self.current = self._start()
         self.current.wait_healthy()
