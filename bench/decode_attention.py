@@ -24,8 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tandem.layers.attention_workspace import AttentionWorkspace
-from tandem.layers.paged_attention import (DEFAULT_WORKSPACE_BYTES, decode_chunk_keys, paged_decode_attention,
-                                           write_kv)
+from tandem.layers.paged_attention import DEFAULT_WORKSPACE_BYTES, decode_chunk_keys, paged_decode_attention, write_kv
 from tandem.layers.paged_metadata import PagedAttentionMetadata
 
 
