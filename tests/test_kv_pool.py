@@ -18,16 +18,16 @@ def test_bytes_per_token_matches_the_pool_tensors(dtype, expected_per_token):
     assert per_token == expected_per_token
     assert pool.max_total_tokens == 20
     assert pool.nbytes == 20 * per_token == pool.k.nbytes + pool.v.nbytes
-    assert pool.k.shape == (3, 5, 4, 2, 8) and pool.k.dtype == dtype
+    assert pool.k.shape == (3, 2, 5, 4, 8) and pool.k.dtype == dtype  # [layers, kv_heads, pages, page_size, D]
 
 
 def test_layer_views_alias_the_pool_and_only_own_layers_exist():
     pool = PagedKVPool([4, 9], num_pages=3, page_size=2, kv_heads=1, head_dim=4, dtype=torch.float32, device="cpu")
     k, v = pool.layer(9)
-    assert k.shape == (3, 2, 1, 4)
-    k[2, 1] = 5.0
-    v[0, 0] = -1.0
-    assert torch.all(pool.k[1, 2, 1] == 5.0) and torch.all(pool.v[1, 0, 0] == -1.0)
+    assert k.shape == (1, 3, 2, 4)
+    k[0, 2, 1] = 5.0
+    v[0, 0, 0] = -1.0
+    assert torch.all(pool.k[1, 0, 2, 1] == 5.0) and torch.all(pool.v[1, 0, 0, 0] == -1.0)
     assert torch.all(pool.k[0] == 0)
     with pytest.raises(KeyError):
         pool.layer(5)

@@ -89,7 +89,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, cos_sin)
         k_cache, v_cache = batch.kv_pool.layer(self.layer_idx)
-        out = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scaling)
+        out = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scaling, batch.kv_pool.workspace)
         out = out.reshape(num_tokens, self.num_heads * self.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)

@@ -11,8 +11,9 @@ together, so their collectives match):
 
 Measured: on CUDA, the peak of torch's allocator over its level before the run; on CPU, the peak of the bytes
 held by tensors created during the run (`LiveTensorBytes` follows every new tensor storage until it is
-freed). A kernel's internal scratch memory is not a tensor and is not seen on CPU. Decode attention over long
-contexts works in chunks bounded by `DEFAULT_WORKSPACE_BYTES`, which is added to the reserve."""
+freed). A kernel's internal scratch memory is not a tensor and is not seen on CPU. Decode attention gathers
+keys and values into a workspace the KV pool keeps, in chunks bounded by `DEFAULT_WORKSPACE_BYTES`, which is
+added to the reserve (the dry runs' short contexts hardly use it)."""
 
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def measure_activation_reserve(runner, context_length: int, max_running_requests
         batch.kv_pool, batch.state_pool = kv, state
         if shape.attn_layers:
             batch.attn = PagedAttentionMetadata.build(page_tables, [s.prefix_len for s in spans],
-                                                      [s.num_tokens for s in spans], page_size, device)
+                                                      [s.num_tokens for s in spans], page_size,
+                                                      shape.decode_chunk_keys, device)
         out, _ = runner.model(batch, hidden, residual)
         if pp.is_last:
             if last_rows == "all":

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from tandem.config import ModelConfig
+from tandem.layers.paged_attention import DEFAULT_WORKSPACE_BYTES, decode_chunk_keys
 from tandem.runtime.kv_pool import PagedKVPool, max_total_tokens_from_memory
 from tandem.runtime.state_pool import LinearStatePool
 
@@ -40,6 +41,7 @@ class StageCacheShape:
     attn_layers: tuple[int, ...]
     linear_layers: tuple[int, ...]
     kv_heads: int  # per TP rank
+    q_heads: int  # per TP rank
     head_dim: int
     conv_channels: int  # per TP rank
     conv_kernel: int
@@ -55,7 +57,8 @@ class StageCacheShape:
         linear = tuple(i for i, layer in layers.items() if hasattr(layer, "linear_attn"))
         first_attn = layers[attn[0]].self_attn if attn else None
         first_gdn = layers[linear[0]].linear_attn if linear else None
-        return cls(attn, linear, first_attn.num_kv_heads if first_attn else 0, config.head_dim,
+        return cls(attn, linear, first_attn.num_kv_heads if first_attn else 0,
+                   first_attn.num_heads if first_attn else 0, config.head_dim,
                    first_gdn.conv_channels if first_gdn else 0, config.linear_conv_kernel_dim,
                    first_gdn.num_v_heads if first_gdn else 0, config.linear_key_head_dim,
                    config.linear_value_head_dim, dtype)
@@ -63,6 +66,11 @@ class StageCacheShape:
     @property
     def kv_bytes_per_token(self) -> int:
         return PagedKVPool.bytes_per_token(len(self.attn_layers), self.kv_heads, self.head_dim, self.dtype)
+
+    @property
+    def decode_chunk_keys(self) -> int:
+        """Key slots one decode attention chunk may gather (`PagedAttentionMetadata.build`)."""
+        return decode_chunk_keys(DEFAULT_WORKSPACE_BYTES, self.q_heads, self.kv_heads, self.head_dim, self.dtype)
 
     @property
     def state_bytes_per_slot(self) -> int:

@@ -1,15 +1,21 @@
 """The paged KV pool of one stage, and how many tokens it can hold in a memory budget.
 
 `PagedKVPool` stores keys and values of the stage's full-attention layers only, as
-[num_attn_layers, num_pages, page_size, kv_heads, head_dim]; a token of page `p` at offset `o` sits at
-token slot `p * page_size + o` of a layer's flattened [num_pages * page_size, kv_heads, head_dim] view.
-Which pages a request holds is decided by the driver (`IdAllocator`), not here.
+[num_attn_layers, kv_heads, num_pages, page_size, head_dim] (head-major: a page gather gives each kv head's
+keys as one contiguous matrix, see `tandem.layers.paged_attention`); a token of page `p` at offset `o` sits
+at token slot `p * page_size + o` of a layer's flattened [kv_heads, num_pages * page_size, head_dim] view.
+Which pages a request holds is decided by the driver (`IdAllocator`), not here. The pool also owns the
+`AttentionWorkspace` its layers' decode attention gathers pages into (at most `DEFAULT_WORKSPACE_BYTES`,
+which the activation reserve accounts for; it is not part of `nbytes`).
 
 `max_total_tokens_from_memory` turns a device's memory into a whole number of pages."""
 
 from __future__ import annotations
 
 import torch
+
+from tandem.layers.attention_workspace import AttentionWorkspace
+from tandem.layers.paged_attention import DEFAULT_WORKSPACE_BYTES
 
 
 class PagedKVPool:
@@ -26,19 +32,20 @@ class PagedKVPool:
             raise ValueError(f"num_pages must be >= 0, got {num_pages}")
         self.page_size, self.num_pages = page_size, num_pages
         self.index = {layer: i for i, layer in enumerate(layer_ids)}
-        shape = (len(layer_ids), num_pages, page_size, kv_heads, head_dim)
+        shape = (len(layer_ids), kv_heads, num_pages, page_size, head_dim)
         # NOTE: without zero_fill the pool is not touched here: on CPU its pages are only mapped when first
         # written, so a large pool costs no resident memory up front. Attention reads only written slots.
         make = torch.zeros if zero_fill else torch.empty
         self.k = make(shape, dtype=dtype, device=device)
         self.v = make(shape, dtype=dtype, device=device)
+        self.workspace = AttentionWorkspace(DEFAULT_WORKSPACE_BYTES)
 
     @property
     def max_total_tokens(self) -> int:
         return self.num_pages * self.page_size
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of one global layer index: two [num_pages, page_size, kv_heads, head_dim] views."""
+        """Keys and values of one global layer index: two [kv_heads, num_pages, page_size, head_dim] views."""
         i = self.index[layer_idx]
         return self.k[i], self.v[i]
 

@@ -203,7 +203,8 @@ class ModelRunner:
         if self.shape.attn_layers:
             batch.attn = PagedAttentionMetadata.build([self.page_tables[key] for key in step.keys],
                                                       [s.prefix_len for s in step.spans],
-                                                      [s.num_tokens for s in step.spans], self.page_size, self.device)
+                                                      [s.num_tokens for s in step.spans], self.page_size,
+                                                      self.shape.decode_chunk_keys, self.device)
         hidden = residual = None
         if not pp.is_first:
             received = comm.recv_from_prev_stage(pp, batch.num_tokens, self.config.hidden_size, self.dtype, self.device)
