@@ -11,7 +11,7 @@ from tandem.errors import PartitionError
 from tandem.models.registry import load_model_config
 from tandem.parallel.partition import stage_bounds
 from tandem.runtime import planner
-from tandem.runtime.decode_timing import DecodeTiming, calibration_shape, measure_decode_timing
+from tandem.runtime.decode_timing import DecodeTiming, calibration_shape, measure_decode_timing, time_decode_parts
 
 try:
     from support.checkpoints import build_checkpoint
@@ -63,8 +63,12 @@ def test_measurement_covers_every_layer_kind(checkpoints):
     args = EngineArgs(model_path=str(path), pp_size=2, dtype="float32", max_running_requests=8,
                       num_micro_batches=2, context_length=64)
     assert calibration_shape(args, config) == (4, 32)
-    timing = measure_decode_timing(config, args, reps=2)
+    timing = time_decode_parts(config, args, reps=2)
     assert (timing.batch, timing.context) == (4, 32)
+    # the child-interpreter probe measures the same parts at the same shape
+    child = measure_decode_timing(args)
+    assert (child.batch, child.context, len(child.layer_seconds)) == (4, 32, config.num_layers)
+    assert child.layer_seconds[0] == child.layer_seconds[2] and min(child.layer_seconds) > 0
     assert len(timing.layer_seconds) == config.num_layers and min(timing.layer_seconds) > 0
     # one measurement per kind: layers 0/2 (Gated DeltaNet) and 1/3 (full attention)
     assert timing.layer_seconds[0] == timing.layer_seconds[2] and timing.layer_seconds[1] == timing.layer_seconds[3]

@@ -6,24 +6,34 @@ while a layer's many small ones, its norms, rotary and attention over the cache 
 costs about two layers where its FLOPs say five (bench/results/profile.md). Here the real Tandem modules are
 built with random weights, one decoder layer of each kind (layer type x dense/MoE MLP), the embedding, the
 final norm + LM head, and one decode step of `batch` requests at `context` tokens is timed for each part, the
-sampler included (greedy), median of several interleaved runs (CPU time on CPU, so that other processes'
-load at start-up does not tilt the split). A stage's time is its layers' times plus its position's extras (the embedding on
-the first stage; final norm, LM head and sampler on the last), which `planner.min_max_partition` balances.
+sampler included (greedy), the fastest of several interleaved runs (CPU time on CPU, so that other
+processes' load at start-up does not tilt the split). A stage's time is its layers' times plus its
+position's extras (the embedding on the first stage; final norm, LM head and sampler on the last), which
+`planner.min_max_partition` balances.
 
-The probe is built for one TP rank of a single-rank layout (no collectives in the driver): relative costs,
-which are all the partition needs, shard evenly under TP. On CPU it runs with the intra-op threads a rank
-process will have."""
+The probe is built for one TP rank of a single-rank layout (no collectives): relative costs, which are all
+the partition needs, shard evenly under TP. `measure_decode_timing` runs it in a child interpreter
+(`python -m tandem.runtime.decode_timing`, settings on stdin, the timing as JSON on stdout), so the driver
+neither keeps the probe's memory nor opens a CUDA context; on CPU the child has the intra-op threads a rank
+process will have, and glibc's malloc keeps freed memory (`MALLOC_*` below): with its default, adaptive
+thresholds the probe's few calls sometimes paid page faults for the logits and timed the LM head 60 %
+slower, tipping the split.
+
+Only settings cross the process boundary (msgspec JSON of `EngineArgs` and `DecodeTiming`), nothing
+executable."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from tandem.config import EngineArgs, ModelConfig
@@ -33,13 +43,15 @@ from tandem.layers.norm import RMSNorm
 from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.layers.rotary import RotaryEmbedding
 from tandem.models.common import DecoderLayer
-from tandem.models.registry import get_model_class
+from tandem.models.registry import get_model_class, load_model_config
 from tandem.parallel.layout import GroupInfo
 from tandem.runtime.geometry import StageCacheShape
 from tandem.runtime.sampler import Sampler, SamplingParams
 
 logger = logging.getLogger("tandem")
 
+PROBE_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+PROBE_TIMEOUT_S = 900
 DEFAULT_BATCH = 32
 MAX_BATCH = 256
 MAX_CONTEXT = 1024
@@ -110,8 +122,23 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
             p.normal_(0.0, 0.02, generator=generator)
 
 
-def measure_decode_timing(model_config: ModelConfig, args: EngineArgs, reps: int = 7) -> DecodeTiming:
-    """Time one decode step of each part on `args.device` (median of `reps` after one warm-up)."""
+def measure_decode_timing(args: EngineArgs) -> DecodeTiming:
+    """The probe's timing, measured in a child interpreter (see the module docstring)."""
+    env = dict(os.environ, **PROBE_ENVIRONMENT)
+    try:
+        done = subprocess.run([sys.executable, "-m", "tandem.runtime.decode_timing"], input=msgspec.json.encode(args),
+                              capture_output=True, env=env, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"auto-latency: the timing probe took more than {PROBE_TIMEOUT_S} s") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"auto-latency: the timing probe failed (exit {done.returncode}):\n"
+                           f"{done.stderr.decode(errors='replace')[-3000:]}")
+    return msgspec.json.decode(done.stdout, type=DecodeTiming)
+
+
+def time_decode_parts(model_config: ModelConfig, args: EngineArgs, reps: int = 7) -> DecodeTiming:
+    """Time one decode step of each part on `args.device`, in this process (the fastest of `reps` after one
+    warm-up)."""
     batch, context = calibration_shape(args, model_config)
     dtype = args.resolve_dtype(model_config)
     device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
@@ -154,7 +181,8 @@ def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: i
     step.kv_pool, step.state_pool = kv, state
     if shape.attn_layers:
         tables = [list(range(r * pages_per_request, (r + 1) * pages_per_request)) for r in range(batch)]
-        step.attn = PagedAttentionMetadata.build(tables, [context - 1] * batch, [1] * batch, page_size, device)
+        step.attn = PagedAttentionMetadata.build(tables, [context - 1] * batch, [1] * batch, page_size,
+                                                 shape.decode_chunk_keys, device)
     hidden = (torch.randn(batch, model_config.hidden_size, generator=generator)).to(device, dtype)
     cos_sin = rotary.cos_sin(step.positions, dtype)
     sampler, greedy = Sampler(), SamplingParams(temperature=0.0)
@@ -175,9 +203,19 @@ def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: i
             seconds = _time(fn, device)
             if rep:
                 samples[name].append(seconds)
-    median = {name: statistics.median(s) for name, s in samples.items()}
-    layer_seconds = tuple(median[kinds[(model_config.layer_types[i], model_config.is_moe_layer(i))]]
+    best = {name: min(s) for name, s in samples.items()}  # the least distorted by other processes' load
+    layer_seconds = tuple(best[kinds[(model_config.layer_types[i], model_config.is_moe_layer(i))]]
                           for i in range(model_config.num_layers))
-    embedding, last = median["embedding"], median["head"]
+    embedding, last = best["embedding"], best["head"]
     return DecodeTiming(batch, context, layer_seconds,
                         {"single": embedding + last, "first": embedding, "middle": 0.0, "last": last})
+
+
+def main() -> None:
+    args = msgspec.json.decode(sys.stdin.buffer.read(), type=EngineArgs)
+    timing = time_decode_parts(load_model_config(args.model_path), args)
+    sys.stdout.buffer.write(msgspec.json.encode(timing))
+
+
+if __name__ == "__main__":
+    main()

@@ -306,7 +306,7 @@ def engine_partition(model_config: ModelConfig, args: EngineArgs) -> list[int]:
         return PoolSettings.from_args(model_config, args, memory)
 
     def timing() -> DecodeTiming:
-        measured = measure_decode_timing(model_config, args)
+        measured = measure_decode_timing(args)
         logger.info("auto-latency: %s", measured.describe(model_config))
         return measured
 
