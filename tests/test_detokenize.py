@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from support.tokenizer import build_tokenizer
 from tandem.prompts import output_text
-from tandem.runtime.detokenizer import IncrementalDetokenizer
+from tandem.runtime.detokenizer import IncrementalDetokenizer, StopStringWatch
 from tandem.server.detokenize import TextStream, held_back
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
@@ -158,3 +158,25 @@ def test_streamed_deltas_join_up_to_the_final_text(tokenizer, text, stops):
     full = tokenizer.decode(ids, skip_special_tokens=True)
     matched = next((s for s in stops if s in full), None)
     assert final == (full[: full.find(matched)] if matched else full)
+
+
+STOPS = ["ball", "\n\n", "ö", "🙂🚀", "46", "x"]
+
+
+def test_stop_string_watch_finds_what_a_full_search_finds(tokenizer):
+    """Fed one more token at a time, the watch reports a stop string on the same token as searching the
+    decoded whole output would, for every prefix of the texts (stops spanning token and character boundaries,
+    multi-byte characters), and only a short window is decoded per token."""
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for stops in ([s] for s in STOPS):
+            decoded_lengths: list[int] = []
+            watch = StopStringWatch(decoder_of(tokenizer, decoded_lengths), stops)
+            for end in range(1, len(ids) + 1):
+                full = tokenizer.decode(ids[:end], skip_special_tokens=True)
+                expected = next((s for s in stops if s in full), None)
+                got = watch.feed(ids[:end])
+                assert got == expected, (text, stops, end, full)
+                if got is not None:
+                    break
+            assert max(decoded_lengths, default=0) <= 12

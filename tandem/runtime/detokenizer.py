@@ -35,3 +35,25 @@ class IncrementalDetokenizer:
         delta = new_text[len(prefix_text):]
         self.prefix_offset, self.read_offset = self.read_offset, end
         return delta
+
+
+class StopStringWatch:
+    """Whether a request's output text contains one of its stop strings, fed the growing output ids after
+    every token: only the new text plus the last (longest stop - 1) characters before it are searched, so
+    each token costs a short window instead of decoding and searching the whole output. A stop string is
+    found on the first token that completes it, as a search of the whole text would find it."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str]):
+        self.text = IncrementalDetokenizer(decode)
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.tail = ""
+
+    def feed(self, ids: list[int]) -> str | None:
+        """The first stop string (in the order given) inside the text so far, or None."""
+        window = self.tail + self.text.update(ids)
+        for stop in self.stops:
+            if stop in window:
+                return stop
+        self.tail = window[-self.keep:] if self.keep else ""
+        return None

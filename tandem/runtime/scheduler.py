@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from tandem.errors import ConfigError
 from tandem.layers.forward_batch import Span
 from tandem.runtime.cache_manager import CacheManager
+from tandem.runtime.detokenizer import StopStringWatch
 from tandem.runtime.sampler import SamplingParams
 from tandem.runtime.step import StepInput, StepOutput
 
@@ -90,6 +91,7 @@ class Request:
     prefill_end: int = 0  # tokens to prefill since its last admission
     unsent_pages: list[int] = field(default_factory=list)  # pages the ranks' page tables do not have yet
     fresh_table: bool = False  # the ranks' page table restarts with unsent_pages
+    stop_watch: object = None  # StopStringWatch of a request with stop strings, made on its first token
 
     @property
     def finished(self) -> bool:
@@ -98,6 +100,20 @@ class Request:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """len(all_ids), without building the list."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def ids_between(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end], without building the whole list."""
+        prompt = len(self.prompt_ids)
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        if start >= prompt:
+            return self.output_ids[start - prompt:end - prompt]
+        return self.prompt_ids[start:] + self.output_ids[:end - prompt]
 
 
 def shared_pages(a: list[int], b: list[int], page_size: int) -> int:
@@ -173,12 +189,12 @@ class Scheduler:
 
     # ---- admission ----------------------------------------------------------------------------------------
     def _reserve_tokens(self, req: Request) -> int:
-        remaining = min(req.params.max_new_tokens - len(req.output_ids), self.max_len - len(req.all_ids))
+        remaining = min(req.params.max_new_tokens - len(req.output_ids), self.max_len - req.num_tokens)
         return math.ceil(DECODE_RESERVE_RATIO * max(remaining, 0))
 
     def _future_pages(self, req: Request) -> int:
         """Pages a running request is expected to take beyond those it holds (its decode reserve)."""
-        target = min(len(req.all_ids) + self._reserve_tokens(req), self.max_len)
+        target = min(req.num_tokens + self._reserve_tokens(req), self.max_len)
         return max(0, self.cache.pages_for(target) - len(req.pages))
 
     def _admit(self) -> None:
@@ -312,7 +328,7 @@ class Scheduler:
                 continue
             if len(chosen) >= cap:
                 break
-            pending = len(req.all_ids) - req.num_planned
+            pending = req.num_tokens - req.num_planned
             if req.num_planned and pending == 1 and not in_flight:  # decoding
                 if not self._ensure_page(req, busy):
                     continue
@@ -353,8 +369,8 @@ class Scheduler:
                 else:
                     restores.append((restore, req.state_slot))
             spans.append(Span(req.state_slot, start, n))
-            ids.extend(req.all_ids[start:end])
-            sample.append(end == len(req.all_ids) and req.params.max_new_tokens > 0)
+            ids.extend(req.ids_between(start, end))
+            sample.append(end == req.num_tokens and req.params.max_new_tokens > 0)
             histories.append(req.all_ids[:start] if req.fresh_table and start and req.params.uses_penalties else None)
             new_pages.append(req.unsent_pages)
             fresh.append(req.fresh_table)
@@ -428,13 +444,14 @@ class Scheduler:
         if token in p.stop_token_ids:
             return {"type": "stop", "matched": token}
         if p.stop and self.decode_text is not None:
-            text = self.decode_text(req.output_ids)
-            for stop in p.stop:
-                if stop in text:
-                    return {"type": "stop", "matched": stop}
+            if req.stop_watch is None:
+                req.stop_watch = StopStringWatch(self.decode_text, p.stop)
+            matched = req.stop_watch.feed(req.output_ids)
+            if matched is not None:
+                return {"type": "stop", "matched": matched}
         if len(req.output_ids) >= p.max_new_tokens:
             return {"type": "length", "length": len(req.output_ids)}
-        if len(req.all_ids) >= self.max_len:
+        if req.num_tokens >= self.max_len:
             return {"type": "length", "length": len(req.output_ids)}
         return None
 
