@@ -85,9 +85,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.page_tables: dict = {}
         self._pending_sends: list = []
-        # wall-clock (start, end) of each step's computation, excluding the wait for the previous stage
+        # wall-clock (start, end) of each step's computation, excluding the waits for the previous stage (its
+        # hidden states) and for the next one (to take this stage's previous send)
         self.step_times: deque[tuple[float, float]] = deque(maxlen=4096)
         self._compute_start = 0.0
+        self._compute_end: float | None = None
         logger.info(self.report_line())
         logger.info(self.capacity_line())
 
@@ -178,11 +180,11 @@ class ModelRunner:
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step on this stage; the last stage returns the sampled tokens."""
-        self._compute_start = time.time()
+        self._compute_start, self._compute_end = time.time(), None
         try:
             return self._execute(step)
         finally:
-            self.step_times.append((self._compute_start, time.time()))
+            self.step_times.append((self._compute_start, self._compute_end or time.time()))
 
     @torch.inference_mode()
     def _execute(self, step: StepInput) -> StepOutput | None:
@@ -214,6 +216,7 @@ class ModelRunner:
         if step.state_snapshots:
             self.state_pool.copy([src for src, _ in step.state_snapshots], [dst for _, dst in step.state_snapshots])
         if not pp.is_last:
+            self._compute_end = time.time()  # what follows waits for the next stage to take the previous step
             for work in self._pending_sends:
                 work.wait()
             self._pending_sends = comm.send_to_next_stage({"hidden_states": hidden, "residual": residual}, pp)
