@@ -172,12 +172,15 @@ def recurrent_gated_delta_rule_step(
     state: [B, H, Dk, Dv] float32, updated IN PLACE.  Returns out [B, H, Dv] in v's dtype."""
     if state.dtype != torch.float32:
         raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
+    batch, heads, k_dim = k.shape
+    rows = batch * heads
     q, k = _prepare_qk(q, k, use_qk_l2norm)
-    v32, g, beta = v.to(torch.float32), g.to(torch.float32), beta.to(torch.float32)
-
-    state.mul_(g.exp()[..., None, None])
-    kv_mem = torch.einsum("bhk,bhkv->bhv", k, state)  # [B, H, Dv]
-    delta = (v32 - kv_mem) * beta.unsqueeze(-1)  # [B, H, Dv]
-    state.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))  # outer product k delta^T: [B, H, Dk, Dv]
-    out = torch.einsum("bhk,bhkv->bhv", q, state)  # [B, H, Dv]
-    return out.to(v.dtype)
+    flat = state.view(rows, k_dim, v.shape[-1])  # a view: `state` must be contiguous (pool rows are)
+    # Both reads of the state in one batched product, before the update (decay = exp(g)):
+    #   k^T (decay S) = decay (k^T S)   and   q^T S_new = decay (q^T S) + (q . k) delta.
+    read = torch.bmm(torch.stack([q, k], dim=-2).reshape(rows, 2, k_dim), flat)  # [B*H, 2, Dv]
+    decay = g.to(torch.float32).reshape(rows, 1).exp()
+    delta = (v.to(torch.float32).reshape(rows, -1) - decay * read[:, 1]) * beta.to(torch.float32).reshape(rows, 1)
+    out = decay * read[:, 0] + (q * k).sum(dim=-1).reshape(rows, 1) * delta  # [B*H, Dv]
+    flat.mul_(decay.unsqueeze(-1)).addcmul_(k.reshape(rows, k_dim, 1), delta.unsqueeze(1))  # decay S + k delta^T
+    return out.view(batch, heads, -1).to(v.dtype)
