@@ -115,7 +115,7 @@ class GatedDeltaNet(nn.Module):
 
     def _decode(self, mixed, g, beta, weight, conv_state, ssm_state, rows: StateRows) -> torch.Tensor:
         mixed, g, beta = rows.to_slot_order(mixed, g, beta)
-        conv = rows.read(conv_state)  # [B, C, K-1]: in place in the pool when the slots are one run
+        conv = rows.read(conv_state)  # [B, K-1, C]: in place in the pool when the slots are one run
         mixed = causal_conv1d_decode(mixed, weight, None, conv)
         rows.write(conv_state, conv)
         q, k, v = self._split_heads(mixed)  # [B, Hv, D]

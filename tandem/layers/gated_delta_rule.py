@@ -40,16 +40,16 @@ def causal_conv1d_prefill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv + SiLU over one sequence's chunk of tokens.
 
-    x: [T, C]; weight: [C, K]; bias: [C] or None; conv_state: [C, K-1], the last K-1 inputs of this
-    sequence's previous chunks (zeros for a new sequence).  Works for any T >= 0, also T < K-1.
-    Returns (y [T, C] in x's dtype, new_conv_state [C, K-1] in conv_state's dtype).
+    x: [T, C]; weight: [C, K]; bias: [C] or None; conv_state: [K-1, C], the last K-1 inputs of this
+    sequence's previous chunks, oldest first (zeros for a new sequence).  Works for any T >= 0, also T < K-1.
+    Returns (y [T, C] in x's dtype, new_conv_state [K-1, C] in conv_state's dtype).
     """
-    num_tokens, channels = x.shape
+    channels = x.shape[1]
     state_len = weight.shape[1] - 1
-    history = torch.cat([conv_state.to(torch.float32), x.t().to(torch.float32)], dim=1)  # [C, K-1+T]
-    new_conv_state = history[:, history.shape[1] - state_len :].to(conv_state.dtype)  # [C, K-1]
+    history = torch.cat([conv_state.to(torch.float32), x.to(torch.float32)], dim=0)  # [K-1+T, C]
+    new_conv_state = history[history.shape[0] - state_len :].to(conv_state.dtype)  # [K-1, C]
     y = F.conv1d(
-        history.unsqueeze(0),  # [1, C, K-1+T]
+        history.t().unsqueeze(0),  # [1, C, K-1+T]
         weight.to(torch.float32).unsqueeze(1),  # [C, 1, K]
         None if bias is None else bias.to(torch.float32),
         groups=channels,
@@ -64,13 +64,14 @@ def causal_conv1d_decode(
     bias: torch.Tensor | None,
     conv_state: torch.Tensor,
 ) -> torch.Tensor:
-    """One decode token per sequence.  x: [B, C]; conv_state: [B, C, K-1] is updated IN PLACE
+    """One decode token per sequence.  x: [B, C]; conv_state: [B, K-1, C] is updated IN PLACE
     (oldest input dropped, x rolled in).  Returns silu(conv) [B, C] in x's dtype."""
-    window = torch.cat([conv_state.to(torch.float32), x.to(torch.float32).unsqueeze(-1)], dim=-1)  # [B, C, K]
-    y = (window * weight.to(torch.float32)).sum(dim=-1)  # [B, C]
+    window = torch.cat([conv_state, x.to(conv_state.dtype).unsqueeze(1)], dim=1)  # [B, K, C]
+    # channels innermost: the product and the sum over K run over contiguous rows of C
+    y = (window.to(torch.float32) * weight.t().to(torch.float32)).sum(dim=1)  # [B, C]
     if bias is not None:
         y = y + bias.to(torch.float32)
-    conv_state.copy_(window[..., 1:])
+    conv_state.copy_(window[:, 1:])
     return F.silu(y).to(x.dtype)
 
 
