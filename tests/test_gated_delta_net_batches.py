@@ -1,7 +1,7 @@
-"""Gated DeltaNet decode rows at any state slots: `StateRows` against plain advanced indexing, and a
-GatedDeltaNet layer's batched decode (recurrent rule, states read and written through `StateRows`) against
-the same rows run through its prefill path (chunked rule and prefill conv, one span at a time) on the same
-pool contents."""
+"""A GatedDeltaNet layer's batched paths at any state slots: `StateRows` against plain advanced indexing; the
+batched decode (recurrent rule, states read and written through `StateRows`) against the same rows run through
+the prefill path (chunked rule and prefill conv) on the same pool contents; a step mixing prefill spans of
+several lengths with decodes (at scattered slots) against each span run alone."""
 
 from __future__ import annotations
 
@@ -60,30 +60,65 @@ def gated_delta_net() -> GatedDeltaNet:
     return layer
 
 
+def filled_pool(layer: GatedDeltaNet, seed: int) -> LinearStatePool:
+    pool = LinearStatePool([0], 10, layer.conv_channels, CONFIG.linear_conv_kernel_dim, layer.num_v_heads,
+                           layer.head_k_dim, layer.head_v_dim, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    pool.conv.copy_(torch.randn(pool.conv.shape, generator=gen))
+    pool.recurrent.copy_(0.3 * torch.randn(pool.recurrent.shape, generator=gen))
+    return pool
+
+
+def run_layer(layer: GatedDeltaNet, pool: LinearStatePool, spans: list[Span], x: torch.Tensor):
+    """One forward step of `spans` over a copy of `pool`: (batch, output, the copy)."""
+    pool_copy = filled_pool(layer, seed=0)
+    pool_copy.conv.copy_(pool.conv)
+    pool_copy.recurrent.copy_(pool.recurrent)
+    batch = ForwardBatch.build(spans, [0] * x.shape[0])
+    batch.state_pool = pool_copy
+    with torch.no_grad():
+        out = layer(x, batch)
+    return batch, out, pool_copy
+
+
+def test_mixed_step_equals_each_span_alone():
+    layer = gated_delta_net()
+    pool = filled_pool(layer, seed=2)
+    # (slot, cached tokens, new tokens): prefill chunks of 1 and 2 chunks' worth, a continuation, two decodes
+    spans = [Span(6, 0, 70), Span(2, 0, 5), Span(9, 12, 1), Span(0, 0, 64), Span(4, 3, 40), Span(3, 30, 1),
+             Span(7, 0, 130)]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(sum(s.num_tokens for s in spans), CONFIG.hidden_size, generator=gen)
+    _, together, together_pool = run_layer(layer, pool, spans, x)
+    alone_pool = filled_pool(layer, seed=0)
+    alone_pool.conv.copy_(pool.conv)
+    alone_pool.recurrent.copy_(pool.recurrent)
+    offset = 0
+    for span in spans:
+        rows = slice(offset, offset + span.num_tokens)
+        _, alone, one_pool = run_layer(layer, pool, [span], x[rows])
+        torch.testing.assert_close(together[rows], alone, atol=1e-5, rtol=1e-5)
+        for name in ("conv", "recurrent"):
+            getattr(alone_pool, name)[:, span.state_slot] = getattr(one_pool, name)[:, span.state_slot]
+        offset += span.num_tokens
+    torch.testing.assert_close(together_pool.conv, alone_pool.conv, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(together_pool.recurrent, alone_pool.recurrent, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together_pool.recurrent, pool.recurrent)
+
+
 @pytest.mark.parametrize("slots", [[3, 4, 5, 6], [5, 3, 6, 4], [7, 0, 1, 9, 8]], ids=["in order", "permuted", "runs"])
 def test_batched_decode_at_any_slots_matches_the_prefill_path(slots):
     layer = gated_delta_net()
-    pool = LinearStatePool([0], 10, layer.conv_channels, CONFIG.linear_conv_kernel_dim, layer.num_v_heads,
-                           layer.head_k_dim, layer.head_v_dim, torch.float32, "cpu")
-    gen = torch.Generator().manual_seed(1)
-    pool.conv.copy_(torch.randn(pool.conv.shape, generator=gen))
-    pool.recurrent.copy_(0.3 * torch.randn(pool.recurrent.shape, generator=gen))
-    x = torch.randn(len(slots), CONFIG.hidden_size, generator=gen)
+    pool = filled_pool(layer, seed=1)
+    x = torch.randn(len(slots), CONFIG.hidden_size, generator=torch.Generator().manual_seed(4))
 
     def run(prefix_len: int):
-        pool_copy = LinearStatePool([0], 10, layer.conv_channels, CONFIG.linear_conv_kernel_dim, layer.num_v_heads,
-                                    layer.head_k_dim, layer.head_v_dim, torch.float32, "cpu")
-        pool_copy.conv.copy_(pool.conv)
-        pool_copy.recurrent.copy_(pool.recurrent)
         spans = [Span(slot, prefix_len, 1) for slot in slots]
-        batch = ForwardBatch.build(spans, [0] * len(slots))
-        batch.state_pool = pool_copy
-        with torch.no_grad():
-            out = layer(x, batch)
+        batch, out, pool_copy = run_layer(layer, pool, spans, x)
         return batch, out, pool_copy
 
     decode_batch, decoded, decode_pool = run(prefix_len=5)  # one-token continuations: the batched decode
-    prefill_batch, prefilled, prefill_pool = run(prefix_len=0)  # one-token prompts: each span on its own
+    prefill_batch, prefilled, prefill_pool = run(prefix_len=0)  # one-token prompts: the prefill path
     assert decode_batch.is_decode and not prefill_batch.decode_spans
     torch.testing.assert_close(decoded, prefilled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(decode_pool.conv, prefill_pool.conv, atol=0, rtol=0)
