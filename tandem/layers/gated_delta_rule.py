@@ -26,6 +26,12 @@ __all__ = [
     "recurrent_gated_delta_rule_step",
 ]
 
+# Tokens per chunk of the chunked rule (any size gives the same result up to fp32 rounding). Measured on CPU
+# (one thread, 8 heads of 64 x 64): 16 beats transformers' / FLA's 64 at every length, 32 tokens 0.43 vs
+# 1.2 ms, 256 tokens 2.6-3.6 vs 3.6-3.8 ms, 2048 tokens 24 vs 34 ms: the C x C products and triangular solves
+# cost C^2 per token, and short prompts are padded to whole chunks.
+CHUNK_SIZE = 16
+
 
 # --------------------------------------------------------------------------------------------------
 # Short causal depthwise convolution (applied to the concatenated q/k/v projections before the rule)
@@ -100,7 +106,7 @@ def chunk_gated_delta_rule(
     g: torch.Tensor,
     beta: torch.Tensor,
     initial_state: torch.Tensor,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_SIZE,
     use_qk_l2norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule over the tokens of one sequence.
