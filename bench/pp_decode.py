@@ -57,7 +57,8 @@ def decode_run(engine: Engine, num_requests: int, input_len: int, output_len: in
                 times[i].append(time.time())
         return on_update
 
-    reqs = [Request(list(p), params, on_update=recorder(i)) for i, p in enumerate(prompts)]
+    reqs = [Request(list(p), params, on_update=recorder(i), output_logprobs_wanted=False)
+            for i, p in enumerate(prompts)]
     cpu_before = process_cpu(engine)
     engine.run_requests(reqs)
     cpu = {k: v - cpu_before[k] for k, v in process_cpu(engine).items()}

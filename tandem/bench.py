@@ -73,7 +73,8 @@ def bench_engine(engine, prompts: list[list[int]], output_len: int, label: str =
                 token_times[i].append(time.perf_counter())
         return on_update
 
-    reqs = [Request(list(p), params, on_update=recorder(i)) for i, p in enumerate(prompts)]
+    reqs = [Request(list(p), params, on_update=recorder(i), output_logprobs_wanted=False)
+            for i, p in enumerate(prompts)]
     start = time.perf_counter()
     engine.run_requests(reqs)
     end = time.perf_counter()
@@ -120,7 +121,8 @@ def bench_shared_prefix(engine, prompts: list[list[int]], prefix_len: int, label
                 first_token[i] = time.perf_counter()
         return on_update
 
-    reqs = [Request(list(p), params, on_update=recorder(i)) for i, p in enumerate(prompts)]
+    reqs = [Request(list(p), params, on_update=recorder(i), output_logprobs_wanted=False)
+            for i, p in enumerate(prompts)]
     start = time.perf_counter()
     engine.run_requests(reqs)
     ttft = [(t - start) * 1000 for t in first_token]

@@ -121,7 +121,8 @@ class Engine:
         for p in params:
             p.validate_vocab(self.model_config.vocab_size)
         reqs = [Request(ids, p.for_choice(j), input_logprobs_wanted=return_logprob and logprob_start_len >= 0,
-                        top_logprobs_num=top_logprobs_num if return_logprob else 0)
+                        top_logprobs_num=top_logprobs_num if return_logprob else 0,
+                        output_logprobs_wanted=return_logprob)
                 for ids, p in zip(prompts, params) for j in range(p.n)]
         if self._loop_thread is not None:
             done = [threading.Event() for _ in reqs]

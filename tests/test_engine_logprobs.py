@@ -13,6 +13,8 @@ from support.logits import FORCED, HF, bias, forcing_bias, presence_frequency, r
 from tandem import Engine
 from tandem.errors import ConfigError
 from tandem.runtime.logprobs import grouped_token_logprobs, token_logprobs
+from tandem.runtime.sampling_params import SamplingParams
+from tandem.runtime.scheduler import Request
 
 PROMPTS = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [120, 8, 33]]
 TOP_N = 3
@@ -144,6 +146,39 @@ def test_one_logits_computation_per_step(engine):
         scored = sum(span.num_tokens - (1 if nxt is None else 0)
                      for span, wanted, nxt in zip(steps[i].spans, steps[i].input_logprobs, steps[i].next_ids) if wanted)
         assert calls[i] == sum(steps[i].sample) + scored
+
+
+def test_output_logprobs_only_for_requests_that_ask(engine, hf):
+    """Requests without return_logprob get the same tokens with no logprob computed for them; in a batch that
+    mixes both, the steps tell the sampler which rows want one and those get transformers' values."""
+    params = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+    runner = engine.executor.runner
+    steps = []
+    real_execute = runner.execute
+
+    def execute(step):
+        steps.append(step)
+        return real_execute(step)
+
+    runner.execute = execute
+    try:
+        with_logprobs = engine.generate(input_ids=PROMPTS, sampling_params=params, return_logprob=True)
+        without = engine.generate(input_ids=PROMPTS, sampling_params=params)
+        reqs = [Request(list(p), SamplingParams.from_dict(params), output_logprobs_wanted=want)
+                for p, want in zip(PROMPTS, [False, True])]
+        engine.run_requests(reqs)
+    finally:
+        del runner.execute
+    assert [o["output_ids"] for o in without] == [o["output_ids"] for o in with_logprobs]
+    assert [r.output_ids for r in reqs] == [o["output_ids"] for o in with_logprobs]
+    assert all("output_token_logprobs" not in o["meta_info"] for o in without)
+    assert reqs[0].output_logprobs == [None] * NEW_TOKENS
+    ref = hf.logprobs(PROMPTS[1] + reqs[1].output_ids)
+    expected = [float(ref[len(PROMPTS[1]) - 1 + j, t]) for j, t in enumerate(reqs[1].output_ids)]
+    assert reqs[1].output_logprobs == pytest.approx(expected, abs=TOL)
+    assert [lp for lp, _ in with_logprobs[1]["meta_info"]["output_token_logprobs"]] == pytest.approx(expected, abs=TOL)
+    sampling = [s for s in steps if any(s.sample)]
+    assert {tuple(s.want_logprobs or ()) for s in sampling} == {(), (False,) * len(PROMPTS), (False, True)}
 
 
 def test_n_gives_seeded_choices_prompt_by_prompt(engine):

@@ -140,9 +140,9 @@ def test_conv_prefill_matches_reference(use_bias):
     x = torch.randn(9, C, generator=gen)
     weight = torch.randn(C, K, generator=gen)
     bias = torch.randn(C, generator=gen) if use_bias else None
-    y, new_state = causal_conv1d_prefill(x, weight, bias, torch.zeros(C, K - 1))
+    y, new_state = causal_conv1d_prefill(x, weight, bias, torch.zeros(K - 1, C))
     torch.testing.assert_close(y, conv_reference(x, weight, bias), **TOL)
-    torch.testing.assert_close(new_state, x[-(K - 1) :].t())
+    torch.testing.assert_close(new_state, x[-(K - 1) :])
 
 
 def test_conv_chunked_prefill_and_decode():
@@ -156,16 +156,16 @@ def test_conv_chunked_prefill_and_decode():
 
     states, ys = [], []
     for x in xs:
-        state, pos, parts = torch.zeros(C, K - 1), 0, []
+        state, pos, parts = torch.zeros(K - 1, C), 0, []
         for n in chunks:
             y, state = causal_conv1d_prefill(x[pos : pos + n], weight, bias, state)
-            assert y.shape == (n, C) and state.shape == (C, K - 1)
+            assert y.shape == (n, C) and state.shape == (K - 1, C)
             parts.append(y)
             pos += n
         states.append(state)
         ys.append(parts)
 
-    batch_state = torch.stack(states)  # [B, C, K-1]
+    batch_state = torch.stack(states)  # [B, K-1, C]
     for t in range(prefill_len, total):
         y_t = causal_conv1d_decode(xs[:, t], weight, bias, batch_state)
         assert y_t.shape == (num_seqs, C)
@@ -174,14 +174,14 @@ def test_conv_chunked_prefill_and_decode():
 
     for b in range(num_seqs):
         torch.testing.assert_close(torch.cat(ys[b]), conv_reference(xs[b], weight, bias), **TOL)
-        torch.testing.assert_close(batch_state[b], xs[b, -(K - 1) :].t())
+        torch.testing.assert_close(batch_state[b], xs[b, -(K - 1) :])
 
 
 def test_conv_dtypes():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, C, generator=gen).to(torch.bfloat16)
     weight = torch.randn(C, K, generator=gen).to(torch.bfloat16)
-    state = torch.zeros(C, K - 1, dtype=torch.bfloat16)
+    state = torch.zeros(K - 1, C, dtype=torch.bfloat16)
     y, new_state = causal_conv1d_prefill(x, weight, None, state)
     assert y.dtype == torch.bfloat16 and new_state.dtype == torch.bfloat16
     ref = conv_reference(x.float(), weight.float(), None)

@@ -1,12 +1,13 @@
 """Reported logprobs against direct log_softmax / topk per row: chosen-token and top-N logprobs of sampled
-rows, and target / top-N logprobs of prompt tokens."""
+rows (only for the rows that want them, with the same tokens either way), and target / top-N logprobs of
+prompt tokens."""
 
 import pytest
 import torch
 
 from tandem.runtime import logprobs as logprobs_module
 from tandem.runtime.logprobs import token_logprobs
-from tandem.runtime.sampler import Sampler, SamplingParams
+from tandem.runtime.sampler import RAW_LOGITS_ERROR, Sampler, SamplingParams
 
 VOCAB = 40
 
@@ -54,6 +55,51 @@ def test_top_logprobs_use_one_topk_for_the_batch(monkeypatch):
     params = [SamplingParams(temperature=0)] * 5
     begun(params, range(5)).sample(random_logits(5), params, list(range(5)), top_logprobs_num=[2, 0, 7, 1, 7])
     assert calls == [7]
+
+
+@pytest.mark.parametrize("wants", [[False] * 6, [True, False, False, True, False, True]], ids=["none", "some"])
+def test_logprobs_only_for_rows_that_want_them_and_the_same_tokens(monkeypatch, wants):
+    logits = random_logits(6, seed=4)
+    logits[2, 7] = logits[2].max() + 5  # a clear winner where a row mixes in penalties and bias below
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias={3: 50}),
+              SamplingParams(temperature=0, presence_penalty=1.5), SamplingParams(temperature=0.8, seed=7),
+              SamplingParams(temperature=0), SamplingParams(temperature=0)]
+    nums = [0, 0, 0, 0, 2, 0]  # a row asking for top-N alternatives reports its logprobs whatever `wants` says
+    keys = list(range(6))
+    full = begun(params, keys).sample(logits, params, keys, top_logprobs_num=nums)
+    softmax_rows = []
+    real_log_softmax = torch.log_softmax
+
+    def counting_log_softmax(x, *args, **kwargs):
+        softmax_rows.append(x.shape[0])
+        return real_log_softmax(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "log_softmax", counting_log_softmax)
+    partial = begun(params, keys).sample(logits, params, keys, top_logprobs_num=nums, want_logprobs=wants)
+    reported = [w or n > 0 for w, n in zip(wants, nums)]
+    assert softmax_rows == [sum(reported)]
+    assert partial.tokens == full.tokens
+    assert full.tokens[:3] == [int(logits[0].argmax()), 3, 7]  # greedy rows: argmax of the adjusted logits
+    reference = torch.log_softmax(logits, dim=-1)
+    for row, want in enumerate(reported):
+        if not want:
+            assert partial.logprobs[row] is None and partial.top_logprobs[row] is None
+            continue
+        assert partial.logprobs[row] == pytest.approx(float(reference[row, full.tokens[row]]), abs=1e-6)
+        assert partial.top_logprobs[row] == full.top_logprobs[row]
+    assert partial.errors == full.errors == [None] * 6
+
+
+def test_rows_with_non_finite_logits_fail_without_logprobs_wanted():
+    logits = random_logits(4, seed=5)
+    logits[0, 3] = float("nan")
+    logits[1, 5] = float("inf")
+    logits[2] = float("-inf")
+    params = [SamplingParams(temperature=0)] * 4
+    result = begun(params, range(4)).sample(logits, params, list(range(4)), want_logprobs=[False] * 4)
+    assert result.errors[:3] == [RAW_LOGITS_ERROR] * 3
+    assert result.tokens[:3] == [None] * 3 and result.errors[3] is None
+    assert result.tokens[3] == int(logits[3].argmax()) and result.logprobs[3] is None
 
 
 @pytest.mark.parametrize("top_n", [0, 1, 4])

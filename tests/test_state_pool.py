@@ -24,7 +24,7 @@ def test_bytes_per_slot_matches_the_pool_tensors():
     # per layer and slot: conv 12 x 3 x 2 bytes = 72, recurrent 2 x 3 x 5 x 4 bytes = 120; 3 layers -> 576
     assert LinearStatePool.bytes_per_slot(3, 12, 4, 2, 3, 5, torch.bfloat16) == 576
     pool = make()
-    assert pool.conv.shape == (3, 4, 12, 3) and pool.conv.dtype == torch.bfloat16
+    assert pool.conv.shape == (3, 4, 3, 12) and pool.conv.dtype == torch.bfloat16
     assert pool.recurrent.shape == (3, 4, 2, 3, 5) and pool.recurrent.dtype == torch.float32
     assert pool.nbytes == 4 * 576 == pool.conv.nbytes + pool.recurrent.nbytes
     empty = LinearStatePool([], 4, 12, 4, 2, 3, 5, torch.bfloat16, "cpu")

@@ -8,10 +8,12 @@ built once per step from the requests' page tables); Gated-DeltaNet layers throu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from tandem.layers.paged_metadata import PagedAttentionMetadata
+from tandem.layers.state_rows import StateRows
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ class ForwardBatch:
         positions = torch.cat([torch.arange(s.prefix_len, s.prefix_len + s.num_tokens) for s in spans])
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         return cls(ids.to(device), positions.to(device), spans)
+
+    @cached_property
+    def decode_state_rows(self) -> StateRows:
+        """Where the decode spans' (in `decode_spans` order) linear-attention states live in the state pool;
+        built once per step for all Gated-DeltaNet layers."""
+        return StateRows([self.spans[i].state_slot for i in self.decode_spans], self.positions.device)
 
     def last_token_indices(self) -> torch.Tensor:
         return torch.tensor([o + s.num_tokens - 1 for o, s in zip(self.offsets, self.spans)], dtype=torch.long)

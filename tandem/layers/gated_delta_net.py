@@ -21,6 +21,7 @@ from tandem.layers.gated_delta_rule import (
 )
 from tandem.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear, divide
 from tandem.layers.norm import GatedRMSNorm
+from tandem.layers.state_rows import StateRows
 from tandem.layers.weights import load_parts, new_param, sharded_loader
 from tandem.parallel.layout import GroupInfo
 
@@ -77,16 +78,14 @@ class GatedDeltaNet(nn.Module):
         conv_state, ssm_state = batch.state_pool.layer(self.layer_idx)
         weight = self.conv1d.weight.squeeze(1)  # [C, K]
         if batch.is_decode:
-            slots = torch.tensor([s.state_slot for s in batch.spans], dtype=torch.long, device=x.device)
-            core = self._decode(mixed, g, beta, weight, conv_state, ssm_state, slots)
+            core = self._decode(mixed, g, beta, weight, conv_state, ssm_state, batch.decode_state_rows)
         else:
             core = torch.empty(num_tokens, self.num_v_heads, self.head_v_dim, dtype=x.dtype, device=x.device)
             decodes = set(batch.decode_spans)
             if decodes:  # one-token continuations of a mixed batch, all at once
-                spans = [batch.spans[i] for i in batch.decode_spans]
                 rows = torch.tensor([batch.offsets[i] for i in batch.decode_spans], dtype=torch.long, device=x.device)
-                slots = torch.tensor([s.state_slot for s in spans], dtype=torch.long, device=x.device)
-                core[rows] = self._decode(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state, slots)
+                core[rows] = self._decode(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state,
+                                          batch.decode_state_rows)
             for i, (offset, span) in enumerate(zip(batch.offsets, batch.spans)):
                 if i in decodes:
                     continue
@@ -114,12 +113,13 @@ class GatedDeltaNet(nn.Module):
         out, ssm_state[slot] = chunk_gated_delta_rule(q, k, v, g, beta, ssm_state[slot])
         return out
 
-    def _decode(self, mixed, g, beta, weight, conv_state, ssm_state, slots) -> torch.Tensor:
-        conv = conv_state[slots]  # [B, C, K-1] (a copy, written back below)
+    def _decode(self, mixed, g, beta, weight, conv_state, ssm_state, rows: StateRows) -> torch.Tensor:
+        mixed, g, beta = rows.to_slot_order(mixed, g, beta)
+        conv = rows.read(conv_state)  # [B, K-1, C]: in place in the pool when the slots are one run
         mixed = causal_conv1d_decode(mixed, weight, None, conv)
-        conv_state[slots] = conv
+        rows.write(conv_state, conv)
         q, k, v = self._split_heads(mixed)  # [B, Hv, D]
-        state = ssm_state[slots]
+        state = rows.read(ssm_state)
         out = recurrent_gated_delta_rule_step(q, k, v, g, beta, state)
-        ssm_state[slots] = state
-        return out
+        rows.write(ssm_state, state)
+        return rows.from_slot_order(out)

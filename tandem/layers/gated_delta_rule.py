@@ -26,6 +26,12 @@ __all__ = [
     "recurrent_gated_delta_rule_step",
 ]
 
+# Tokens per chunk of the chunked rule (any size gives the same result up to fp32 rounding). Measured on CPU
+# (one thread, 8 heads of 64 x 64): 16 beats transformers' / FLA's 64 at every length, 32 tokens 0.43 vs
+# 1.2 ms, 256 tokens 2.6-3.6 vs 3.6-3.8 ms, 2048 tokens 24 vs 34 ms: the C x C products and triangular solves
+# cost C^2 per token, and short prompts are padded to whole chunks.
+CHUNK_SIZE = 16
+
 
 # --------------------------------------------------------------------------------------------------
 # Short causal depthwise convolution (applied to the concatenated q/k/v projections before the rule)
@@ -40,16 +46,16 @@ def causal_conv1d_prefill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv + SiLU over one sequence's chunk of tokens.
 
-    x: [T, C]; weight: [C, K]; bias: [C] or None; conv_state: [C, K-1], the last K-1 inputs of this
-    sequence's previous chunks (zeros for a new sequence).  Works for any T >= 0, also T < K-1.
-    Returns (y [T, C] in x's dtype, new_conv_state [C, K-1] in conv_state's dtype).
+    x: [T, C]; weight: [C, K]; bias: [C] or None; conv_state: [K-1, C], the last K-1 inputs of this
+    sequence's previous chunks, oldest first (zeros for a new sequence).  Works for any T >= 0, also T < K-1.
+    Returns (y [T, C] in x's dtype, new_conv_state [K-1, C] in conv_state's dtype).
     """
-    num_tokens, channels = x.shape
+    channels = x.shape[1]
     state_len = weight.shape[1] - 1
-    history = torch.cat([conv_state.to(torch.float32), x.t().to(torch.float32)], dim=1)  # [C, K-1+T]
-    new_conv_state = history[:, history.shape[1] - state_len :].to(conv_state.dtype)  # [C, K-1]
+    history = torch.cat([conv_state.to(torch.float32), x.to(torch.float32)], dim=0)  # [K-1+T, C]
+    new_conv_state = history[history.shape[0] - state_len :].to(conv_state.dtype)  # [K-1, C]
     y = F.conv1d(
-        history.unsqueeze(0),  # [1, C, K-1+T]
+        history.t().unsqueeze(0),  # [1, C, K-1+T]
         weight.to(torch.float32).unsqueeze(1),  # [C, 1, K]
         None if bias is None else bias.to(torch.float32),
         groups=channels,
@@ -64,13 +70,14 @@ def causal_conv1d_decode(
     bias: torch.Tensor | None,
     conv_state: torch.Tensor,
 ) -> torch.Tensor:
-    """One decode token per sequence.  x: [B, C]; conv_state: [B, C, K-1] is updated IN PLACE
+    """One decode token per sequence.  x: [B, C]; conv_state: [B, K-1, C] is updated IN PLACE
     (oldest input dropped, x rolled in).  Returns silu(conv) [B, C] in x's dtype."""
-    window = torch.cat([conv_state.to(torch.float32), x.to(torch.float32).unsqueeze(-1)], dim=-1)  # [B, C, K]
-    y = (window * weight.to(torch.float32)).sum(dim=-1)  # [B, C]
+    window = torch.cat([conv_state, x.to(conv_state.dtype).unsqueeze(1)], dim=1)  # [B, K, C]
+    # channels innermost: the product and the sum over K run over contiguous rows of C
+    y = (window.to(torch.float32) * weight.t().to(torch.float32)).sum(dim=1)  # [B, C]
     if bias is not None:
         y = y + bias.to(torch.float32)
-    conv_state.copy_(window[..., 1:])
+    conv_state.copy_(window[:, 1:])
     return F.silu(y).to(x.dtype)
 
 
@@ -99,7 +106,7 @@ def chunk_gated_delta_rule(
     g: torch.Tensor,
     beta: torch.Tensor,
     initial_state: torch.Tensor,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_SIZE,
     use_qk_l2norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule over the tokens of one sequence.
@@ -172,12 +179,15 @@ def recurrent_gated_delta_rule_step(
     state: [B, H, Dk, Dv] float32, updated IN PLACE.  Returns out [B, H, Dv] in v's dtype."""
     if state.dtype != torch.float32:
         raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
+    batch, heads, k_dim = k.shape
+    rows = batch * heads
     q, k = _prepare_qk(q, k, use_qk_l2norm)
-    v32, g, beta = v.to(torch.float32), g.to(torch.float32), beta.to(torch.float32)
-
-    state.mul_(g.exp()[..., None, None])
-    kv_mem = torch.einsum("bhk,bhkv->bhv", k, state)  # [B, H, Dv]
-    delta = (v32 - kv_mem) * beta.unsqueeze(-1)  # [B, H, Dv]
-    state.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))  # outer product k delta^T: [B, H, Dk, Dv]
-    out = torch.einsum("bhk,bhkv->bhv", q, state)  # [B, H, Dv]
-    return out.to(v.dtype)
+    flat = state.view(rows, k_dim, v.shape[-1])  # a view: `state` must be contiguous (pool rows are)
+    # Both reads of the state in one batched product, before the update (decay = exp(g)):
+    #   k^T (decay S) = decay (k^T S)   and   q^T S_new = decay (q^T S) + (q . k) delta.
+    read = torch.bmm(torch.stack([q, k], dim=-2).reshape(rows, 2, k_dim), flat)  # [B*H, 2, Dv]
+    decay = g.to(torch.float32).reshape(rows, 1).exp()
+    delta = (v.to(torch.float32).reshape(rows, -1) - decay * read[:, 1]) * beta.to(torch.float32).reshape(rows, 1)
+    out = decay * read[:, 0] + (q * k).sum(dim=-1).reshape(rows, 1) * delta  # [B*H, Dv]
+    flat.mul_(decay.unsqueeze(-1)).addcmul_(k.reshape(rows, k_dim, 1), delta.unsqueeze(1))  # decay S + k delta^T
+    return out.view(batch, heads, -1).to(v.dtype)

@@ -242,6 +242,7 @@ class ModelRunner:
         sampled = [i for i, s in enumerate(step.sample) if s]
         scored = prompt_logprob_targets(step, batch)
         top_nums = step.top_logprobs_num or [0] * num_spans
+        want_logprobs = step.want_logprobs or [True] * num_spans
         last_rows = batch.last_token_indices()
         rows = [last_rows[sampled]] + [torch.arange(batch.offsets[i], batch.offsets[i] + len(targets))
                                        for i, targets in scored]
@@ -253,7 +254,8 @@ class ModelRunner:
         errors: list = [None] * num_spans
         if sampled:
             result = self.sampler.sample(logits[:len(sampled)], [step.params[i] for i in sampled],
-                                         [step.keys[i] for i in sampled], [top_nums[i] for i in sampled])
+                                         [step.keys[i] for i in sampled], [top_nums[i] for i in sampled],
+                                         [want_logprobs[i] for i in sampled])
             for j, i in enumerate(sampled):
                 tokens[i], logprobs[i] = result.tokens[j], result.logprobs[j]
                 tops[i], errors[i] = result.top_logprobs[j], result.errors[j]

@@ -6,7 +6,8 @@ Protocol (per request key, on the rank that samples):
   begin(key, params, prompt_len)   when the request's cache starts at position 0 (again, after preemption
                                    or a restart: the history is rebuilt from what is fed through the model);
   observe(key, token_ids, start)   for the tokens of each step, before that step's sample();
-  sample(logits, params, keys)     for the rows that sample a token;
+  sample(logits, params, keys)     for the rows that sample a token (with `want_logprobs`, only the rows
+                                   that report logprobs pay for the full-vocabulary log_softmax);
   release(key)                     when the request ends.
 
 Seeded rows draw their token number n (0 = the first generated token) with a generator seeded from
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.runtime.argmax import row_argmax
 from tandem.runtime.filters import filter_probs
 from tandem.runtime.logprobs import TopLogprobs, gather_logprobs
 from tandem.runtime.penalties import TokenHistory, apply_logit_bias, apply_penalties
@@ -45,7 +47,8 @@ def draw_seed(seed: int, index: int) -> int:
 class SampleResult:
     """Per row of the sampled logits; a row with an error has token, logprob and top_logprobs None."""
     tokens: list[int | None]
-    logprobs: list[float | None]  # of the chosen token under the raw distribution (log_softmax of raw logits)
+    # of the chosen token under the raw distribution (log_softmax of raw logits); None where not wanted
+    logprobs: list[float | None]
     top_logprobs: list[TopLogprobs | None]  # top-N (token id, logprob), raw distribution; None where N == 0
     errors: list[str | None]  # why the row has no token; None where it has one
 
@@ -84,23 +87,27 @@ class Sampler:
     # ---- sampling --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], keys: Sequence[Hashable],
-               top_logprobs_num: Sequence[int] | None = None) -> SampleResult:
+               top_logprobs_num: Sequence[int] | None = None,
+               want_logprobs: Sequence[bool] | None = None) -> SampleResult:
         """logits [B, V]: row i is the next-token logits of request keys[i] with params[i]; row i also
-        reports the top top_logprobs_num[i] alternatives (default: none)."""
+        reports the top top_logprobs_num[i] alternatives (default: none), and the chosen token's logprob
+        where want_logprobs[i] or top_logprobs_num[i] > 0 (default: every row)."""
         batch = logits.shape[0]
         if not len(params) == len(keys) == batch:
             raise ValueError(f"{batch} rows of logits, {len(params)} params, {len(keys)} keys")
         top_nums = list(top_logprobs_num) if top_logprobs_num is not None else [0] * batch
         if len(top_nums) != batch or any(n < 0 for n in top_nums):
             raise ValueError(f"top_logprobs_num must hold {batch} non-negative integers, got {top_nums}")
+        wants = [True] * batch if want_logprobs is None else [bool(w) or n > 0 for w, n in zip(want_logprobs, top_nums)]
+        if len(wants) != batch:
+            raise ValueError(f"want_logprobs must hold {batch} flags, got {len(wants)}")
         histories = [self._history(key) for key in keys]
         for key, p, history in zip(keys, params, histories):
             if p.uses_penalties and not history.count_tokens:
                 raise ValueError(f"request {key!r} uses penalties but was begun with params that did not")
         logits = logits.float()
-        log_normalizer = torch.logsumexp(logits, dim=-1)  # NaN, +Inf or all -Inf in a row make it non-finite
-        raw_logprobs = logits - log_normalizer[:, None]
-        raw_ok = log_normalizer.isfinite()
+        # a row's logsumexp is finite exactly when its maximum is: no NaN, no +Inf, not all -Inf
+        raw_ok = logits.amax(dim=-1).isfinite()
 
         adjusted, adjusted_ok, bias_errors = logits, torch.ones_like(raw_ok), [None] * batch
         touched = [row for row, (p, h) in enumerate(zip(params, histories))
@@ -110,20 +117,21 @@ class Sampler:
             apply_penalties(adjusted, histories, params)
             bias_errors = apply_logit_bias(adjusted, params)
             index = torch.tensor(touched, device=logits.device)
-            adjusted_ok[index] = torch.logsumexp(adjusted[index], dim=-1).isfinite()
+            adjusted_ok[index] = adjusted[index].amax(dim=-1).isfinite()
 
-        tokens = adjusted.argmax(dim=-1)
         distribution_ok = torch.ones_like(raw_ok)
         sampled = [row for row, p in enumerate(params) if not p.greedy]
         if len(sampled) == batch:
             tokens, distribution_ok = self._sample_rows(adjusted, params, histories)
-        elif sampled:
-            index = torch.tensor(sampled, device=logits.device)
-            tokens[index], distribution_ok[index] = self._sample_rows(
-                adjusted[index], [params[r] for r in sampled], [histories[r] for r in sampled])
+        else:
+            tokens = row_argmax(adjusted)
+            if sampled:
+                index = torch.tensor(sampled, device=logits.device)
+                tokens[index], distribution_ok[index] = self._sample_rows(
+                    adjusted[index], [params[r] for r in sampled], [histories[r] for r in sampled])
 
         ok_flags = torch.stack([raw_ok, adjusted_ok, distribution_ok]).tolist()
-        chosen_logprobs, tops = gather_logprobs(raw_logprobs, tokens, top_nums)
+        chosen_logprobs, tops = self._logprobs(logits, tokens, top_nums, wants)
         token_list = tokens.tolist()
         errors: list[str | None] = []
         for row in range(batch):
@@ -143,6 +151,24 @@ class Sampler:
             logprobs=[None if bad else lp for lp, bad in zip(chosen_logprobs, failed)],
             top_logprobs=[None if bad else top for top, bad in zip(tops, failed)],
             errors=errors)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_nums: list[int],
+                  wants: list[bool]) -> tuple[list[float | None], list[TopLogprobs | None]]:
+        """The chosen tokens' raw logprobs and top-N lists of the rows that want them (one log_softmax over
+        those rows only); None for the others."""
+        rows = [row for row, want in enumerate(wants) if want]
+        if len(rows) == len(wants):
+            return gather_logprobs(torch.log_softmax(logits, dim=-1), tokens, top_nums)
+        chosen: list[float | None] = [None] * len(wants)
+        tops: list[TopLogprobs | None] = [None] * len(wants)
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            some_chosen, some_tops = gather_logprobs(torch.log_softmax(logits[index], dim=-1), tokens[index],
+                                                     [top_nums[row] for row in rows])
+            for row, lp, top in zip(rows, some_chosen, some_tops):
+                chosen[row], tops[row] = lp, top
+        return chosen, tops
 
     def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams],
                      histories: list[TokenHistory]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,8 +69,11 @@ class Request:
     rid: object = field(default_factory=lambda: next(_ids))
     input_logprobs_wanted: bool = False
     top_logprobs_num: int = 0  # top-N (token id, logprob) pairs wanted per output (and scored prompt) token
+    # whether output_logprobs holds each output token's logprob (else None per token: the sampler then skips
+    # the full-vocabulary log_softmax for the request)
+    output_logprobs_wanted: bool = True
     output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
+    output_logprobs: list[float | None] = field(default_factory=list)
     input_logprobs: list[float] = field(default_factory=list)  # [k]: logprob of prompt_ids[k + 1]
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with top_logprobs_num
     input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # aligned with input_logprobs
@@ -392,10 +395,12 @@ class Scheduler:
         next_ids = [r.prompt_ids[s.prefix_len + s.num_tokens] if s.prefix_len + s.num_tokens < len(r.prompt_ids)
                     else None for r, s in zip(reqs, spans)]
         tops = [r.top_logprobs_num for r in reqs]
+        want_logprobs = [r.output_logprobs_wanted for r in reqs]
         return StepInput(spans, ids, sample, [r.params for r in reqs], [r.rid for r in reqs], new_pages, fresh,
                          restores, resets, snapshots, released, input_logprobs=wants if any(wants) else None,
                          next_ids=next_ids if any(wants) else None, prompt_lens=[len(r.prompt_ids) for r in reqs],
                          top_logprobs_num=tops if any(tops) else None,
+                         want_logprobs=None if all(want_logprobs) else want_logprobs,
                          histories=histories if any(h is not None for h in histories) else None)
 
     def process(self, step: StepInput, reqs: list[Request], out: StepOutput) -> list[Request]:

@@ -1,10 +1,10 @@
 """The Gated-DeltaNet (linear-attention) state slot pool of one stage.
 
 A slot holds, for every linear-attention layer of the stage, the causal-conv state
-[conv_channels, conv_kernel - 1] in the model dtype and the recurrent state [v_heads, key_dim, value_dim] in
-float32. Running requests own a slot each; the radix prefix cache owns the slots holding snapshots of the
-state at cached prefix ends (`copy` takes and restores them). Which slot is whose is decided by the driver
-(`IdAllocator`), not here."""
+[conv_kernel - 1, conv_channels] (the last inputs, oldest first, channels innermost) in the model dtype and the
+recurrent state [v_heads, key_dim, value_dim] in float32. Running requests own a slot each; the radix prefix
+cache owns the slots holding snapshots of the state at cached prefix ends (`copy` takes and restores them).
+Which slot is whose is decided by the driver (`IdAllocator`), not here."""
 
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ class LinearStatePool:
         n = len(layer_ids)
         # without zero_fill, slots are zeroed by `reset` (or overwritten by `copy`) when a request takes them
         make = torch.zeros if zero_fill else torch.empty
-        self.conv = make(n, num_slots, conv_channels, max(conv_kernel - 1, 0), dtype=dtype, device=device)
+        self.conv = make(n, num_slots, max(conv_kernel - 1, 0), conv_channels, dtype=dtype, device=device)
         # NOTE: the recurrent state is always float32; bf16 accumulation drifts over long sequences
         self.recurrent = make(n, num_slots, v_heads, key_dim, value_dim, dtype=torch.float32, device=device)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conv and recurrent state of one global layer index: [slots, C, K-1] and [slots, Hv, Dk, Dv] views."""
+        """Conv and recurrent state of one global layer index: [slots, K-1, C] and [slots, Hv, Dk, Dv] views."""
         i = self.index[layer_idx]
         return self.conv[i], self.recurrent[i]
 

@@ -39,6 +39,7 @@ class StepInput(msgspec.Struct):
     next_ids: list[int | None] | None = None  # per span: the prompt token after the span, if any
     prompt_lens: list[int] | None = None  # per span: its request's prompt length (positions past it are output)
     top_logprobs_num: list[int] | None = None  # per span: top-N logprobs wanted with its sampled / prompt tokens
+    want_logprobs: list[bool] | None = None  # per span: report its sampled token's logprob (None: every span)
     # per span: for a request (re)admitted past position 0 that uses penalties, its tokens before the span
     # (the sampler's token history of a prefix-cache hit); None elsewhere
     histories: list[list[int] | None] | None = None

@@ -135,10 +135,11 @@ class EngineBridge:
         self._blocking.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue, index: int = 0,
-               input_logprobs: bool = False, endpoint: str = "generate", top_logprobs_num: int = 0) -> Tracked:
+               input_logprobs: bool = False, endpoint: str = "generate", top_logprobs_num: int = 0,
+               output_logprobs: bool = True) -> Tracked:
         self.check_healthy()
         req = Request(list(prompt_ids), params, input_logprobs_wanted=input_logprobs,
-                      top_logprobs_num=top_logprobs_num)
+                      top_logprobs_num=top_logprobs_num, output_logprobs_wanted=output_logprobs)
         tracked = Tracked(req, index, queue, asyncio.get_running_loop(), self.metrics, endpoint)
         req.on_update = tracked.on_update
         try:

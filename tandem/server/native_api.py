@@ -82,7 +82,8 @@ async def generate(body: GenerateRequest, request: Request):
     queue: asyncio.Queue = asyncio.Queue()
     trackeds = submit_all(bridge, flat_prompts, flat_params, queue, "generate",
                           input_logprobs=body.return_logprob and body.logprob_start_len >= 0,
-                          top_logprobs_num=body.top_logprobs_num if body.return_logprob else 0)
+                          top_logprobs_num=body.top_logprobs_num if body.return_logprob else 0,
+                          output_logprobs=body.return_logprob)
     base = body.rid or f"gen-{trackeds[0].req.rid}"
     rids = [base] if not batch else [f"{base}-{i}" for i in range(len(trackeds))]
 

@@ -77,13 +77,14 @@ def client_gone() -> Response:
 
 
 def submit_all(bridge: EngineBridge, prompts: list[list[int]], params: list, queue: asyncio.Queue,
-               endpoint: str, input_logprobs: bool = False, top_logprobs_num: int = 0) -> list[Tracked]:
+               endpoint: str, input_logprobs: bool = False, top_logprobs_num: int = 0,
+               output_logprobs: bool = True) -> list[Tracked]:
     bridge.admit(len(prompts))
     trackeds: list[Tracked] = []
     try:
         for i, (ids, p) in enumerate(zip(prompts, params)):
             trackeds.append(bridge.submit(ids, p, queue, i, input_logprobs=input_logprobs, endpoint=endpoint,
-                                          top_logprobs_num=top_logprobs_num))
+                                          top_logprobs_num=top_logprobs_num, output_logprobs=output_logprobs))
     except BaseException:
         for t in trackeds:
             bridge.abort(t)
@@ -195,7 +196,8 @@ async def completions(body: CompletionRequest, request: Request):
     top_n = body.logprobs or 0
     queue: asyncio.Queue = asyncio.Queue()
     trackeds = submit_all(bridge, *expand_choices(prompts, params, runs), queue, "completions",
-                          input_logprobs=want_logprobs and body.echo, top_logprobs_num=top_n)
+                          input_logprobs=want_logprobs and body.echo, top_logprobs_num=top_n,
+                          output_logprobs=want_logprobs or runs > n)  # best_of ranks by cumulative logprob
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     stop = params[0].stop
 
@@ -279,7 +281,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     queue: asyncio.Queue = asyncio.Queue()
     trackeds = submit_all(bridge, *expand_choices([ids], [params], params.n), queue, "chat",
-                          top_logprobs_num=top_n)
+                          top_logprobs_num=top_n, output_logprobs=body.logprobs)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choice: dict) -> dict:
