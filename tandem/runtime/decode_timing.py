@@ -6,7 +6,7 @@ while a layer's many small ones, its norms, rotary and attention over the cache 
 costs about two layers where its FLOPs say five (bench/results/profile.md). Here the real Tandem modules are
 built with random weights, one decoder layer of each kind (layer type x dense/MoE MLP), the embedding, the
 final norm + LM head, and one decode step of `batch` requests at `context` tokens is timed for each part, the
-sampler included (greedy), the fastest of several interleaved runs (CPU time on CPU, so that other
+sampler included (greedy, no logprobs asked), the fastest of several interleaved runs (CPU time on CPU, so that other
 processes' load at start-up does not tilt the split). A stage's time is its layers' times plus its
 position's extras (the embedding on the first stage; final norm, LM head and sampler on the last), which
 `planner.min_max_partition` balances.
@@ -191,7 +191,7 @@ def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: i
 
     def run_head():
         out, _ = norm(hidden, hidden)
-        sampler.sample(head(out).float(), [greedy] * batch, list(range(batch)))
+        sampler.sample(head(out).float(), [greedy] * batch, list(range(batch)), want_logprobs=[False] * batch)
 
     parts: dict[object, Callable[[], object]] = {
         i: (lambda layer=layer: layer(hidden, hidden.clone(), step, rotary, cos_sin)) for i, layer in layers.items()}
