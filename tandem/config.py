@@ -192,7 +192,7 @@ class EngineArgs:
     page_size: int = 16
     disable_radix_cache: bool = False
     chunked_prefill_size: int = 512
-    num_micro_batches: int | None = None  # steps in flight at once; default pp_size + 1 (see resolve_micro_batches)
+    num_micro_batches: int | None = None  # steps in flight at once; default pp_size (all stages busy)
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
@@ -241,14 +241,6 @@ class EngineArgs:
         if self.mem_fraction_static is not None:
             return float(self.mem_fraction_static)
         return DEFAULT_MEM_FRACTION[self.device]
-
-    def resolve_micro_batches(self) -> int:
-        """Steps kept in flight: the flag, else 1 for one stage and pp_size + 1 for a pipeline, one more than
-        the stages so that the first stage has the next step of its requests while the previous one's tokens
-        come back from the last stage (bench/results/profile.md: pp=2 decode 1.44x -> 1.63x pp=1)."""
-        if self.num_micro_batches:
-            return self.num_micro_batches
-        return self.pp_size + 1 if self.pp_size > 1 else 1
 
     def resolve_context_length(self, model_config: ModelConfig) -> int:
         """Tokens per request (prompt + output): --context-length, else the model's own limit."""

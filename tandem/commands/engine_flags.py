@@ -29,7 +29,7 @@ HELP = {
     "page_size": "Tokens per KV page; prefix-cache hits are whole pages.",
     "disable_radix_cache": "Turn the radix prefix cache off (on by default).",
     "chunked_prefill_size": "Maximum prompt tokens prefilled per step; longer prompts are chunked.",
-    "num_micro_batches": "Micro-batches kept in flight across the pipeline (default: pp_size + 1 with pipeline stages, else 1).",
+    "num_micro_batches": "Micro-batches kept in flight across the pipeline (default: pp_size).",
     "nnodes": "Number of machines taking part.",
     "node_rank": "This machine's index among --nnodes.",
     "dist_init_addr": "host:port of node 0's rendezvous for multi-node runs (default: a free local port).",

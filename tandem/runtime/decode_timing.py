@@ -81,7 +81,7 @@ class DecodeTiming:
 def calibration_shape(args: EngineArgs, model_config: ModelConfig) -> tuple[int, int]:
     """(decode rows per step, context tokens) to time: a micro-batch of the configured running requests
     (DEFAULT_BATCH when not given) at half the context length, at most MAX_CONTEXT // 2."""
-    micro_batches = args.resolve_micro_batches()
+    micro_batches = args.num_micro_batches or args.pp_size
     batch = args.max_running_requests // micro_batches if args.max_running_requests else DEFAULT_BATCH
     context = min(args.resolve_context_length(model_config), MAX_CONTEXT) // 2
     return max(1, min(batch, MAX_BATCH)), max(2, context)
