@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from tandem.errors import PartitionError
@@ -82,6 +83,7 @@ def init_process_groups(tp_size: int, partition: Sequence[int], rank: int, backe
         return ParallelLayout(GroupInfo.alone(), GroupInfo.alone(), tuple(partition))
     dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    _check_same_partition(partition, "cuda" if backend == "nccl" else "cpu")
     pp_rank, tp_rank = divmod(rank, tp_size)
     tp = pp = None
     # NOTE: new_group is collective: every rank must create every group, in the same order.
@@ -96,3 +98,17 @@ def init_process_groups(tp_size: int, partition: Sequence[int], rank: int, backe
         if column == tp_rank:
             pp = GroupInfo(pp_rank, pp_size, group, ranks)
     return ParallelLayout(tp, pp, tuple(partition))
+
+
+def _check_same_partition(partition: Sequence[int], device: str) -> None:
+    """Every rank must build its stage from the same split. Each node resolves `--pp-layer-partition` itself,
+    and the automatic kinds depend on the machine (auto-capacity on its memory, auto-latency on its timing),
+    so nodes can disagree: fail at start-up, naming both, instead of running mismatched stages."""
+    counts = torch.tensor(list(partition), dtype=torch.int64, device=device)
+    low, high = counts.clone(), counts.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise PartitionError(f"the ranks disagree on the layer partition: this rank has {list(partition)}, the "
+                             f"world ranges from {low.tolist()} to {high.tolist()}; give every node the same "
+                             f"explicit --pp-layer-partition (the driver logs the one it chose)")
