@@ -43,6 +43,9 @@ class FakeExecutor:
             self.tables.pop(key, None)
         for key, pages, fresh in zip(step.keys, step.new_pages, step.fresh_table):
             self.tables[key] = list(pages) if fresh else self.tables[key] + list(pages)
+        for span, params, fresh in zip(step.spans, step.params, step.fresh_table):
+            # as a rank keeps them: params come with the step that (re)admits a request, and only then
+            assert (params is not None) == (span.prefix_len == 0 or fresh), "params only on (re)admission"
         assert len({s.state_slot for s in step.spans}) == len(step.spans), "one span per state slot"
         restored = {dst: self.state.get(src) for src, dst in step.state_restores}
         self.state.update(restored)
@@ -381,6 +384,14 @@ def test_abort_while_step_in_flight_drops_its_result():
 
 # ---- preemption ------------------------------------------------------------------------------------------------
 
+def test_params_travel_only_with_the_step_that_admits_a_request():
+    sched, ex = make(chunk=8)
+    r = request(list(range(1, 21)), max_new_tokens=3, temperature=0.5, seed=7)
+    sched.add(r)
+    run(sched, ex)
+    assert [st.params[0] for st in ex.steps] == [r.params, None, None, None, None]
+
+
 def test_decode_out_of_pages_retracts_the_newest_and_resumes_them():
     # 12 pages of 4 tokens for 6 requests that each reach 4 + 12 = 16 tokens (4 pages): 24 pages in all
     sched, ex = make(tokens=48, page_size=4, max_running=8, radix=False)
@@ -400,6 +411,9 @@ def test_decode_out_of_pages_retracts_the_newest_and_resumes_them():
             assert list(sched.waiting)[:len(gone)] == sorted(gone, key=before.index), "to the queue's front"
             retracted_order.extend(gone)
     assert sched.num_preemptions == len(retracted_order) > 0
+    resumed = {r.rid for r in retracted_order}  # each got its params again with the step that resumed it
+    assert all(any(p is not None and f for st in ex.steps for p, f, k in zip(st.params, st.fresh_table, st.keys)
+                   if k == rid) for rid in resumed)
     for r in reqs:  # FakeExecutor checked that every resumed request's pages hold its own tokens
         assert r.output_ids == expected_continuation(r.prompt_ids, 12)
     assert sched.cache.pages.num_free == 12 and sched.cache.request_slots.num_free == 8

@@ -84,6 +84,7 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         self.sampler = Sampler()
         self.page_tables: dict = {}
+        self.params: dict = {}  # request key -> SamplingParams, from the step that (re)admitted it
         self._pending_sends: list = []
         # wall-clock (start, end) of each step's computation, excluding the waits for the previous stage (its
         # hidden states) and for the next one (to take this stage's previous send)
@@ -192,6 +193,7 @@ class ModelRunner:
         for key in step.release_keys:
             self.sampler.release(key)
             self.page_tables.pop(key, None)
+            self.params.pop(key, None)
         for key, pages, fresh in zip(step.keys, step.new_pages, step.fresh_table):
             if fresh:
                 self.page_tables[key] = list(pages)
@@ -230,6 +232,9 @@ class ModelRunner:
         prompt_lens = step.prompt_lens or [0] * len(step.spans)
         for i, (span, key, params, prompt_len) in enumerate(zip(step.spans, step.keys, step.params, prompt_lens)):
             if span.prefix_len == 0 or (step.fresh_table and step.fresh_table[i]):  # (re)admitted
+                if params is None:
+                    raise ValueError(f"step admits request {key!r} without its sampling params")
+                self.params[key] = params
                 history = step.histories[i] if step.histories else None
                 self.sampler.begin(key, params, prompt_len, history or (), start_position=span.prefix_len)
             self.sampler.observe(key, step.input_ids[offset:offset + span.num_tokens], span.prefix_len)
@@ -253,7 +258,7 @@ class ModelRunner:
         tops: list = [None] * num_spans
         errors: list = [None] * num_spans
         if sampled:
-            result = self.sampler.sample(logits[:len(sampled)], [step.params[i] for i in sampled],
+            result = self.sampler.sample(logits[:len(sampled)], [self.params[step.keys[i]] for i in sampled],
                                          [step.keys[i] for i in sampled], [top_nums[i] for i in sampled],
                                          [want_logprobs[i] for i in sampled])
             for j, i in enumerate(sampled):

@@ -396,7 +396,9 @@ class Scheduler:
                     else None for r, s in zip(reqs, spans)]
         tops = [r.top_logprobs_num for r in reqs]
         want_logprobs = [r.output_logprobs_wanted for r in reqs]
-        return StepInput(spans, ids, sample, [r.params for r in reqs], [r.rid for r in reqs], new_pages, fresh,
+        # the ranks keep a request's params from the step that (re)admits it on them
+        params = [r.params if s.prefix_len == 0 or f else None for r, s, f in zip(reqs, spans, fresh)]
+        return StepInput(spans, ids, sample, params, [r.rid for r in reqs], new_pages, fresh,
                          restores, resets, snapshots, released, input_logprobs=wants if any(wants) else None,
                          next_ids=next_ids if any(wants) else None, prompt_lens=[len(r.prompt_ids) for r in reqs],
                          top_logprobs_num=tops if any(tops) else None,
