@@ -2,7 +2,9 @@
 world-wide minimum the stages agree on their pool sizes with.
 
 Between stages only raw tensors travel (`dist.send`/`dist.recv`, or their async forms); the receiver
-knows the shapes from the step's batch description, so nothing is serialized on the hot path.
+knows the shapes from the step's batch description, so nothing is serialized on the hot path. The hidden
+states and the residual go as one stacked tensor: each gloo message has a fixed cost, and two [32, 512] bf16
+tensors took 364 us (254 us of the receiver's CPU) where one of both took 110 us (78 us).
 """
 
 from __future__ import annotations
@@ -32,21 +34,30 @@ def tp_all_gather(x: torch.Tensor, tp: GroupInfo, dim: int = -1) -> torch.Tensor
     return torch.cat(parts, dim=dim)
 
 
-def send_to_next_stage(tensors: dict[str, torch.Tensor], pp: GroupInfo) -> list:
-    """Start sending the stage outputs to the same TP rank of the next stage; returns the pending works."""
+class PendingSend:
+    """An isend in flight and the tensor it reads, kept alive until `wait()` returns."""
+
+    def __init__(self, payload: torch.Tensor, dst: int):
+        self.payload = payload
+        self.work = dist.isend(payload, dst)
+
+    def wait(self) -> None:
+        self.work.wait()
+        self.payload = None
+
+
+def send_to_next_stage(tensors: dict[str, torch.Tensor], pp: GroupInfo) -> list[PendingSend]:
+    """Start sending the stage outputs to the same TP rank of the next stage; returns the pending sends."""
     dst = pp.ranks[pp.rank + 1]
-    return [dist.isend(tensors[name].contiguous(), dst) for name in STAGE_TENSORS]
+    return [PendingSend(torch.stack([tensors[name] for name in STAGE_TENSORS]), dst)]
 
 
 def recv_from_prev_stage(pp: GroupInfo, num_tokens: int, hidden_size: int, dtype: torch.dtype,
                          device) -> dict[str, torch.Tensor]:
     src = pp.ranks[pp.rank - 1]
-    out = {}
-    for name in STAGE_TENSORS:
-        buf = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)
-        dist.recv(buf, src)
-        out[name] = buf
-    return out
+    buf = torch.empty(len(STAGE_TENSORS), num_tokens, hidden_size, dtype=dtype, device=device)
+    dist.recv(buf, src)
+    return dict(zip(STAGE_TENSORS, buf.unbind(0)))
 
 
 def world_min(values: list[int], device) -> list[int]:
