@@ -6,7 +6,8 @@ while a layer's many small ones, its norms, rotary and attention over the cache 
 costs about two layers where its FLOPs say five (bench/results/profile.md). Here the real Tandem modules are
 built with random weights, one decoder layer of each kind (layer type x dense/MoE MLP), the embedding, the
 final norm + LM head, and one decode step of `batch` requests at `context` tokens is timed for each part, the
-sampler included (greedy, no logprobs asked), the fastest of several interleaved runs (CPU time on CPU, so that other
+sampler included (the last stage's own sampling path, greedy, no logprobs asked, and the encoding of its
+result message), the fastest of several interleaved runs (CPU time on CPU, so that other
 processes' load at start-up does not tilt the split). A stage's time is its layers' times plus its
 position's extras (the embedding on the first stage; final norm, LM head and sampler on the last), which
 `planner.min_max_partition` balances.
@@ -47,6 +48,8 @@ from tandem.models.registry import get_model_class, load_model_config
 from tandem.parallel.layout import GroupInfo
 from tandem.runtime.geometry import StageCacheShape
 from tandem.runtime.sampler import Sampler, SamplingParams
+from tandem.runtime.step import StepInput
+from tandem.runtime.step_sampling import sample_step
 
 logger = logging.getLogger("tandem")
 
@@ -189,9 +192,14 @@ def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: i
     for r in range(batch):
         sampler.begin(r, greedy, prompt_len=1)
 
-    def run_head():
-        out, _ = norm(hidden, hidden)
-        sampler.sample(head(out).float(), [greedy] * batch, list(range(batch)), want_logprobs=[False] * batch)
+    keys = list(range(batch))
+    decode_step = StepInput(spans, ids.tolist(), [True] * batch, [greedy] * batch, keys,
+                            want_logprobs=[False] * batch)
+    params, encoder = dict.fromkeys(keys, greedy), msgspec.msgpack.Encoder()
+
+    def run_head():  # what the last stage does after its layers: ModelRunner's own sampling path, then the
+        out, _ = norm(hidden, hidden)  # result message to the driver
+        encoder.encode(sample_step(lambda rows: head(rows).float(), sampler, params, decode_step, step, out))
 
     parts: dict[object, Callable[[], object]] = {
         i: (lambda layer=layer: layer(hidden, hidden.clone(), step, rotary, cos_sin)) for i, layer in layers.items()}

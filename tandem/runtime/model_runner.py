@@ -34,10 +34,10 @@ from tandem.runtime.geometry import (
     size_tokens,
     state_slots_per_request,
 )
-from tandem.runtime.logprobs import grouped_token_logprobs
 from tandem.runtime.sampler import Sampler
 from tandem.runtime.stage_costs import build_model
 from tandem.runtime.step import StepInput, StepOutput
+from tandem.runtime.step_sampling import sample_step
 
 logger = logging.getLogger("tandem")
 NO_TOKEN_LIMIT = 1 << 62  # a stage without full-attention layers, in the agreement on the minimum
@@ -241,57 +241,4 @@ class ModelRunner:
             offset += span.num_tokens
 
     def _sample(self, step: StepInput, batch: ForwardBatch, hidden: torch.Tensor) -> StepOutput:
-        """Sample the rows that end a request's tokens and score the prompt rows that want logprobs, with one
-        compute_logits (one vocabulary all-gather across TP ranks) over all of those rows."""
-        num_spans = len(step.spans)
-        sampled = [i for i, s in enumerate(step.sample) if s]
-        scored = prompt_logprob_targets(step, batch)
-        top_nums = step.top_logprobs_num or [0] * num_spans
-        want_logprobs = step.want_logprobs or [True] * num_spans
-        last_rows = batch.last_token_indices()
-        rows = [last_rows[sampled]] + [torch.arange(batch.offsets[i], batch.offsets[i] + len(targets))
-                                       for i, targets in scored]
-        row_index = torch.cat(rows).to(hidden.device)
-        logits = self.model.compute_logits(hidden[row_index]) if len(row_index) else None
-        tokens: list = [None] * num_spans
-        logprobs: list = [None] * num_spans
-        tops: list = [None] * num_spans
-        errors: list = [None] * num_spans
-        if sampled:
-            result = self.sampler.sample(logits[:len(sampled)], [self.params[step.keys[i]] for i in sampled],
-                                         [step.keys[i] for i in sampled], [top_nums[i] for i in sampled],
-                                         [want_logprobs[i] for i in sampled])
-            for j, i in enumerate(sampled):
-                tokens[i], logprobs[i] = result.tokens[j], result.logprobs[j]
-                tops[i], errors[i] = result.top_logprobs[j], result.errors[j]
-        input_lps = input_tops = None
-        if step.input_logprobs and any(step.input_logprobs):
-            input_lps, input_tops = [None] * num_spans, [None] * num_spans
-            groups = grouped_token_logprobs(logits[len(sampled):], [t for _, targets in scored for t in targets],
-                                            [len(targets) for _, targets in scored], [top_nums[i] for i, _ in scored])
-            for (i, _), group in zip(scored, groups):
-                input_lps[i], input_tops[i] = group.logprobs, group.top_logprobs
-                if group.error and errors[i] is None:
-                    tokens[i] = logprobs[i] = tops[i] = None
-                    errors[i] = group.error
-            if not any(t is not None for t in input_tops):
-                input_tops = None
-        return StepOutput(tokens, logprobs, input_lps, tops, errors, input_tops)
-
-
-def prompt_logprob_targets(step: StepInput, batch: ForwardBatch) -> list[tuple[int, list[int]]]:
-    """(span index, target ids) of each span that wants its prompt tokens' logprobs: row k of the span is
-    scored against the token after it (the span's next token, or for its last row the prompt token after the
-    span, when there is one)."""
-    if not step.input_logprobs:
-        return []
-    scored = []
-    for i, wanted in enumerate(step.input_logprobs):
-        if not wanted:
-            continue
-        offset, n = batch.offsets[i], step.spans[i].num_tokens
-        targets = step.input_ids[offset + 1:offset + n]
-        if step.next_ids and step.next_ids[i] is not None:
-            targets = [*targets, step.next_ids[i]]
-        scored.append((i, list(targets)))
-    return scored
+        return sample_step(self.model.compute_logits, self.sampler, self.params, step, batch, hidden)
