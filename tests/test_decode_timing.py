@@ -6,7 +6,6 @@ import itertools
 import pytest
 
 from tandem.config import EngineArgs
-from tandem.engine import Engine
 from tandem.errors import PartitionError
 from tandem.models.registry import load_model_config
 from tandem.parallel.partition import stage_bounds
@@ -15,8 +14,10 @@ from tandem.runtime.decode_timing import DecodeTiming, calibration_shape, measur
 
 try:
     from support.checkpoints import build_checkpoint
+    from support.split_run import run_split_and_single
 except ImportError:  # tests/ imported as a package
     from tests.support.checkpoints import build_checkpoint
+    from tests.support.split_run import run_split_and_single
 
 
 def compositions(n: int, parts: int):
@@ -79,14 +80,7 @@ def test_measurement_covers_every_layer_kind(checkpoints):
 def test_engine_runs_the_auto_latency_split(checkpoints):
     """The LM head over 64k rows costs far more than a layer of hidden size 64, so the measured split gives
     the last stage a single layer where the uniform split gives it two; the tokens equal one process's."""
-    path, prompts = checkpoints["big_head"], [[5, 17, 42, 99, 123, 7], [3, 1, 4, 1, 5]]
-    sampling = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
-    with Engine(path, pp_size=2, dtype="float32", pp_layer_partition="auto-latency", progress=False) as engine:
-        partition = engine.partition
-        out = engine.generate(input_ids=prompts, sampling_params=sampling)
-        reports = engine.stage_report()
-    with Engine(path, dtype="float32", progress=False) as single:
-        expected = single.generate(input_ids=prompts, sampling_params=sampling)
-    assert partition == [3, 1]
-    assert [(r["layer_start"], r["layer_end"]) for r in reports] == [(0, 3), (3, 4)]
-    assert [o["output_ids"] for o in out] == [e["output_ids"] for e in expected]
+    run = run_split_and_single(checkpoints["big_head"], [[5, 17, 42, 99, 123, 7], [3, 1, 4, 1, 5]], "auto-latency")
+    assert run.partition == [3, 1]
+    assert run.layer_ranges == [(0, 3), (3, 4)]
+    assert run.output_ids == run.single_output_ids

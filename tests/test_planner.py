@@ -16,6 +16,11 @@ from tandem.config import EngineArgs, ModelConfig
 from tandem.errors import PartitionError
 from tandem.runtime import planner
 
+try:
+    from support.split_run import run_split_and_single
+except ImportError:  # tests/ imported as a package
+    from tests.support.split_run import run_split_and_single
+
 CONFIGS = Path(__file__).parent / "data" / "configs"
 REAL = ["Qwen3.5-35B-A3B", "Qwen3.5-122B-A10B", "Qwen3.5-397B-A17B", "Qwen3.5-27B", "Qwen3-30B-A3B"]
 
@@ -385,19 +390,10 @@ def test_engine_runs_the_auto_capacity_split(small):
     memory and picks the split. Both full-attention layers of this checkpoint are at the front and its weights
     are tiny next to the memory, so the capacity is the largest with one full-attention layer per stage,
     [1, 5] (uniform [3, 3] puts both on stage 0: half the tokens); the tokens equal one process's."""
-    from tandem.engine import Engine
-
-    path, prompt = small["qwen3_5_moe"], [[5, 17, 42, 99, 123, 7]]
-    sampling = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
-    with Engine(path, pp_size=2, dtype="float32", pp_layer_partition="auto-capacity", progress=False) as engine:
-        partition = engine.partition
-        out = engine.generate(input_ids=prompt, sampling_params=sampling)
-        reports = engine.stage_report()
-    with Engine(path, dtype="float32", progress=False) as single:
-        expected = single.generate(input_ids=prompt, sampling_params=sampling)
-    assert out[0]["output_ids"] == expected[0]["output_ids"]
-    assert partition == [1, 5]
-    assert [(r["layer_start"], r["layer_end"]) for r in reports] == [(0, 1), (1, 6)]
+    run = run_split_and_single(small["qwen3_5_moe"], [[5, 17, 42, 99, 123, 7]], "auto-capacity")
+    assert run.output_ids == run.single_output_ids
+    assert run.partition == [1, 5]
+    assert run.layer_ranges == [(0, 1), (1, 6)]
 
 
 def test_memory_sized_pools_follow_the_planner_formulas(small):
