@@ -242,6 +242,10 @@ class EngineArgs:
             return float(self.mem_fraction_static)
         return DEFAULT_MEM_FRACTION[self.device]
 
+    def resolve_micro_batches(self) -> int:
+        """Steps kept in flight: --num-micro-batches, else one per pipeline stage."""
+        return self.num_micro_batches or self.pp_size
+
     def resolve_context_length(self, model_config: ModelConfig) -> int:
         """Tokens per request (prompt + output): --context-length, else the model's own limit."""
         return self.context_length or model_config.max_position_embeddings

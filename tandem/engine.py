@@ -67,7 +67,7 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
-        self.num_micro_batches = self.args.num_micro_batches or self.args.pp_size
+        self.num_micro_batches = self.args.resolve_micro_batches()
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._loop_thread: threading.Thread | None = None

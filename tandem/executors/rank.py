@@ -58,11 +58,12 @@ def rank_main(launch: Launch) -> None:
 
     from tandem.models.registry import load_model_config
     from tandem.parallel.layout import init_process_groups
+    from tandem.runtime.decode_timing import rank_threads
     from tandem.runtime.model_runner import ModelRunner
 
     args = launch.args
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
+    torch.set_num_threads(rank_threads(launch.local_world_size))
     codec = Codec(launch.secret, DriverMessage)
     context = zmq.Context()
     results = context.socket(zmq.PUSH)

@@ -26,7 +26,6 @@ executable."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import subprocess
 import sys
@@ -48,10 +47,9 @@ from tandem.models.registry import get_model_class, load_model_config
 from tandem.parallel.layout import GroupInfo
 from tandem.runtime.geometry import StageCacheShape
 from tandem.runtime.sampler import Sampler, SamplingParams
+from tandem.runtime.stage_costs import building_on
 from tandem.runtime.step import StepInput
 from tandem.runtime.step_sampling import sample_step
-
-logger = logging.getLogger("tandem")
 
 PROBE_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 PROBE_TIMEOUT_S = 900
@@ -84,15 +82,15 @@ class DecodeTiming:
 def calibration_shape(args: EngineArgs, model_config: ModelConfig) -> tuple[int, int]:
     """(decode rows per step, context tokens) to time: a micro-batch of the configured running requests
     (DEFAULT_BATCH when not given) at half the context length, at most MAX_CONTEXT // 2."""
-    micro_batches = args.num_micro_batches or args.pp_size
-    batch = args.max_running_requests // micro_batches if args.max_running_requests else DEFAULT_BATCH
+    batch = args.max_running_requests // args.resolve_micro_batches() if args.max_running_requests else DEFAULT_BATCH
     context = min(args.resolve_context_length(model_config), MAX_CONTEXT) // 2
     return max(1, min(batch, MAX_BATCH)), max(2, context)
 
 
-def rank_threads(args: EngineArgs) -> int:
-    """Intra-op threads of one rank process on CPU (as `tandem.executors.rank` sets them)."""
-    return max(1, (os.cpu_count() or 1) // max(1, args.world_size // args.nnodes))
+def rank_threads(local_ranks: int) -> int:
+    """Intra-op threads of one rank process on CPU: the node's cores shared among its `local_ranks` ranks
+    (`tandem.executors.rank` sets them; the probe runs with the same)."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_ranks))
 
 
 @contextlib.contextmanager
@@ -145,7 +143,7 @@ def time_decode_parts(model_config: ModelConfig, args: EngineArgs, reps: int = 7
     batch, context = calibration_shape(args, model_config)
     dtype = args.resolve_dtype(model_config)
     device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
-    threads = rank_threads(args) if device.type == "cpu" else torch.get_num_threads()
+    threads = rank_threads(args.world_size // args.nnodes) if device.type == "cpu" else torch.get_num_threads()
     with _threads(threads), torch.inference_mode():
         return _measure(model_config, args, batch, context, dtype, device, reps)
 
@@ -158,19 +156,13 @@ def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: i
     for i in range(model_config.num_layers):
         kinds.setdefault((model_config.layer_types[i], model_config.is_moe_layer(i)), i)
     generator = torch.Generator().manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            layers = {i: DecoderLayer(alone, model_config, spec, i) for i in kinds.values()}
-            embed = VocabParallelEmbedding(alone, model_config.vocab_size, model_config.hidden_size)
-            norm = RMSNorm(model_config.hidden_size, model_config.rms_norm_eps,
-                           zero_centred=spec.zero_centred_norm)
-            head = ParallelLMHead(alone, model_config.vocab_size, model_config.hidden_size)
-            rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_parameters,
-                                     model_config.partial_rotary_factor, model_config.hf_config)
-    finally:
-        torch.set_default_dtype(previous)
+    with building_on(dtype, device):
+        layers = {i: DecoderLayer(alone, model_config, spec, i) for i in kinds.values()}
+        embed = VocabParallelEmbedding(alone, model_config.vocab_size, model_config.hidden_size)
+        norm = RMSNorm(model_config.hidden_size, model_config.rms_norm_eps, zero_centred=spec.zero_centred_norm)
+        head = ParallelLMHead(alone, model_config.vocab_size, model_config.hidden_size)
+        rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_parameters,
+                                 model_config.partial_rotary_factor, model_config.hf_config)
     weights = torch.Generator(device=device).manual_seed(0)
     for module in (*layers.values(), embed, norm, head):
         _randomize(module, weights)
@@ -186,7 +178,7 @@ def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: i
         tables = [list(range(r * pages_per_request, (r + 1) * pages_per_request)) for r in range(batch)]
         step.attn = PagedAttentionMetadata.build(tables, [context - 1] * batch, [1] * batch, page_size,
                                                  shape.decode_chunk_keys, device)
-    hidden = (torch.randn(batch, model_config.hidden_size, generator=generator)).to(device, dtype)
+    hidden = torch.randn(batch, model_config.hidden_size, generator=generator).to(device, dtype)
     cos_sin = rotary.cos_sin(step.positions, dtype)
     sampler, greedy = Sampler(), SamplingParams(temperature=0.0)
     for r in range(batch):

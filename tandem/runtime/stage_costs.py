@@ -11,6 +11,7 @@ on the first stage, the final norm and LM head on the last, both when there is o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,15 +27,22 @@ from tandem.runtime.geometry import layer_kv_bytes_per_token, layer_state_bytes_
 FLOPS_CONTEXT = 2048  # context tokens assumed for the attention term of the compute estimate
 
 
-def build_model(model_config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, device):
-    """The model of one rank of `layout`, with parameters allocated (uninitialised) on `device`."""
+@contextlib.contextmanager
+def building_on(dtype: torch.dtype, device):
+    """Modules constructed inside get their parameters (uninitialised) in `dtype` on `device`."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return get_model_class(model_config.architecture)(model_config, layout)
+            yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def build_model(model_config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, device):
+    """The model of one rank of `layout`, with parameters allocated (uninitialised) on `device`."""
+    with building_on(dtype, device):
+        return get_model_class(model_config.architecture)(model_config, layout)
 
 
 def param_bytes(module: torch.nn.Module) -> int:
