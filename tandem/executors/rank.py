@@ -33,6 +33,8 @@ from tandem.executors.messages import (
     decode_launch,
 )
 
+IDLE_CHECK_MS = 10  # no step for this long: the rank is idle (steps of a busy pipeline arrive within ~1 ms)
+
 
 def _die_with_parent() -> None:
     parent = os.getppid()
@@ -85,6 +87,10 @@ def rank_main(launch: Launch) -> None:
         send(Ready(launch.rank, runner.report()))
         is_reporter = layout.pp.is_last and layout.tp.rank == 0
         while True:
+            if not steps.poll(IDLE_CHECK_MS):
+                # idle: settle this stage's last send, so that a next stage that died (a gloo send to it fails
+                # only when waited on) is reported instead of the world waiting on each other for ever
+                runner.finish_sends()
             message = codec.decode(steps.recv_multipart())
             if message is None:
                 continue

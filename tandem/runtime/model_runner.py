@@ -36,7 +36,7 @@ from tandem.runtime.geometry import (
 )
 from tandem.runtime.sampler import Sampler
 from tandem.runtime.stage_costs import build_model
-from tandem.runtime.step import StepInput, StepOutput
+from tandem.runtime.step import StepInput, StepOutput, admits_request
 from tandem.runtime.step_sampling import sample_step
 
 logger = logging.getLogger("tandem")
@@ -219,19 +219,25 @@ class ModelRunner:
             self.state_pool.copy([src for src, _ in step.state_snapshots], [dst for _, dst in step.state_snapshots])
         if not pp.is_last:
             self._compute_end = time.time()  # what follows waits for the next stage to take the previous step
-            for work in self._pending_sends:
-                work.wait()
+            self.finish_sends()
             self._pending_sends = comm.send_to_next_stage({"hidden_states": hidden, "residual": residual}, pp)
             return None
         self._observe(step)
         return self._sample(step, batch, hidden)
+
+    def finish_sends(self) -> None:
+        """Wait until the next stage has taken what this stage sent it; raises if the next stage is gone (a gloo
+        send to a dead peer fails only when waited on)."""
+        for work in self._pending_sends:
+            work.wait()
+        self._pending_sends = []
 
     def _observe(self, step: StepInput) -> None:
         """Give the sampler each request's tokens of this step (its history for penalties and seeds)."""
         offset = 0
         prompt_lens = step.prompt_lens or [0] * len(step.spans)
         for i, (span, key, params, prompt_len) in enumerate(zip(step.spans, step.keys, step.params, prompt_lens)):
-            if span.prefix_len == 0 or (step.fresh_table and step.fresh_table[i]):  # (re)admitted
+            if admits_request(span, bool(step.fresh_table and step.fresh_table[i])):
                 if params is None:
                     raise ValueError(f"step admits request {key!r} without its sampling params")
                 self.params[key] = params

@@ -37,7 +37,7 @@ from tandem.layers.forward_batch import Span
 from tandem.runtime.cache_manager import CacheManager
 from tandem.runtime.detokenizer import StopStringWatch
 from tandem.runtime.sampler import SamplingParams
-from tandem.runtime.step import StepInput, StepOutput
+from tandem.runtime.step import StepInput, StepOutput, admits_request
 
 DECODE_RESERVE_RATIO = 0.5
 IN_BATCH_MIN_SHARED_TOKENS = 32
@@ -397,7 +397,7 @@ class Scheduler:
         tops = [r.top_logprobs_num for r in reqs]
         want_logprobs = [r.output_logprobs_wanted for r in reqs]
         # the ranks keep a request's params from the step that (re)admits it on them
-        params = [r.params if s.prefix_len == 0 or f else None for r, s, f in zip(reqs, spans, fresh)]
+        params = [r.params if admits_request(s, f) else None for r, s, f in zip(reqs, spans, fresh)]
         return StepInput(spans, ids, sample, params, [r.rid for r in reqs], new_pages, fresh,
                          restores, resets, snapshots, released, input_logprobs=wants if any(wants) else None,
                          next_ids=next_ids if any(wants) else None, prompt_lens=[len(r.prompt_ids) for r in reqs],

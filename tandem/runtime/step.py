@@ -23,6 +23,12 @@ from tandem.runtime.sampler import SamplingParams
 RequestKey = int | str
 
 
+def admits_request(span: Span, fresh_table: bool) -> bool:
+    """Whether a step's span (re)admits its request on the ranks (its first tokens, or a new page table): the
+    step that carries the request's params and starts its sampler state."""
+    return span.prefix_len == 0 or fresh_table
+
+
 class StepInput(msgspec.Struct):
     spans: list[Span]
     input_ids: list[int]  # packed tokens of all spans
