@@ -28,8 +28,8 @@ from compare import VOCAB, bench_transformers, build_models
 
 from tandem.bench import random_prompts
 from tandem.engine import Engine
-from tandem.runtime.sampler import SamplingParams
-from tandem.runtime.scheduler import Request
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.scheduling.scheduler import Request
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
 

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tandem.bench import random_prompts
 from tandem.engine import Engine
-from tandem.runtime.sampler import SamplingParams
-from tandem.runtime.scheduler import Request
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.scheduling.scheduler import Request
 
 
 def cpu_seconds(pid: int | None = None) -> float:

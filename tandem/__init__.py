@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
         return EngineArgs
     if name == "SamplingParams":
-        from tandem.runtime.sampler import SamplingParams
+        from tandem.runtime.sampling.params import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

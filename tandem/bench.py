@@ -61,8 +61,8 @@ def summarize(label: str, prompts, output_len: int, start: float, end: float, to
 
 
 def bench_engine(engine, prompts: list[list[int]], output_len: int, label: str = "tandem") -> BenchResult:
-    from tandem.runtime.sampler import SamplingParams
-    from tandem.runtime.scheduler import Request
+    from tandem.runtime.sampling.params import SamplingParams
+    from tandem.runtime.scheduling.scheduler import Request
 
     params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
     token_times: list[list[float]] = [[] for _ in prompts]
@@ -109,8 +109,8 @@ def shared_prefix_prompts(num: int, prefix_len: int, suffix_len: int, vocab_size
 
 
 def bench_shared_prefix(engine, prompts: list[list[int]], prefix_len: int, label: str) -> PrefillResult:
-    from tandem.runtime.sampler import SamplingParams
-    from tandem.runtime.scheduler import Request
+    from tandem.runtime.sampling.params import SamplingParams
+    from tandem.runtime.scheduling.scheduler import Request
 
     params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
     first_token: list[float | None] = [None] * len(prompts)

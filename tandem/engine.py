@@ -31,11 +31,11 @@ from tandem.errors import ConfigError, RankFailedError
 from tandem.loader import checkpoint_weight_map
 from tandem.models.registry import load_model_config
 from tandem.prompts import PromptBuilder, build_result, output_text
-from tandem.runtime.cache_manager import CacheManager
-from tandem.runtime.geometry import is_hybrid
-from tandem.runtime.planner import engine_partition
-from tandem.runtime.sampler import SamplingParams
-from tandem.runtime.scheduler import Request, Scheduler
+from tandem.runtime.memory.sizing import is_hybrid
+from tandem.runtime.planning.planner import engine_partition
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.scheduling.cache_manager import CacheManager
+from tandem.runtime.scheduling.scheduler import Request, Scheduler
 
 logger = logging.getLogger("tandem")
 

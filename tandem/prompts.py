@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tandem.errors import ConfigError
-from tandem.runtime.scheduler import Request, check_fits_pool, check_prompt_length
+from tandem.runtime.scheduling.scheduler import Request, check_fits_pool, check_prompt_length
 
 
 class PromptError(ConfigError):

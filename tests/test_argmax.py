@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.runtime.argmax import BLOCK, row_argmax
+from tandem.runtime.sampling.argmax import BLOCK, row_argmax
 
 
 @pytest.mark.parametrize("width", [1, 5, BLOCK, BLOCK + 1, 3 * BLOCK - 7, 32000, 32003])

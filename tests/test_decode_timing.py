@@ -1,5 +1,5 @@
 """`--pp-layer-partition auto-latency`: the split balances stage decode times measured on the device
-(`tandem.runtime.decode_timing`), checked by brute force on hand-made timings and end to end in an engine."""
+(`tandem.runtime.planning.decode_timing`), checked by brute force on hand-made timings and end to end in an engine."""
 
 import itertools
 
@@ -9,8 +9,8 @@ from tandem.config import EngineArgs
 from tandem.errors import PartitionError
 from tandem.models.registry import load_model_config
 from tandem.parallel.partition import stage_bounds
-from tandem.runtime import planner
-from tandem.runtime.decode_timing import DecodeTiming, calibration_shape, measure_decode_timing, time_decode_parts
+from tandem.runtime.planning import planner
+from tandem.runtime.planning.decode_timing import DecodeTiming, calibration_shape, measure_decode_timing, time_decode_parts
 
 try:
     from support.checkpoints import build_checkpoint

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from support.tokenizer import build_tokenizer
 from tandem.prompts import output_text
-from tandem.runtime.detokenizer import IncrementalDetokenizer, StopStringWatch
+from tandem.runtime.scheduling.detokenizer import IncrementalDetokenizer, StopStringWatch
 from tandem.server.detokenize import TextStream, held_back
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"

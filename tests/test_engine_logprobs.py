@@ -12,9 +12,9 @@ import torch
 from support.logits import FORCED, HF, bias, forcing_bias, presence_frequency, repetition
 from tandem import Engine
 from tandem.errors import ConfigError
-from tandem.runtime.logprobs import grouped_token_logprobs, token_logprobs
-from tandem.runtime.sampling_params import SamplingParams
-from tandem.runtime.scheduler import Request
+from tandem.runtime.sampling.logprobs import grouped_token_logprobs, token_logprobs
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.scheduling.scheduler import Request
 
 PROMPTS = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [120, 8, 33]]
 TOP_N = 3

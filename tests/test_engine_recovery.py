@@ -18,8 +18,8 @@ import torch
 
 from support.processes import rank_processes
 from tandem.engine import Engine
-from tandem.runtime.sampler import RAW_LOGITS_ERROR, SamplingParams
-from tandem.runtime.scheduler import Request, Scheduler
+from tandem.runtime.sampling.sampler import RAW_LOGITS_ERROR, SamplingParams
+from tandem.runtime.scheduling.scheduler import Request, Scheduler
 
 GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17], [18, 19], [20, 21, 22, 23, 24]]
@@ -31,7 +31,7 @@ PARAMS = [{"temperature": 0.9, "top_p": 0.9, "seed": 1234, "max_new_tokens": 12,
 
 
 def test_requeue_all_puts_running_requests_first_and_forgets_caches():
-    from tandem.runtime.cache_manager import CacheManager
+    from tandem.runtime.scheduling.cache_manager import CacheManager
 
     sched = Scheduler(CacheManager(256, 16, 2, hybrid=False, radix_cache=True), 64, 64)
     reqs = [Request([1, 2, 3], SamplingParams(max_new_tokens=5)) for _ in range(3)]

@@ -10,11 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tandem.layers.forward_batch import ForwardBatch, Span
+from tandem.layers.forward_batch import ForwardBatch
 from tandem.layers.gated_delta_net import GatedDeltaNet
+from tandem.layers.span import Span
 from tandem.layers.state_rows import StateRows
 from tandem.parallel.layout import GroupInfo
-from tandem.runtime.state_pool import LinearStatePool
+from tandem.runtime.memory.state_pool import LinearStatePool
 
 SLOT_LISTS = {
     "one run in order": [3, 4, 5, 6],

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from tandem.runtime.id_allocator import IdAllocator
-from tandem.runtime.kv_pool import PagedKVPool, max_total_tokens_from_memory
+from tandem.runtime.memory.kv_pool import PagedKVPool, max_total_tokens_from_memory
+from tandem.runtime.scheduling.id_allocator import IdAllocator
 
 
 @pytest.mark.parametrize("dtype,expected_per_token", [(torch.bfloat16, 2 * 3 * 2 * 8 * 2),

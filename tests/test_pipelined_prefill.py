@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from tandem import Engine
-from tandem.runtime.cache_manager import CacheManager
-from tandem.runtime.sampler import SamplingParams
-from tandem.runtime.scheduler import Request, Scheduler
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.scheduling.cache_manager import CacheManager
+from tandem.runtime.scheduling.scheduler import Request, Scheduler
 
 GREEDY = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
 PROMPT = [(7 * i + 3) % 250 + 1 for i in range(48)]

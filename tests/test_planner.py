@@ -1,4 +1,4 @@
-"""Stage planner (`tandem.runtime.planner`, `tandem plan`): exact byte counts against hand-written formulas and against
+"""Stage planner (`tandem.runtime.planning.planner`, `tandem plan`): exact byte counts against hand-written formulas and against
 real engine runs, optimality of the `auto` partitions, and the CLI."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from tandem.cli import main as cli_main
 from tandem.config import EngineArgs, ModelConfig
 from tandem.errors import PartitionError
-from tandem.runtime import planner
+from tandem.runtime.planning import planner
 
 try:
     from support.split_run import run_split_and_single

@@ -15,8 +15,8 @@ from tandem.prompts import (
     output_text,
     render_chat,
 )
-from tandem.runtime.sampler import SamplingParams
-from tandem.runtime.scheduler import Request
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.scheduling.scheduler import Request
 
 VOCAB = 300
 CONTEXT = 64

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tandem.runtime.radix_cache import RadixCache
+from tandem.runtime.scheduling.radix_cache import RadixCache
 
 
 def test_empty_cache_matches_nothing():

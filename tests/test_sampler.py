@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tandem.errors import ConfigError
-from tandem.runtime.sampler import Sampler, SamplingParams
+from tandem.runtime.sampling.sampler import Sampler, SamplingParams
 
 
 def params(**kw) -> SamplingParams:

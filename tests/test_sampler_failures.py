@@ -5,7 +5,7 @@ the sampler runs on the device of the logits (CPU here, and CUDA where present).
 import pytest
 import torch
 
-from tandem.runtime.sampler import (
+from tandem.runtime.sampling.sampler import (
     ADJUSTED_LOGITS_ERROR,
     DISTRIBUTION_ERROR,
     RAW_LOGITS_ERROR,

@@ -4,8 +4,8 @@ on vocabularies smaller and larger than the nucleus candidate set (so both of it
 import pytest
 import torch
 
-from tandem.runtime.filters import NUCLEUS_CANDIDATES, filter_probs
-from tandem.runtime.sampler import SamplingParams
+from tandem.runtime.sampling.filters import NUCLEUS_CANDIDATES, filter_probs
+from tandem.runtime.sampling.params import SamplingParams
 
 
 def reference_filter(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -5,9 +5,9 @@ prompt tokens."""
 import pytest
 import torch
 
-from tandem.runtime import logprobs as logprobs_module
-from tandem.runtime.logprobs import token_logprobs
-from tandem.runtime.sampler import RAW_LOGITS_ERROR, Sampler, SamplingParams
+from tandem.runtime.sampling import logprobs as logprobs_module
+from tandem.runtime.sampling.logprobs import token_logprobs
+from tandem.runtime.sampling.sampler import RAW_LOGITS_ERROR, Sampler, SamplingParams
 
 VOCAB = 40
 

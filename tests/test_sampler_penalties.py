@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tandem.errors import ConfigError
-from tandem.runtime.penalties import apply_logit_bias, apply_penalties
-from tandem.runtime.sampler import Sampler, SamplingParams, draw_seed
+from tandem.runtime.sampling.penalties import apply_logit_bias, apply_penalties
+from tandem.runtime.sampling.sampler import Sampler, SamplingParams, draw_seed
 
 VOCAB = 12
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tandem.errors import ConfigError
-from tandem.runtime.sampler import Sampler, SamplingParams
-from tandem.runtime.sampling_params import normalize_seed
+from tandem.runtime.sampling.params import normalize_seed
+from tandem.runtime.sampling.sampler import Sampler, SamplingParams
 
 NAN, INF = float("nan"), float("inf")
 
@@ -107,7 +107,7 @@ def test_extreme_valid_values_fit_the_step_messages():
     """Whatever validates can travel to the ranks: every integer fits the wire's 64 bits."""
     import msgspec
 
-    from tandem.layers.forward_batch import Span
+    from tandem.layers.span import Span
     from tandem.runtime.step import StepInput
 
     p = SamplingParams(top_k=2 ** 70, seed=-(2 ** 200), max_new_tokens=2 ** 63 - 1, stop_token_ids=[0, 2 ** 63 - 1],

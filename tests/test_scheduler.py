@@ -6,9 +6,9 @@ hybrid state snapshots), all checked against what a paged cache must hold."""
 import pytest
 
 from tandem.errors import ConfigError
-from tandem.runtime.cache_manager import CacheManager
-from tandem.runtime.sampler import SamplingParams
-from tandem.runtime.scheduler import Request, Scheduler
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.scheduling.cache_manager import CacheManager
+from tandem.runtime.scheduling.scheduler import Request, Scheduler
 from tandem.runtime.step import StepInput, StepOutput
 
 VOCAB = 100

@@ -422,8 +422,8 @@ class _FakeEngine:
 
     def __init__(self):
         from tandem.prompts import PromptBuilder
-        from tandem.runtime.cache_manager import CacheManager
-        from tandem.runtime.scheduler import Scheduler
+        from tandem.runtime.scheduling.cache_manager import CacheManager
+        from tandem.runtime.scheduling.scheduler import Scheduler
 
         self.prompts = PromptBuilder(None, vocab_size=100, context_length=self.context_length)
         self.scheduler = Scheduler(CacheManager(256, 16, 4, hybrid=False, radix_cache=True), 64, 16)

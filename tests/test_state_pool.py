@@ -4,7 +4,7 @@ reset of chosen slots, and copy (snapshot / restore) against a clone of the pool
 import pytest
 import torch
 
-from tandem.runtime.state_pool import LinearStatePool
+from tandem.runtime.memory.state_pool import LinearStatePool
 
 
 def make(dtype=torch.bfloat16, slots=4):

@@ -5,8 +5,8 @@ error, and the engine keeps serving; a continuing step without them samples with
 import pytest
 
 from tandem.engine import Engine
-from tandem.layers.forward_batch import Span
-from tandem.runtime.sampler import SamplingParams
+from tandem.layers.span import Span
+from tandem.runtime.sampling.params import SamplingParams
 from tandem.runtime.step import StepInput
 
 GREEDY = {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True}

@@ -72,7 +72,7 @@ def add_parser(sub) -> None:
 def build_plan(args) -> dict:
     from tandem.config import DEFAULT_MEM_FRACTION, EngineArgs
     from tandem.models.registry import load_model_config
-    from tandem.runtime import planner
+    from tandem.runtime.planning import planner
 
     model_config = load_model_config(args.model)
     engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,

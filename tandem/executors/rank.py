@@ -60,8 +60,8 @@ def rank_main(launch: Launch) -> None:
 
     from tandem.models.registry import load_model_config
     from tandem.parallel.layout import init_process_groups
-    from tandem.runtime.decode_timing import rank_threads
     from tandem.runtime.model_runner import ModelRunner
+    from tandem.runtime.planning.decode_timing import rank_threads
 
     args = launch.args
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)

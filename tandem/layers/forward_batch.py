@@ -13,14 +13,8 @@ from functools import cached_property
 import torch
 
 from tandem.layers.paged_metadata import PagedAttentionMetadata
+from tandem.layers.span import Span
 from tandem.layers.state_rows import StateRows
-
-
-@dataclass(frozen=True)
-class Span:
-    state_slot: int  # linear-attention state slot of the request
-    prefix_len: int  # tokens of this request already in the cache
-    num_tokens: int  # new tokens in this step
 
 
 @dataclass

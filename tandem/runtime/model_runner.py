@@ -2,7 +2,7 @@
 and runs steps. Non-first stages receive `{hidden_states, residual}` from the previous stage; non-last stages
 send theirs on; the last stage computes logits and samples.
 
-Cache pools (see `tandem.runtime.geometry`): the KV pool holds `max_total_tokens` tokens for this stage's
+Cache pools (see `tandem.runtime.memory.sizing`): the KV pool holds `max_total_tokens` tokens for this stage's
 full-attention layers, the linear-attention state pool `state_slots` slots for its Gated-DeltaNet layers.
 Both sizes are agreed by every rank of the world (the minimum), since the driver hands out page and slot ids
 once for all stages. Each step's page tables and state-slot operations come from the driver
@@ -23,9 +23,9 @@ from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.loader import load_weights
 from tandem.parallel import comm
 from tandem.parallel.layout import ParallelLayout
-from tandem.runtime.activation_reserve import measure_activation_reserve
-from tandem.runtime.device_memory import available_memory_bytes, device_memory_bytes
-from tandem.runtime.geometry import (
+from tandem.runtime.memory.activation_reserve import measure_activation_reserve
+from tandem.runtime.memory.device_memory import available_memory_bytes, device_memory_bytes
+from tandem.runtime.memory.sizing import (
     DEFAULT_MAX_RUNNING_REQUESTS,
     StageCacheShape,
     StageMemory,
@@ -34,10 +34,10 @@ from tandem.runtime.geometry import (
     size_tokens,
     state_slots_per_request,
 )
-from tandem.runtime.sampler import Sampler
-from tandem.runtime.stage_costs import build_model
+from tandem.runtime.planning.stage_costs import build_model
+from tandem.runtime.sampling.sampler import Sampler
+from tandem.runtime.sampling.step_sampling import sample_step
 from tandem.runtime.step import StepInput, StepOutput, admits_request
-from tandem.runtime.step_sampling import sample_step
 
 logger = logging.getLogger("tandem")
 NO_TOKEN_LIMIT = 1 << 62  # a stage without full-attention layers, in the agreement on the minimum

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import msgspec
 
-from tandem.layers.forward_batch import Span
-from tandem.runtime.sampler import SamplingParams
+from tandem.layers.span import Span
+from tandem.runtime.sampling.params import SamplingParams
 
 RequestKey = int | str
 

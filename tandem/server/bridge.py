@@ -25,8 +25,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tandem.runtime.sampler import RAW_LOGITS_ERROR, SamplingParams
-from tandem.runtime.scheduler import Request
+from tandem.runtime.sampling.sampler import RAW_LOGITS_ERROR, SamplingParams
+from tandem.runtime.scheduling.scheduler import Request
 from tandem.server.detokenize import TextStream  # noqa: F401 (the endpoints import it from here)
 from tandem.server.limits import QueueFullError, ServerLimits
 from tandem.server.protocol import APIError

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from tandem.runtime.detokenizer import IncrementalDetokenizer
+from tandem.runtime.scheduling.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("tandem.server")
 

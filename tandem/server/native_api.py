@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tandem.errors import ConfigError
 from tandem.prompts import build_result
-from tandem.runtime.sampler import SamplingParams
+from tandem.runtime.sampling.params import SamplingParams
 from tandem.server.bridge import EngineBridge, Tracked
 from tandem.server.limits import check_caps
 from tandem.server.openai_api import client_gone, expand_choices, sse, submit_all, wait_all

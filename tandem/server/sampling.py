@@ -11,8 +11,7 @@ limit that does is a 400 in the server (the engine stops such a request at the c
 from __future__ import annotations
 
 from tandem.errors import ConfigError
-from tandem.runtime.sampler import SamplingParams
-from tandem.runtime.sampling_params import MAX_N
+from tandem.runtime.sampling.params import MAX_N, SamplingParams
 from tandem.server.protocol import APIError
 
 DEFAULT_MAX_NEW_TOKENS = SamplingParams().max_new_tokens  # 16: /generate, /v1/completions and the engine

@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 from tandem.layers.forward_batch import ForwardBatch
-from tandem.runtime.logprobs import grouped_token_logprobs
-from tandem.runtime.sampler import Sampler
+from tandem.runtime.sampling.logprobs import grouped_token_logprobs
+from tandem.runtime.sampling.sampler import Sampler
 from tandem.runtime.step import StepInput, StepOutput
 
 

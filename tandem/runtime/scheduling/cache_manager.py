@@ -5,7 +5,7 @@ place that takes, shares or frees them. Under pipeline parallelism every stage h
 and slots (agreed at start-up), so one decision here is applied by every stage to its own pools through the
 step messages (see `tandem.runtime.step`).
 
-A request (`tandem.runtime.scheduler.Request`) holds:
+A request (`tandem.runtime.scheduling.scheduler.Request`) holds:
 - `pages`: its page table; the first `tree_pages` entries lie on the radix-tree path it has locked
   (`lock_node`), the rest are its own. Where it computed a page the tree already held from another request
   (two requests prefilling the same tokens at once), its own copy stays its own: `duplicate_pages`.
@@ -17,8 +17,8 @@ recently used first) whenever pages or snapshot slots run short."""
 
 from __future__ import annotations
 
-from tandem.runtime.id_allocator import IdAllocator
-from tandem.runtime.radix_cache import MatchResult, RadixCache
+from tandem.runtime.scheduling.id_allocator import IdAllocator
+from tandem.runtime.scheduling.radix_cache import MatchResult, RadixCache
 
 
 class CacheManager:

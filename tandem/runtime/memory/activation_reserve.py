@@ -23,10 +23,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tandem.layers.forward_batch import ForwardBatch, Span
+from tandem.layers.forward_batch import ForwardBatch
 from tandem.layers.paged_attention import DEFAULT_WORKSPACE_BYTES
 from tandem.layers.paged_metadata import PagedAttentionMetadata
-from tandem.runtime.sampler import Sampler, SamplingParams
+from tandem.layers.span import Span
+from tandem.runtime.sampling.sampler import Sampler, SamplingParams
 
 
 class LiveTensorBytes(TorchDispatchMode):

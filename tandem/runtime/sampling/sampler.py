@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.runtime.argmax import row_argmax
-from tandem.runtime.filters import filter_probs
-from tandem.runtime.logprobs import TopLogprobs, gather_logprobs
-from tandem.runtime.penalties import TokenHistory, apply_logit_bias, apply_penalties
-from tandem.runtime.sampling_params import SamplingParams
+from tandem.runtime.sampling.argmax import row_argmax
+from tandem.runtime.sampling.filters import filter_probs
+from tandem.runtime.sampling.logprobs import TopLogprobs, gather_logprobs
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.sampling.penalties import TokenHistory, apply_logit_bias, apply_penalties
 
 __all__ = ["SampleResult", "Sampler", "SamplingParams", "draw_seed"]
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tandem.runtime.sampling_params import SamplingParams
+from tandem.runtime.sampling.params import SamplingParams
 
 NUCLEUS_CANDIDATES = 1024
 

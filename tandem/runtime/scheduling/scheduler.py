@@ -33,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.errors import ConfigError
-from tandem.layers.forward_batch import Span
-from tandem.runtime.cache_manager import CacheManager
-from tandem.runtime.detokenizer import StopStringWatch
-from tandem.runtime.sampler import SamplingParams
+from tandem.layers.span import Span
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.scheduling.cache_manager import CacheManager
+from tandem.runtime.scheduling.detokenizer import StopStringWatch
 from tandem.runtime.step import StepInput, StepOutput, admits_request
 
 DECODE_RESERVE_RATIO = 0.5

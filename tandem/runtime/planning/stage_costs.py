@@ -4,7 +4,7 @@ linear-attention state bytes per slot, an activation estimate and FLOPs per toke
 Byte counts are exact by construction: the real Tandem model classes are built on the `meta` device (no
 memory, no weights read) for a `ParallelLayout` describing TP rank 0 of the wanted layout, so a layer's weight
 bytes are the same parameters `ModelRunner.weight_bytes` sums, and its cache bytes come from the same
-formulas the runner's pools are allocated with (`tandem.runtime.geometry`).
+formulas the runner's pools are allocated with (`tandem.runtime.memory.sizing`).
 
 A stage's cost is its layers' costs plus a constant that depends only on the stage's position (the embedding
 on the first stage, the final norm and LM head on the last, both when there is one stage)."""
@@ -22,7 +22,7 @@ from tandem.layers.paged_attention import DEFAULT_WORKSPACE_BYTES
 from tandem.models.registry import get_model_class
 from tandem.parallel.layout import ParallelLayout
 from tandem.parallel.partition import uniform_partition
-from tandem.runtime.geometry import layer_kv_bytes_per_token, layer_state_bytes_per_slot
+from tandem.runtime.memory.sizing import layer_kv_bytes_per_token, layer_state_bytes_per_slot
 
 FLOPS_CONTEXT = 2048  # context tokens assumed for the attention term of the compute estimate
 

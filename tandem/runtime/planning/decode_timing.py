@@ -14,7 +14,7 @@ position's extras (the embedding on the first stage; final norm, LM head and sam
 
 The probe is built for one TP rank of a single-rank layout (no collectives): relative costs, which are all
 the partition needs, shard evenly under TP. `measure_decode_timing` runs it in a child interpreter
-(`python -m tandem.runtime.decode_timing`, settings on stdin, the timing as JSON on stdout), so the driver
+(`python -m tandem.runtime.planning.decode_timing`, settings on stdin, the timing as JSON on stdout), so the driver
 neither keeps the probe's memory nor opens a CUDA context; on CPU the child has the intra-op threads a rank
 process will have, and glibc's malloc keeps freed memory (`MALLOC_*` below): with its default, adaptive
 thresholds the probe's few calls sometimes paid page faults for the logits and timed the LM head 60 %
@@ -38,18 +38,19 @@ import torch
 
 from tandem.config import EngineArgs, ModelConfig
 from tandem.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from tandem.layers.forward_batch import ForwardBatch, Span
+from tandem.layers.forward_batch import ForwardBatch
 from tandem.layers.norm import RMSNorm
 from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.layers.rotary import RotaryEmbedding
+from tandem.layers.span import Span
 from tandem.models.common import DecoderLayer
 from tandem.models.registry import get_model_class, load_model_config
 from tandem.parallel.layout import GroupInfo
-from tandem.runtime.geometry import StageCacheShape
-from tandem.runtime.sampler import Sampler, SamplingParams
-from tandem.runtime.stage_costs import building_on
+from tandem.runtime.memory.sizing import StageCacheShape
+from tandem.runtime.planning.stage_costs import building_on
+from tandem.runtime.sampling.sampler import Sampler, SamplingParams
+from tandem.runtime.sampling.step_sampling import sample_step
 from tandem.runtime.step import StepInput
-from tandem.runtime.step_sampling import sample_step
 
 PROBE_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 PROBE_TIMEOUT_S = 900
@@ -127,7 +128,7 @@ def measure_decode_timing(args: EngineArgs) -> DecodeTiming:
     """The probe's timing, measured in a child interpreter (see the module docstring)."""
     env = dict(os.environ, **PROBE_ENVIRONMENT)
     try:
-        done = subprocess.run([sys.executable, "-m", "tandem.runtime.decode_timing"], input=msgspec.json.encode(args),
+        done = subprocess.run([sys.executable, "-m", "tandem.runtime.planning.decode_timing"], input=msgspec.json.encode(args),
                               capture_output=True, env=env, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"auto-latency: the timing probe took more than {PROBE_TIMEOUT_S} s") from None

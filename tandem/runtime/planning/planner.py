@@ -7,9 +7,9 @@ reserve, token capacity, compute per token) from the model config alone, and the
   sizes are given (`--max-total-tokens` tokens, `--max-running-requests` requests' state slots);
 - `auto-compute`: minimising the largest stage's FLOPs per token;
 - `auto-latency`: minimising the largest stage's decode time, measured at start-up on the engine's device
-  (`tandem.runtime.decode_timing`: one layer of each kind, the embedding and the LM head + sampler timed);
+  (`tandem.runtime.planning.decode_timing`: one layer of each kind, the embedding and the LM head + sampler timed);
 - `auto-capacity`: maximising the engine's KV capacity, the minimum over stages of the tokens each stage's
-  pool holds in the device's memory (`tandem.runtime.geometry` sizing, with the estimated activation
+  pool holds in the device's memory (`tandem.runtime.memory.sizing` sizing, with the estimated activation
   reserve). For hybrid models, where the full-attention layers fall decides it.
 
 `min_max_partition` (auto, auto-compute, auto-latency) is exact by dynamic programming over (stage, end layer), ties broken
@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from tandem.config import EngineArgs, ModelConfig
 from tandem.errors import PartitionError
 from tandem.parallel.partition import parse_partition, stage_bounds, uniform_partition
-from tandem.runtime.decode_timing import DecodeTiming, measure_decode_timing
-from tandem.runtime.device_memory import driver_device_memory_bytes
-from tandem.runtime.geometry import (
+from tandem.runtime.memory.device_memory import driver_device_memory_bytes
+from tandem.runtime.memory.sizing import (
     StageMemory,
     agreed_min,
     final_requests,
     size_requests,
     state_slots_per_request,
 )
-from tandem.runtime.stage_costs import (  # noqa: F401  (re-exported: the planner's public API)
+from tandem.runtime.planning.decode_timing import DecodeTiming, measure_decode_timing
+from tandem.runtime.planning.stage_costs import (  # noqa: F401  (re-exported: the planner's public API)
     ModelCosts,
     build_model,
     build_stage_on_meta,

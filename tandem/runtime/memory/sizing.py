@@ -27,8 +27,8 @@ import torch.nn as nn
 
 from tandem.config import ModelConfig
 from tandem.layers.paged_attention import DEFAULT_WORKSPACE_BYTES, decode_chunk_keys
-from tandem.runtime.kv_pool import PagedKVPool, max_total_tokens_from_memory
-from tandem.runtime.state_pool import LinearStatePool
+from tandem.runtime.memory.kv_pool import PagedKVPool, max_total_tokens_from_memory
+from tandem.runtime.memory.state_pool import LinearStatePool
 
 DEFAULT_MAX_RUNNING_REQUESTS = 256
 STATE_MEMORY_SHARE = 0.5
