@@ -22,7 +22,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Self
 
@@ -35,7 +34,9 @@ from tandem.runtime.memory.sizing import is_hybrid
 from tandem.runtime.planning.planner import engine_partition
 from tandem.runtime.sampling.params import SamplingParams
 from tandem.runtime.scheduling.cache_manager import CacheManager
-from tandem.runtime.scheduling.scheduler import Request, Scheduler
+from tandem.runtime.scheduling.micro_batches import MicroBatchWindow
+from tandem.runtime.scheduling.request import Request
+from tandem.runtime.scheduling.scheduler import Scheduler
 
 logger = logging.getLogger("tandem")
 
@@ -58,10 +59,11 @@ class Engine:
         self.partition = engine_partition(self.model_config, self.args)
         checkpoint_weight_map(model_path)  # fail before starting anything if there is no checkpoint
         self.tokenizer = load_tokenizer(self.args.model_path)
+        # set before the ranks start: shutdown (also from __del__ when the start fails) reads them
         self.executor = None
-        self._stopping = True
+        self._stopping = False
         self._stop_requested = threading.Event()  # lets a restart in progress give up at shutdown
-        self._loop_thread = None
+        self._loop_thread: threading.Thread | None = None
         self.executor = self._start_executor(progress)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -70,8 +72,6 @@ class Engine:
         self.num_micro_batches = self.args.resolve_micro_batches()
         self._lock = threading.RLock()
         self._wake = threading.Event()
-        self._loop_thread: threading.Thread | None = None
-        self._stopping = False
         self.error: BaseException | None = None
         self._failed = threading.Event()
         self._recovering: str | None = None  # the cause, while the ranks are being restarted
@@ -81,8 +81,8 @@ class Engine:
         capacity = self.executor.capacity
         self.scheduler = Scheduler(self._cache_manager(capacity), capacity.context_length, self.args.chunked_prefill_size,
                                    self.eos_token_ids, self.decode if self.tokenizer is not None else None)
-        self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, capacity.context_length,
-                                     capacity.max_total_tokens)
+        # the scheduler's limits follow a restart of the ranks, and so do the prompts' checks
+        self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, self.scheduler.check_prompt)
         logger.info("engine capacity: %d KV tokens (the minimum over stages) in pages of %d, up to %d running "
                     "requests, context length %d, radix cache %s", capacity.max_total_tokens, capacity.page_size,
                     capacity.max_running_requests, self.scheduler.max_len,
@@ -118,32 +118,39 @@ class Engine:
             params = [SamplingParams.from_dict(sampling_params)] * len(prompts)
         if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
             raise ConfigError(f"top_logprobs_num must be a non-negative integer, got {top_logprobs_num!r}")
-        for p in params:
-            p.validate_vocab(self.model_config.vocab_size)
         reqs = [Request(ids, p.for_choice(j), input_logprobs_wanted=return_logprob and logprob_start_len >= 0,
                         top_logprobs_num=top_logprobs_num if return_logprob else 0,
                         output_logprobs_wanted=return_logprob)
                 for ids, p in zip(prompts, params) for j in range(p.n)]
+        self._check(reqs)  # all of them before any is queued
         if self._loop_thread is not None:
             done = [threading.Event() for _ in reqs]
             for req, event in zip(reqs, done):
                 req.on_update = lambda r, e=event: r.finished and e.set()
-                self.add_request(req)
+                self._queue(req)
             for event in done:
                 event.wait()
             self._raise_if_failed()
         else:
-            self.run_requests(reqs)
+            self._run_to_completion(reqs)
         decode = self.decode if self.tokenizer is not None else None
         return [build_result(req, decode, return_logprob, logprob_start_len) for req in reqs]
 
     def run_requests(self, reqs: list[Request]) -> None:
         """Run requests to completion on the calling thread (no background loop)."""
+        self._check(reqs)
+        self._run_to_completion(reqs)
+
+    def _check(self, reqs: list[Request]) -> None:
+        """The one check of each request's sampling params against the vocabulary (its prompt is checked
+        when it is built, by `PromptBuilder`, and when it is queued, by the scheduler)."""
+        for req in reqs:
+            req.params.validate_vocab(self.model_config.vocab_size)
+
+    def _run_to_completion(self, reqs: list[Request]) -> None:
         if self._loop_thread is not None:
             raise RuntimeError("the background loop is running: use add_request")
         self._raise_if_failed()
-        for req in reqs:
-            req.params.validate_vocab(self.model_config.vocab_size)
         for req in reqs:
             self.scheduler.add(req)
         self._run_steps(stop_when_idle=True)
@@ -152,8 +159,11 @@ class Engine:
     def add_request(self, req: Request) -> None:
         """Queue a request (thread-safe). `req.on_update(req)` runs on the loop thread after each step
         that gives it a token, and when it finishes."""
+        self._check([req])
+        self._queue(req)
+
+    def _queue(self, req: Request) -> None:
         self._raise_if_failed()
-        req.params.validate_vocab(self.model_config.vocab_size)
         with self._lock:
             self.scheduler.add(req)
         if req.finished and req.on_update:
@@ -163,7 +173,7 @@ class Engine:
     def abort_request(self, rid) -> None:
         """Finish the request `rid` with reason abort (thread-safe; nothing happens if it already finished)."""
         with self._lock:
-            for req in list(self.scheduler.waiting) + self.scheduler.running:
+            for req in self.scheduler.queues.unfinished():
                 if req.rid == rid:
                     self.scheduler.abort(rid)
                     self._notify([req])
@@ -172,7 +182,7 @@ class Engine:
         """Finish every unfinished request with {"type": "abort", "message": message} (thread-safe); returns
         how many there were. The server uses it to end open requests at shutdown."""
         with self._lock:
-            pending = list(self.scheduler.waiting) + self.scheduler.running
+            pending = self.scheduler.queues.unfinished()
             for req in pending:
                 self.scheduler.abort(req.rid, message)
         self._notify(pending)
@@ -241,54 +251,44 @@ class Engine:
             self._failed.set()
 
     def _run_steps(self, stop_when_idle: bool) -> None:
-        """Keep up to `num_micro_batches` steps in flight: while stage k+1 works on one micro-batch,
-        stage k already works on the next. A request is never in two in-flight steps. A failure of the
-        executor (a rank died or raised) restarts the ranks and requeues every request (`_recover`).
-        After a step's results are processed the next step is submitted before the requests' callbacks run,
-        so the first stage does not wait for them."""
-        in_flight: deque = deque()
+        """Keep up to `num_micro_batches` steps in flight (`MicroBatchWindow`): while stage k+1 works on one
+        micro-batch, stage k already works on the next. A failure of the executor (a rank died or raised)
+        restarts the ranks and requeues every request (`_recover`). After a step's results are processed the
+        next step is submitted before the requests' callbacks run, so the first stage does not wait for them."""
+        window = MicroBatchWindow(self.scheduler, self.num_micro_batches)
         while not self._stopping:
             try:
-                self._fill(in_flight)
-                if not in_flight:
+                self._fill(window)
+                if not len(window):
                     if stop_when_idle:
                         return
                     self.executor.check_alive()  # a rank that dies while idle is replaced at once
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                step_id, step, reqs = in_flight.popleft()
-                out = self.executor.collect(step_id)
+                landed = window.collect(self.executor)
             except Exception as exc:
-                if self._failed_world(exc, in_flight):
+                if self._failed_world(exc, window):
                     return
                 continue
             with self._lock:
-                updated = self.scheduler.process(step, reqs, out)
+                updated = self.scheduler.process(*landed)
             try:
-                self._fill(in_flight)
+                self._fill(window)
             except Exception as exc:
-                if self._failed_world(exc, in_flight):
+                if self._failed_world(exc, window):
                     return
             self._notify(updated)
 
-    def _fill(self, in_flight: deque) -> None:
-        """Plan and submit steps until `num_micro_batches` are in flight or nothing is ready."""
+    def _fill(self, window: MicroBatchWindow) -> None:
         with self._lock:
-            busy = {req.rid for _, _, reqs in in_flight for req in reqs}
-            while len(in_flight) < self.num_micro_batches:
-                planned = self.scheduler.next_step(busy, self.num_micro_batches)
-                if planned is None:
-                    break
-                step, reqs = planned
-                in_flight.append((self.executor.submit(step), step, reqs))
-                busy.update(req.rid for req in reqs)
+            window.fill(self.executor)
 
-    def _failed_world(self, exc: Exception, in_flight: deque) -> bool:
+    def _failed_world(self, exc: Exception, window: MicroBatchWindow) -> bool:
         """Recover from an executor failure (True when the engine is stopping instead)."""
         if self._stopping:
             return True
-        in_flight.clear()  # those steps died with the ranks; their requests are requeued
+        window.drop()  # those steps died with the ranks; their requests are requeued
         self._recover(exc)
         return False
 
@@ -343,7 +343,6 @@ class Engine:
             # the fresh pools may be sized differently (memory-derived sizing): nothing is cached or running
             # now, so the scheduler simply takes the new capacity
             self.scheduler.use_cache(self._cache_manager(executor.capacity), executor.capacity.context_length)
-            self.prompts.max_total_tokens = executor.capacity.max_total_tokens
             self._recovering = None
         self.restarts += 1
         logger.warning("the ranks are back (restart %d); resuming %d request(s)", self.restarts, len(requeued))

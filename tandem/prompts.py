@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tandem.errors import ConfigError
-from tandem.runtime.scheduling.scheduler import Request, check_fits_pool, check_prompt_length
+from tandem.runtime.scheduling.request import Request
 
 
 class PromptError(ConfigError):
@@ -46,11 +46,12 @@ def render_chat(tokenizer, messages: list[dict], field: str = "messages") -> str
 
 class PromptBuilder:
     """Prompts of one model -> checked token-id lists (see the module docstring). `tokenizer` may be None:
-    then only token-id prompts are accepted."""
+    then only token-id prompts are accepted. `check_length(num_tokens)` raises a ConfigError for a prompt
+    that cannot run: the engine passes its scheduler's `check_prompt`, the one length check, whose limits
+    follow a restart of the ranks."""
 
-    def __init__(self, tokenizer, vocab_size: int, context_length: int, max_total_tokens: int | None = None):
-        self.tokenizer, self.vocab_size, self.context_length = tokenizer, vocab_size, context_length
-        self.max_total_tokens = max_total_tokens  # the KV pool's capacity, when smaller than the context
+    def __init__(self, tokenizer, vocab_size: int, check_length: Callable[[int], None]):
+        self.tokenizer, self.vocab_size, self.check_length = tokenizer, vocab_size, check_length
 
     def check(self, ids: list[int], field: str) -> list[int]:
         """`ids`, if every one is a token id and the prompt fits the context; else a PromptError."""
@@ -59,9 +60,7 @@ class PromptBuilder:
                 raise PromptError(f"{field} contains {t!r}, which is not a token id in [0, {self.vocab_size})",
                                   field)
         try:
-            check_prompt_length(len(ids), self.context_length)
-            if self.max_total_tokens is not None:
-                check_fits_pool(len(ids), self.max_total_tokens)
+            self.check_length(len(ids))
         except ConfigError as exc:
             raise PromptError(str(exc), field, "context_length_exceeded" if ids else None) from None
         return ids

@@ -48,8 +48,8 @@ def test_requeue_all_puts_running_requests_first_and_forgets_caches():
     assert list(sched.waiting) == reqs  # the running ones first, in admission order, then the waiting one
     cache = sched.cache
     assert sched.running == [] and cache.request_slots.num_free == 2 and cache.pages.num_free == cache.num_pages
-    assert cache.radix.total_cached_pages == 0  # the prefix cache forgot the lost pages
-    assert all(r.num_cached == 0 and r.state_slot is None and r.pages == [] for r in reqs)
+    assert cache.prefix_cache.total_cached_pages == 0  # the prefix cache forgot the lost pages
+    assert all(r.num_cached == 0 and r.cache is None for r in reqs)
     # the next step prefills prompt + the token already generated, from position 0, in fresh slots
     step, planned = sched.next_step()
     assert planned == reqs[:2]

@@ -16,10 +16,11 @@ from tandem.prompts import (
     render_chat,
 )
 from tandem.runtime.sampling.params import SamplingParams
-from tandem.runtime.scheduling.scheduler import Request
+from tandem.runtime.scheduling.request import Request, RequestLimits
 
 VOCAB = 300
 CONTEXT = 64
+LIMITS = RequestLimits(context_length=CONTEXT, max_total_tokens=4 * CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    return PromptBuilder(tokenizer, VOCAB, CONTEXT)
+    return PromptBuilder(tokenizer, VOCAB, LIMITS.check_prompt)
 
 
 def test_text_and_ids_single_and_batched(prompts, tokenizer):
@@ -81,8 +82,16 @@ def test_longest_prompt_leaves_one_token(prompts):
     assert prompts.from_prompt(list(range(CONTEXT - 1))) == [list(range(CONTEXT - 1))]
 
 
+def test_a_pool_smaller_than_the_context_limits_prompts_through_the_same_check():
+    small_pool = PromptBuilder(None, VOCAB, RequestLimits(context_length=CONTEXT, max_total_tokens=16).check_prompt)
+    assert small_pool.from_prompt(list(range(15))) == [list(range(15))]
+    with pytest.raises(PromptError, match="the prompt has 16 tokens, but the KV cache holds 16 tokens") as info:
+        small_pool.from_prompt(list(range(16)))
+    assert (info.value.field, info.value.code) == ("prompt", "context_length_exceeded")
+
+
 def test_no_tokenizer_takes_only_token_ids():
-    ids_only = PromptBuilder(None, VOCAB, CONTEXT)
+    ids_only = PromptBuilder(None, VOCAB, LIMITS.check_prompt)
     assert ids_only.from_prompt([3, 4]) == [[3, 4]]
     for call in (lambda: ids_only.from_prompt("Hello"), lambda: ids_only.from_chat([{"role": "user", "content": "x"}])):
         with pytest.raises(PromptError):

@@ -1,7 +1,7 @@
 """The radix prefix cache against hand-computed expectations (page-aligned longest-prefix match, duplicate
-accounting on insert, locks, LRU eviction, the hybrid snapshot rule, hit counters, reset) and, for random
-insert/match sequences, against a brute-force model: a dict from every cached page-aligned prefix to the page
-(and snapshot slot) the first insert of that prefix stored."""
+accounting on insert, locks, LRU eviction, the hybrid snapshot rule, the unlocked pages a lock would take,
+reset) and, for random insert/match sequences, against a brute-force model: a dict from every cached
+page-aligned prefix to the page (and snapshot slot) the first insert of that prefix stored."""
 
 import random
 
@@ -167,15 +167,16 @@ def test_hybrid_state_slot_eviction_keeps_pages_needed_below():
     assert cache.total_cached_pages == 0
 
 
-def test_hit_counters():
-    cache = RadixCache(page_size=4)
-    cache.match_prefix(list(range(10)))
-    cache.insert(list(range(8)), [0, 1])
-    cache.match_prefix(list(range(10)))  # 8 of 10 tokens
-    cache.match_prefix(list(range(4)) + [9, 9])  # 4 of 6
-    cache.match_prefix(list(range(10)), count=False)
-    assert (cache.queries, cache.prompt_tokens, cache.hit_tokens) == (3, 26, 12)
-    assert cache.hit_rate == 12 / 26
+def test_unlocked_pages_on_path_are_what_a_lock_takes_off_the_evictable_pages():
+    cache = RadixCache(page_size=2)
+    cache.insert([1, 2, 3, 4], [10, 11])
+    cache.insert([1, 2, 3, 4, 5, 6], [10, 11, 12])  # a leaf [5, 6] under the node [1, 2, 3, 4]
+    leaf = cache.match_prefix([1, 2, 3, 4, 5, 6, 7]).node
+    assert cache.unlocked_pages_on_path(leaf) == 3 and cache.unlocked_pages_on_path(cache.root) == 0
+    cache.lock(leaf.parent)
+    assert cache.unlocked_pages_on_path(leaf) == 1 == cache.evictable_pages
+    cache.lock(leaf)
+    assert cache.unlocked_pages_on_path(leaf) == 0 == cache.evictable_pages
 
 
 def test_reset_returns_everything_and_refuses_while_locked():
@@ -189,7 +190,7 @@ def test_reset_returns_everything_and_refuses_while_locked():
     cache.unlock(node)
     pages, slots = cache.reset()
     assert sorted(pages) == [3, 4, 6] and slots == [7]
-    assert cache.total_cached_pages == 0 and cache.queries == 0
+    assert cache.total_cached_pages == 0
     assert cache.match_prefix([1, 2])[:2] == ([], 0)
 
 
@@ -238,6 +239,6 @@ def test_cached_len_ignores_snapshots_and_changes_nothing():
     cache.insert([1, 2, 3, 4, 5, 6], [10, 11, 12], state_slot=7)
     nodes_before = len(list(cache._nodes()))
     assert cache.cached_len([1, 2, 3, 4, 9, 9]) == 4  # the KV is cached up to where the tokens part
-    assert cache.match_prefix([1, 2, 3, 4, 9, 9], count=False).matched_len == 0  # no snapshot there
+    assert cache.match_prefix([1, 2, 3, 4, 9, 9]).matched_len == 0  # no snapshot there
     assert cache.cached_len([1, 2, 3, 4, 5, 6, 7]) == 6 and cache.cached_len([2]) == 0
     assert len(list(cache._nodes())) == nodes_before  # no split

@@ -348,7 +348,7 @@ def test_abort_running_request_frees_its_slot():
     assert sched.running == [a] and list(sched.waiting) == [b]
     a_slot = ex.steps[-1].spans[0].state_slot
     assert sched.abort(a.rid) is True
-    assert a.finish_reason == {"type": "abort"} and a.state_slot is None
+    assert a.finish_reason == {"type": "abort"} and a.cache is None
     st, reqs = step(sched, ex)
     assert reqs == [b] and slots_of(st) == [a_slot] and st.state_resets == [a_slot]
     assert a.rid in st.release_keys
@@ -363,7 +363,7 @@ def test_abort_waiting_request_and_unknown_id():
     sched.add(a)
     sched.add(b)
     assert sched.abort(b.rid) is True
-    assert b.finish_reason == {"type": "abort"} and b.state_slot is None
+    assert b.finish_reason == {"type": "abort"} and b.cache is None
     assert sched.abort("no-such-request") is False
     run(sched, ex)
     assert a.output_ids == expected_continuation([1], 3) and b.output_ids == []
@@ -410,7 +410,7 @@ def test_decode_out_of_pages_retracts_the_newest_and_resumes_them():
             assert gone == before[len(before) - len(gone):], "the most recently admitted go first"
             assert list(sched.waiting)[:len(gone)] == sorted(gone, key=before.index), "to the queue's front"
             retracted_order.extend(gone)
-    assert sched.num_preemptions == len(retracted_order) > 0
+    assert sched.stats()["preemptions"] == len(retracted_order) > 0
     resumed = {r.rid for r in retracted_order}  # each got its params again with the step that resumed it
     assert all(any(p is not None and f for st in ex.steps for p, f, k in zip(st.params, st.fresh_table, st.keys)
                    if k == rid) for rid in resumed)
@@ -426,7 +426,7 @@ def test_resumed_request_reports_each_prompt_logprob_once():
         r.input_logprobs_wanted = True
         sched.add(r)
     run(sched, ex)
-    assert sched.num_preemptions > 0
+    assert sched.stats()["preemptions"] > 0
     for r in reqs:
         assert r.input_logprobs == [float(t) for t in r.prompt_ids[1:]]
         assert r.output_ids == expected_continuation(r.prompt_ids, 10)
@@ -448,7 +448,7 @@ def test_a_cached_prefix_is_reused_page_aligned():
     assert st.fresh_table == [True] and st.new_pages[0][:2] == first_pages[:2]
     run(sched, ex)  # FakeExecutor checked that the shared pages hold the shared tokens
     assert second.output_ids == expected_continuation(second.prompt_ids, 3)
-    assert (sched.prefix_queries, sched.prefix_hit_tokens) == (2, 8)
+    assert (sched.stats()["prefix_cache_queries"], sched.stats()["prefix_cache_hit_tokens"]) == (2, 8)
 
 
 def test_no_reuse_with_the_radix_cache_disabled():
@@ -480,12 +480,12 @@ def test_unlocked_cached_prefixes_are_evicted_least_recently_used_first():
     for r in (a, b):
         sched.add(r)
         run(sched, ex)
-    assert sched.cache.radix.total_cached_pages == 2
+    assert sched.cache.prefix_cache.total_cached_pages == 2
     big = request(list(range(20, 32)), max_new_tokens=1)  # 12 tokens: 3 pages of the 2 free + evictions
     sched.add(big)
     run(sched, ex)
-    assert sched.cache.radix.match_prefix([1, 2, 3, 4, 5], count=False).matched_len == 0  # a, the older, went
-    assert sched.cache.radix.match_prefix([6, 7, 8, 9, 10], count=False).matched_len == 4
+    assert sched.cache.prefix_cache.match_prefix([1, 2, 3, 4, 5]).matched_len == 0  # a, the older, went
+    assert sched.cache.prefix_cache.match_prefix([6, 7, 8, 9, 10]).matched_len == 4
     assert big.output_ids == [32]
 
 

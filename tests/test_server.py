@@ -425,8 +425,8 @@ class _FakeEngine:
         from tandem.runtime.scheduling.cache_manager import CacheManager
         from tandem.runtime.scheduling.scheduler import Scheduler
 
-        self.prompts = PromptBuilder(None, vocab_size=100, context_length=self.context_length)
         self.scheduler = Scheduler(CacheManager(256, 16, 4, hybrid=False, radix_cache=True), 64, 16)
+        self.prompts = PromptBuilder(None, vocab_size=100, check_length=self.scheduler.check_prompt)
         self.error = None
         self.loop_running = False
         self.shut_down = False

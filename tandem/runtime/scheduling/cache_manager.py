@@ -1,24 +1,25 @@
 """`CacheManager`: the driver's bookkeeping of every stage's caches (pure Python; the tensors live on the ranks).
 
-It owns the KV page ids, the linear-attention state slot ids and the radix prefix cache, and it is the only
-place that takes, shares or frees them. Under pipeline parallelism every stage has the same number of pages
-and slots (agreed at start-up), so one decision here is applied by every stage to its own pools through the
-step messages (see `tandem.runtime.step`).
+It owns the KV page ids, the linear-attention state slot ids and the prefix cache (a `RadixCache`, or the
+`NaiveCache` that keeps nothing with `--disable-radix-cache`), and it is the only code that takes, shares or
+frees them, and the only caller of the prefix cache. Under pipeline parallelism every stage has the same
+number of pages and slots (agreed at start-up), so one decision here is applied by every stage to its own
+pools through the step messages (see `tandem.runtime.step`).
 
-A request (`tandem.runtime.scheduling.scheduler.Request`) holds:
-- `pages`: its page table; the first `tree_pages` entries lie on the radix-tree path it has locked
-  (`lock_node`), the rest are its own. Where it computed a page the tree already held from another request
-  (two requests prefilling the same tokens at once), its own copy stays its own: `duplicate_pages`.
-- `state_slot`: its linear-attention state slot, in [0, max_running_requests). Snapshot slots of the cache
-  are numbered after them.
+An admitted request holds one `CacheHandle` (`tandem.runtime.scheduling.request`): its page table, the part
+of it that lies on the radix-tree path it locked, its state slot (in [0, max_running_requests); snapshot
+slots of the cache are numbered after them) and, for hybrid models, where its state starts and where it is
+to be snapshotted.
 
-With the radix cache, pages a request inserts become the tree's; unlocked tree pages are evicted (least
-recently used first) whenever pages or snapshot slots run short."""
+Pages a request inserts become the cache's; unlocked cached pages are evicted (least recently used first)
+whenever pages or snapshot slots run short."""
 
 from __future__ import annotations
 
 from tandem.runtime.scheduling.id_allocator import IdAllocator
+from tandem.runtime.scheduling.naive_cache import NaiveCache
 from tandem.runtime.scheduling.radix_cache import MatchResult, RadixCache
+from tandem.runtime.scheduling.request import CacheHandle, Request
 
 
 class CacheManager:
@@ -29,11 +30,15 @@ class CacheManager:
         self.num_pages = max_total_tokens // page_size
         self.max_running_requests = max_running_requests
         self.hybrid = hybrid
+        self.radix_cache = radix_cache
         self.pages = IdAllocator(self.num_pages, "page")
         self.request_slots = IdAllocator(max_running_requests, "state slot")
         snapshots = max_running_requests if hybrid and radix_cache else 0
         self.snapshot_slots = IdAllocator(snapshots, "snapshot slot")  # slot id = max_running_requests + id
-        self.radix = RadixCache(page_size, hybrid=hybrid) if radix_cache else None
+        self.prefix_cache = self._new_prefix_cache()
+
+    def _new_prefix_cache(self) -> RadixCache | NaiveCache:
+        return (RadixCache if self.radix_cache else NaiveCache)(self.page_size, hybrid=self.hybrid)
 
     @property
     def num_state_slots(self) -> int:
@@ -46,7 +51,7 @@ class CacheManager:
     @property
     def available_pages(self) -> int:
         """Free pages plus cached pages no running request uses (evictable)."""
-        return self.pages.num_free + (self.radix.evictable_pages if self.radix else 0)
+        return self.pages.num_free + self.prefix_cache.evictable_pages
 
     @property
     def used_pages(self) -> int:
@@ -56,67 +61,104 @@ class CacheManager:
     def alloc_pages(self, n: int) -> list[int] | None:
         """n pages, evicting unlocked cached prefixes if needed; None (nothing taken) if they cannot be found."""
         short = n - self.pages.num_free
-        if short > 0 and self.radix is not None:
-            freed_pages, freed_slots = self.radix.evict(short)
-            self._free_evicted(freed_pages, freed_slots)
+        if short > 0:
+            self._free_evicted(*self.prefix_cache.evict(short))
         return self.pages.alloc(n)
+
+    def extend(self, handle: CacheHandle, n: int) -> bool:
+        """n more pages at the end of a running request's table; False (nothing taken) when there are none."""
+        pages = self.alloc_pages(n)
+        if pages is None:
+            return False
+        handle.add_pages(pages)
+        return True
 
     def _free_evicted(self, pages: list[int], slots: list[int]) -> None:
         self.pages.free(pages)
         self.snapshot_slots.free(s - self.max_running_requests for s in slots)
 
-    # ---- the prefix cache ---------------------------------------------------------------------------------
-    def match(self, token_ids: list[int]) -> MatchResult | None:
-        """The longest cached prefix of token_ids (None without a radix cache). Counters are the caller's."""
-        if self.radix is None:
-            return None
-        return self.radix.match_prefix(token_ids, count=False)
+    # ---- admission ----------------------------------------------------------------------------------------
+    def match(self, key: list[int]) -> MatchResult:
+        """The longest cached prefix of `key` (nothing matched without a radix cache)."""
+        return self.prefix_cache.match_prefix(key)
 
-    def admit(self, req, match: MatchResult | None, num_tokens: int) -> bool:
-        """Give `req` a state slot and pages for `num_tokens` tokens, reusing the matched prefix's pages
+    def evictable_in(self, match: MatchResult) -> int:
+        """Evictable pages that admitting with `match` would lock (they stop being available)."""
+        return self.prefix_cache.unlocked_pages_on_path(match.node)
+
+    def admit(self, req: Request, match: MatchResult, key: list[int]) -> bool:
+        """Give `req` a state slot and pages for all its tokens, reusing the prefix `match` found for `key`
         (locked while it runs). False (nothing taken) when pages run short."""
-        matched = list(match.page_ids) if match is not None else []
-        if match is not None:
-            self.radix.lock(match.node)
-        new = self.alloc_pages(self.pages_for(num_tokens) - len(matched))
+        ids = req.all_ids
+        self.prefix_cache.lock(match.node)
+        new = self.alloc_pages(self.pages_for(len(ids)) - len(match.page_ids))
         if new is None:
-            if match is not None:
-                self.radix.unlock(match.node)
+            self.prefix_cache.unlock(match.node)
             return False
-        req.state_slot = self.request_slots.alloc(1)[0]
-        req.pages = matched + new
-        req.tree_pages = len(matched)
-        req.duplicate_pages = []
-        req.lock_node = match.node if match is not None else None
+        pages = list(match.page_ids) + new
+        req.cache = CacheHandle(self.request_slots.alloc(1)[0], pages, len(match.page_ids), match.node,
+                                restore_from=self._snapshot_slot_of(match),
+                                snapshot_points=self._snapshot_points(ids, key, match.matched_len),
+                                unsent_pages=list(pages))
         return True
 
-    def snapshot_slot_of(self, match: MatchResult | None) -> int | None:
+    def _snapshot_slot_of(self, match: MatchResult) -> int | None:
         """The state snapshot a hybrid hit resumes from (None: start from the zero state)."""
-        if match is None or not self.hybrid or match.matched_len == 0:
+        if not self.hybrid or match.matched_len == 0:
             return None
         return match.node.state_slot
 
-    def insert(self, req, num_tokens: int, snapshot: bool = False) -> int | None:
+    def _snapshot_points(self, ids: list[int], key: list[int], matched: int) -> set[int]:
+        """Hybrid: where a request snapshots its state. At the end of its prompt (page-aligned), where a
+        same-prompt request can resume, and where its tokens leave the cached KV of earlier requests, so that
+        later requests sharing that much resume there. None without snapshot slots (no prefix cache)."""
+        if not self.snapshot_slots.count:
+            return set()
+        end = (len(ids) - 1) // self.page_size * self.page_size
+        branch = self.prefix_cache.cached_len(key)
+        return {p for p in (end, branch) if p > matched}
+
+    def ask_snapshot(self, handle: CacheHandle, num_tokens: int) -> None:
+        """Also snapshot the request's state after `num_tokens` tokens (where a waiting request resumes)."""
+        handle.snapshot_points.add(num_tokens)
+
+    # ---- what a planned step caches -----------------------------------------------------------------------
+    def cache_chunk(self, req: Request, start: int, end: int) -> tuple[int, int] | None:
+        """Cache what the planned chunk [start, end) of `req` computes (ranks run steps in order, so a later
+        step always finds it written). Hybrid: at a snapshot point, the prefix and a snapshot of the state,
+        returned as the (request slot, snapshot slot) copy the ranks make after the step. Otherwise the whole
+        pages of a prefill chunk."""
+        handle = req.cache
+        if self.hybrid:
+            if end not in handle.snapshot_points:
+                return None
+            handle.snapshot_points.discard(end)
+            slot = self._insert(req, end, snapshot=True)
+            return None if slot is None else (handle.state_slot, slot)
+        if start < req.prefill_end - 1:
+            self._insert(req, end // self.page_size * self.page_size)
+        return None
+
+    def _insert(self, req: Request, num_tokens: int, snapshot: bool = False) -> int | None:
         """Cache the first `num_tokens` (a whole number of pages) of req's tokens with its pages; with
         `snapshot` (hybrid) also a snapshot of its state after exactly those tokens, in a fresh snapshot slot
-        whose id is returned (the ranks copy the request's state into it after the step computing those
-        tokens). Returns None when there is no snapshot to take."""
-        ps = self.page_size
-        num_pages = num_tokens // ps
-        if self.radix is None or num_pages <= req.tree_pages:
+        whose id is returned. Returns None when there is no snapshot to take."""
+        handle = req.cache
+        num_pages = num_tokens // self.page_size
+        if num_pages <= handle.tree_pages:
             return None
         slot = None
         if snapshot:
             slot = self._snapshot_slot()
             if slot is None:
                 return None  # no slot even after eviction: leave this prefix uncached
-        result = self.radix.insert(req.all_ids[:num_pages * ps], req.pages[:num_pages], slot)
+        result = self.prefix_cache.insert(req.ids_between(0, num_pages * self.page_size),
+                                          handle.pages[:num_pages], slot)
         # our pages at positions the tree already held from someone else stay ours (same content)
-        req.duplicate_pages.extend(req.pages[req.tree_pages:result.cached_pages])
-        self.radix.lock(result.node)
-        if req.lock_node is not None:
-            self.radix.unlock(req.lock_node)
-        req.lock_node, req.tree_pages = result.node, num_pages
+        handle.duplicate_pages.extend(handle.pages[handle.tree_pages:result.cached_pages])
+        self.prefix_cache.lock(result.node)
+        self.prefix_cache.unlock(handle.lock_node)
+        handle.lock_node, handle.tree_pages = result.node, result.held_pages
         if slot is not None and not result.state_slot_kept:
             self.snapshot_slots.free([slot - self.max_running_requests])
             return None
@@ -125,26 +167,30 @@ class CacheManager:
     def _snapshot_slot(self) -> int | None:
         ids = self.snapshot_slots.alloc(1)
         if ids is None and self.snapshot_slots.count:
-            freed_pages, freed_slots = self.radix.evict_state_slots(1)
-            self._free_evicted(freed_pages, freed_slots)
+            self._free_evicted(*self.prefix_cache.evict_state_slots(1))
             ids = self.snapshot_slots.alloc(1)
         return None if ids is None else self.max_running_requests + ids[0]
 
-    def reset(self) -> None:
-        """Forget everything (the ranks' pools are gone): every page and slot free, the prefix cache empty."""
+    # ---- release ------------------------------------------------------------------------------------------
+    def release(self, req: Request) -> None:
+        """Leave req's computed tokens in the prefix cache (not for hybrids: no state snapshot there), then
+        free what it holds: its own pages, its duplicates, its state slot, its lock on the tree."""
+        handle = req.cache
+        if handle is None:
+            return
+        if not self.hybrid:
+            self._insert(req, req.num_cached // self.page_size * self.page_size)
+        self.pages.free(handle.pages[handle.tree_pages:] + handle.duplicate_pages)
+        self.prefix_cache.unlock(handle.lock_node)
+        self.request_slots.free([handle.state_slot])
+        req.cache = None
+
+    def reset(self, holders: list[Request]) -> None:
+        """Forget everything (the ranks' pools are gone): `holders` (the admitted requests) hold nothing any
+        more, every page and slot is free, the prefix cache is empty."""
+        for req in holders:
+            req.cache = None
         self.pages.reset()
         self.request_slots.reset()
         self.snapshot_slots.reset()
-        if self.radix is not None:
-            self.radix = RadixCache(self.page_size, hybrid=self.hybrid)
-
-    # ---- release ------------------------------------------------------------------------------------------
-    def release(self, req) -> None:
-        """Free what `req` holds: its own pages, its duplicates, its state slot, its lock on the tree."""
-        if req.state_slot is None:
-            return
-        self.pages.free(req.pages[req.tree_pages:] + req.duplicate_pages)
-        if req.lock_node is not None:
-            self.radix.unlock(req.lock_node)
-        self.request_slots.free([req.state_slot])
-        req.pages, req.tree_pages, req.duplicate_pages, req.lock_node, req.state_slot = [], 0, [], None, None
+        self.prefix_cache = self._new_prefix_cache()

@@ -50,9 +50,12 @@ class InsertResult(NamedTuple):
     #                    positions are not taken (free those that are not the tree's own, see `insert`)
     state_slot_kept: bool  # whether the given state_slot now belongs to the cache (else the caller frees it)
     node: RadixNode  # the node ending exactly at the inserted tokens
+    held_pages: int  # leading pages of the insert the cache holds from now on (all of them here)
 
 
 class RadixCache:
+    keeps_prefixes = True  # (the do-nothing `NaiveCache` keeps none)
+
     def __init__(self, page_size: int, hybrid: bool = False):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
@@ -63,7 +66,7 @@ class RadixCache:
     # --- state -----------------------------------------------------------------------------------------------
 
     def reset(self) -> tuple[list[int], list[int]]:
-        """Empty the tree and zero the counters; returns (page_ids, state_slots) it held, for the caller to free.
+        """Empty the tree; returns (page_ids, state_slots) it held, for the caller to free.
         Refused while any node is locked."""
         root = getattr(self, "root", None)
         if root is not None and self._protected_pages:
@@ -81,9 +84,6 @@ class RadixCache:
         self._total_pages = 0
         self._protected_pages = 0
         self._num_state_slots = 0
-        self.queries = 0
-        self.hit_tokens = 0
-        self.prompt_tokens = 0
         return pages, slots
 
     @property
@@ -104,17 +104,12 @@ class RadixCache:
         """State snapshot slots the cache holds."""
         return self._num_state_slots
 
-    @property
-    def hit_rate(self) -> float:
-        """Matched tokens over queried prompt tokens."""
-        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
     # --- lookup and insertion --------------------------------------------------------------------------------
 
-    def match_prefix(self, token_ids, count: bool = True) -> MatchResult:
+    def match_prefix(self, token_ids) -> MatchResult:
         """The longest cached page-aligned prefix of `token_ids` (with `hybrid`, the longest whose end carries a
         state snapshot). A caller that must compute at least one token (for its logits) passes all but the last
-        prompt token. `count=False` leaves the hit counters alone (a retried admission of the same request)."""
+        prompt token."""
         ps = self.page_size
         key = tuple(token_ids[:len(token_ids) // ps * ps])
         node, pos, pages = self.root, 0, []
@@ -133,10 +128,6 @@ class RadixCache:
             if not self.hybrid or child.state_slot is not None:
                 best, best_len, best_pages = child, pos, len(pages)
         self._touch(best)
-        if count:
-            self.queries += 1
-            self.prompt_tokens += len(token_ids)
-            self.hit_tokens += best_len
         return MatchResult(pages[:best_pages], best_len, best)
 
     def cached_len(self, token_ids) -> int:
@@ -194,7 +185,7 @@ class RadixCache:
             self._num_state_slots += 1
             kept = True
         self._touch(node)
-        return InsertResult(cached, kept, node)
+        return InsertResult(cached, kept, node, len(key) // ps)
 
     # --- reference counts ------------------------------------------------------------------------------------
 
@@ -214,6 +205,16 @@ class RadixCache:
             if node.lock_ref == 0:
                 self._protected_pages -= len(node.pages)
             node = node.parent
+
+    def unlocked_pages_on_path(self, node: RadixNode) -> int:
+        """Pages from `node` up to the root that no lock protects (locking `node` takes them off the
+        evictable pages)."""
+        count = 0
+        while node is not self.root:
+            if node.lock_ref == 0:
+                count += len(node.pages)
+            node = node.parent
+        return count
 
     # --- eviction --------------------------------------------------------------------------------------------
 

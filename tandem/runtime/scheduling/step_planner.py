@@ -1,0 +1,107 @@
+"""`StepPlanner`: what the next step computes, as a `StepInput` (as mini-sglang's decode manager and the
+scheduler's batch building).
+
+Every step packs one decode token for each decoding request plus prefill chunks up to the token budget
+(`chunked_prefill_size`: long prompts do not stall decoding), over requests not in flight. With
+micro-batches, each step takes about 1/num_micro_batches of the running requests. A prefill chunk ends at
+the first snapshot point it would cross (hybrid models), and what the chunk computes is cached as soon as it
+is planned (`CacheManager.cache_chunk`). The step carries the cache decisions the ranks apply: new pages
+(fresh page tables for (re)admitted requests), state restores and resets, snapshots and the released keys."""
+
+from __future__ import annotations
+
+from tandem.layers.span import Span
+from tandem.runtime.scheduling.cache_manager import CacheManager
+from tandem.runtime.scheduling.preemption import PreemptionManager
+from tandem.runtime.scheduling.queues import Queues
+from tandem.runtime.scheduling.request import Request
+from tandem.runtime.step import StepInput, admits_request
+
+
+class StepPlanner:
+    def __init__(self, queues: Queues, cache: CacheManager, preemption: PreemptionManager, chunk_size: int):
+        self.queues, self.cache, self.preemption, self.chunk_size = queues, cache, preemption, chunk_size
+
+    def plan(self, busy, num_micro_batches: int) -> tuple[StepInput, list[Request]] | None:
+        running = self.queues.running
+        cap = -(-len(running) // num_micro_batches)
+        chosen: list[tuple[Request, int]] = []
+        budget = self.chunk_size
+        for req in list(running):
+            in_flight = req.rid in busy
+            if (in_flight and not self._next_chunk_can_follow(req)) or req not in running:
+                continue
+            if len(chosen) >= cap:
+                break
+            pending = req.num_tokens - req.num_planned
+            if req.num_planned and pending == 1 and not in_flight:  # decoding
+                if not self.preemption.ensure_page(req, busy):
+                    continue
+                n = 1
+            elif budget > 0:
+                n = self._chunk_end(req, req.num_planned + min(pending, budget)) - req.num_planned
+            else:
+                continue
+            budget -= n
+            chosen.append((req, n))
+        chosen = [(req, n) for req, n in chosen if req in running]  # drop those retracted meanwhile
+        if not chosen:
+            return None
+        return self._build(chosen), [req for req, _ in chosen]
+
+    @staticmethod
+    def _next_chunk_can_follow(req: Request) -> bool:
+        """Chunked pipeline prefill: the next prefill chunk of a request may be planned while its previous
+        chunks are in flight, since every rank runs steps in order (chunk i's KV and linear-attention state
+        are in place when chunk i + 1 arrives) and a chunk that does not end the prompt samples nothing.
+        Not for a request that wants its prompt logprobs (they are appended as the chunks come back)."""
+        return req.num_planned < req.prefill_end and not req.input_logprobs_wanted
+
+    @staticmethod
+    def _chunk_end(req: Request, end: int) -> int:
+        """A prefill chunk ends at the first snapshot point it would cross."""
+        points = [p for p in req.cache.snapshot_points if req.num_planned < p < end]
+        return min(points) if points else end
+
+    def _build(self, chosen: list[tuple[Request, int]]) -> StepInput:
+        spans, ids, new_pages, fresh, histories = [], [], [], [], []
+        restores, resets, snapshots = [], [], []
+        for req, n in chosen:
+            handle, start, end = req.cache, req.num_planned, req.num_planned + n
+            pages, is_fresh = handle.take_unsent()
+            if is_fresh:
+                if handle.restore_from is None:
+                    resets.append(handle.state_slot)
+                else:
+                    restores.append((handle.restore_from, handle.state_slot))
+            spans.append(Span(handle.state_slot, start, n))
+            ids.extend(req.ids_between(start, end))
+            histories.append(req.all_ids[:start] if is_fresh and start and req.params.uses_penalties else None)
+            new_pages.append(pages)
+            fresh.append(is_fresh)
+            req.num_planned = end
+            snapshot = self.cache.cache_chunk(req, start, end)
+            if snapshot is not None:
+                snapshots.append(snapshot)
+        reqs = [req for req, _ in chosen]
+        return StepInput(
+            spans, ids, [s.prefix_len + s.num_tokens == r.num_tokens and r.params.max_new_tokens > 0
+                         for r, s in zip(reqs, spans)],
+            # the ranks keep a request's params from the step that (re)admits it on them
+            [r.params if admits_request(s, f) else None for r, s, f in zip(reqs, spans, fresh)],
+            [r.rid for r in reqs], new_pages, fresh, restores, resets, snapshots, self.queues.take_released(),
+            prompt_lens=[len(r.prompt_ids) for r in reqs],
+            histories=histories if any(h is not None for h in histories) else None,
+            **_logprob_fields(reqs, spans))
+
+
+def _logprob_fields(reqs: list[Request], spans: list[Span]) -> dict:
+    """The StepInput fields saying which logprobs each span wants (None where no span wants any)."""
+    wants = [r.scores_prompt and s.prefix_len < len(r.prompt_ids) for r, s in zip(reqs, spans)]
+    next_ids = [r.prompt_ids[s.prefix_len + s.num_tokens] if s.prefix_len + s.num_tokens < len(r.prompt_ids)
+                else None for r, s in zip(reqs, spans)]
+    tops = [r.top_logprobs_num for r in reqs]
+    want_logprobs = [r.output_logprobs_wanted for r in reqs]
+    return {"input_logprobs": wants if any(wants) else None, "next_ids": next_ids if any(wants) else None,
+            "top_logprobs_num": tops if any(tops) else None,
+            "want_logprobs": None if all(want_logprobs) else want_logprobs}
