@@ -21,6 +21,8 @@ from tandem.runtime.scheduling.naive_cache import NaiveCache
 from tandem.runtime.scheduling.radix_cache import MatchResult, RadixCache
 from tandem.runtime.scheduling.request import CacheHandle, Request
 
+TRACK_INTERVAL = 256  # tokens between prefill state snapshots of hybrid models (SGLang's mamba_track_interval)
+
 
 class CacheManager:
     def __init__(self, max_total_tokens: int, page_size: int, max_running_requests: int, hybrid: bool,
@@ -35,6 +37,8 @@ class CacheManager:
         self.request_slots = IdAllocator(max_running_requests, "state slot")
         snapshots = max_running_requests if hybrid and radix_cache else 0
         self.snapshot_slots = IdAllocator(snapshots, "snapshot slot")  # slot id = max_running_requests + id
+        # hybrid with a prefix cache: prefill snapshots at multiples of this (0: none), whole pages
+        self.track_interval = max(1, TRACK_INTERVAL // page_size) * page_size if snapshots else 0
         self.prefix_cache = self._new_prefix_cache()
 
     def _new_prefix_cache(self) -> RadixCache | NaiveCache:
@@ -123,35 +127,67 @@ class CacheManager:
         handle.snapshot_points.add(num_tokens)
 
     # ---- what a planned step caches -----------------------------------------------------------------------
+    def chunk_end(self, req: Request, end: int) -> int:
+        """Where a prefill chunk from req.num_planned that could reach `end` ends: at the first snapshot point
+        it would cross, and (hybrid, vLLM's "align" mode) at the last multiple of the tracking interval it
+        reaches, so that long prompts snapshot their state every `track_interval` tokens or so."""
+        start = req.num_planned
+        points = [p for p in req.cache.snapshot_points if start < p < end]
+        if self.track_interval:
+            aligned = end // self.track_interval * self.track_interval
+            if aligned > start:
+                points.append(aligned)
+        return min(points, default=end)
+
     def cache_chunk(self, req: Request, start: int, end: int) -> tuple[int, int] | None:
         """Cache what the planned chunk [start, end) of `req` computes (ranks run steps in order, so a later
-        step always finds it written). Hybrid: at a snapshot point, the prefix and a snapshot of the state,
-        returned as the (request slot, snapshot slot) copy the ranks make after the step. Otherwise the whole
-        pages of a prefill chunk."""
+        step always finds it written). Non-hybrid: the whole pages of a prefill chunk. Hybrid: a chunk that
+        ends at a snapshot point or (prefill) at a multiple of the tracking interval caches its prefix and a
+        snapshot of the state; a decode step (or the prompt's last chunk) that ends at a page boundary copies
+        the state into the request's tracking slot, which the cache takes when the request ends (the prefix through its
+        answer). Returns the (request slot, snapshot slot) copy the ranks make after the step, if any."""
         handle = req.cache
-        if self.hybrid:
-            if end not in handle.snapshot_points:
-                return None
+        if not self.hybrid:
+            if start < req.prefill_end - 1:
+                self._insert(req, end // self.page_size * self.page_size)
+            return None
+        if end in handle.snapshot_points or (self.track_interval and start < req.prefill_end
+                                             and end % self.track_interval == 0):
             handle.snapshot_points.discard(end)
-            slot = self._insert(req, end, snapshot=True)
-            return None if slot is None else (handle.state_slot, slot)
-        if start < req.prefill_end - 1:
-            self._insert(req, end // self.page_size * self.page_size)
+            return self._snapshot_into_cache(req, end)
+        if self.track_interval and end >= req.prefill_end and end % self.page_size == 0:
+            return self._track(handle, end)
         return None
 
-    def _insert(self, req: Request, num_tokens: int, snapshot: bool = False) -> int | None:
-        """Cache the first `num_tokens` (a whole number of pages) of req's tokens with its pages; with
-        `snapshot` (hybrid) also a snapshot of its state after exactly those tokens, in a fresh snapshot slot
-        whose id is returned. Returns None when there is no snapshot to take."""
+    def _snapshot_into_cache(self, req: Request, end: int) -> tuple[int, int] | None:
+        """Cache req's first `end` tokens with a snapshot of its state after them (taken after this step)."""
+        if end // self.page_size <= req.cache.tree_pages:
+            return None
+        slot = self._snapshot_slot()
+        if slot is None:
+            return None  # no slot even after eviction: leave this prefix uncached
+        slot = self._insert(req, end, slot)
+        return None if slot is None else (req.cache.state_slot, slot)
+
+    def _track(self, handle: CacheHandle, end: int) -> tuple[int, int] | None:
+        """Copy a decoding request's state after `end` tokens into its tracking slot (one per request,
+        overwritten at each page boundary; SGLang's extra buffer)."""
+        if handle.track_slot is None:
+            handle.track_slot = self._snapshot_slot()
+            if handle.track_slot is None:
+                return None
+        handle.track_end = end
+        return handle.state_slot, handle.track_slot
+
+    def _insert(self, req: Request, num_tokens: int, slot: int | None = None) -> int | None:
+        """Cache the first `num_tokens` (a whole number of pages) of req's tokens with its pages; `slot`
+        (hybrid) is a snapshot slot that holds (or will hold, once the step in flight ran) req's state after
+        exactly those tokens: the cache takes it, or it is freed. Returns the slot when the cache took it."""
         handle = req.cache
         num_pages = num_tokens // self.page_size
         if num_pages <= handle.tree_pages:
+            self._free_snapshot(slot)
             return None
-        slot = None
-        if snapshot:
-            slot = self._snapshot_slot()
-            if slot is None:
-                return None  # no slot even after eviction: leave this prefix uncached
         result = self.prefix_cache.insert(req.ids_between(0, num_pages * self.page_size),
                                           handle.pages[:num_pages], slot)
         # our pages at positions the tree already held from someone else stay ours (same content)
@@ -159,10 +195,14 @@ class CacheManager:
         self.prefix_cache.lock(result.node)
         self.prefix_cache.unlock(handle.lock_node)
         handle.lock_node, handle.tree_pages = result.node, result.held_pages
-        if slot is not None and not result.state_slot_kept:
-            self.snapshot_slots.free([slot - self.max_running_requests])
+        if not result.state_slot_kept:
+            self._free_snapshot(slot)
             return None
         return slot
+
+    def _free_snapshot(self, slot: int | None) -> None:
+        if slot is not None:
+            self.snapshot_slots.free([slot - self.max_running_requests])
 
     def _snapshot_slot(self) -> int | None:
         ids = self.snapshot_slots.alloc(1)
@@ -173,13 +213,16 @@ class CacheManager:
 
     # ---- release ------------------------------------------------------------------------------------------
     def release(self, req: Request) -> None:
-        """Leave req's computed tokens in the prefix cache (not for hybrids: no state snapshot there), then
-        free what it holds: its own pages, its duplicates, its state slot, its lock on the tree."""
+        """Leave req's computed tokens in the prefix cache (hybrid: through the last page boundary whose state
+        its tracking slot holds), then free what it holds: its own pages, its duplicates, its state slot, its
+        lock on the tree."""
         handle = req.cache
         if handle is None:
             return
         if not self.hybrid:
             self._insert(req, req.num_cached // self.page_size * self.page_size)
+        elif handle.track_slot is not None:  # the prefix through its last page boundary, with that state
+            self._insert(req, handle.track_end, handle.track_slot)
         self.pages.free(handle.pages[handle.tree_pages:] + handle.duplicate_pages)
         self.prefix_cache.unlock(handle.lock_node)
         self.request_slots.free([handle.state_slot])

@@ -61,8 +61,10 @@ class CacheHandle:
     (`lock_node`), the rest are its own; where it computed a page the tree already held from another request,
     its own copy stays its own (`duplicate_pages`). `unsent_pages` are the pages the ranks' page table does
     not have yet (all of them while `fresh_table`: the ranks' table restarts with them). Hybrid models:
-    the state starts from snapshot slot `restore_from` (None: the zero state), and `snapshot_points` are the
-    token counts after which its state is to be snapshotted into the cache."""
+    the state starts from snapshot slot `restore_from` (None: the zero state), `snapshot_points` are the
+    token counts after which its state is to be snapshotted into the cache, and while it decodes,
+    `track_slot` holds its state after `track_end` tokens (its last page boundary), for the cache to take
+    when it ends."""
 
     state_slot: int
     pages: list[int]
@@ -73,6 +75,8 @@ class CacheHandle:
     duplicate_pages: list[int] = field(default_factory=list)
     unsent_pages: list[int] = field(default_factory=list)
     fresh_table: bool = True
+    track_slot: int | None = None  # hybrid: the snapshot slot tracking its state at its last page boundary
+    track_end: int = 0  # the tokens that state is after
 
     def add_pages(self, pages: list[int]) -> None:
         self.pages += pages

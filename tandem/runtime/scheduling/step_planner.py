@@ -3,9 +3,9 @@ scheduler's batch building).
 
 Every step packs one decode token for each decoding request plus prefill chunks up to the token budget
 (`chunked_prefill_size`: long prompts do not stall decoding), over requests not in flight. With
-micro-batches, each step takes about 1/num_micro_batches of the running requests. A prefill chunk ends at
-the first snapshot point it would cross (hybrid models), and what the chunk computes is cached as soon as it
-is planned (`CacheManager.cache_chunk`). The step carries the cache decisions the ranks apply: new pages
+micro-batches, each step takes about 1/num_micro_batches of the running requests. Hybrid models: a prefill
+chunk ends where the state is to be snapshotted (`CacheManager.chunk_end`). What each chunk computes is
+cached as soon as it is planned (`CacheManager.cache_chunk`). The step carries the cache decisions the ranks apply: new pages
 (fresh page tables for (re)admitted requests), state restores and resets, snapshots and the released keys."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class StepPlanner:
                     continue
                 n = 1
             elif budget > 0:
-                n = self._chunk_end(req, req.num_planned + min(pending, budget)) - req.num_planned
+                n = self.cache.chunk_end(req, req.num_planned + min(pending, budget)) - req.num_planned
             else:
                 continue
             budget -= n
@@ -56,12 +56,6 @@ class StepPlanner:
         are in place when chunk i + 1 arrives) and a chunk that does not end the prompt samples nothing.
         Not for a request that wants its prompt logprobs (they are appended as the chunks come back)."""
         return req.num_planned < req.prefill_end and not req.input_logprobs_wanted
-
-    @staticmethod
-    def _chunk_end(req: Request, end: int) -> int:
-        """A prefill chunk ends at the first snapshot point it would cross."""
-        points = [p for p in req.cache.snapshot_points if req.num_planned < p < end]
-        return min(points) if points else end
 
     def _build(self, chosen: list[tuple[Request, int]]) -> StepInput:
         spans, ids, new_pages, fresh, histories = [], [], [], [], []
