@@ -58,6 +58,7 @@ def rank_main(launch: Launch) -> None:
     _die_with_parent()
     import zmq
 
+    from tandem.config import EngineConfig
     from tandem.models.registry import load_model_config
     from tandem.parallel.layout import init_process_groups
     from tandem.runtime.model_runner import ModelRunner
@@ -82,8 +83,9 @@ def rank_main(launch: Launch) -> None:
         backend = "nccl" if args.device == "cuda" else "gloo"
         layout = init_process_groups(args.tp_size, launch.partition, launch.rank, backend, launch.init_method)
         where = f"rank {launch.rank} {layout.label}"
-        runner = ModelRunner(args, load_model_config(args.model_path), layout,
-                             progress=launch.progress and launch.rank == 0, local_ranks=launch.local_world_size)
+        config = EngineConfig.resolve(args, load_model_config(args.model_path))
+        runner = ModelRunner(config, layout, progress=launch.progress and launch.rank == 0,
+                             local_ranks=launch.local_world_size)
         send(Ready(launch.rank, runner.report()))
         is_reporter = layout.pp.is_last and layout.tp.rank == 0
         while True:
