@@ -1,5 +1,7 @@
 """Configuration: `ModelConfig` (the text model's shape, read from a checkpoint's config.json through
-transformers) and `EngineArgs` (every engine setting in one dataclass; CLI flags are derived from it)."""
+transformers), `EngineArgs` (every engine setting as given, frozen; CLI flags are derived from it) and
+`EngineConfig` (the settings resolved once against the model and the device: every default filled in, so no
+other module re-derives one)."""
 
 from __future__ import annotations
 
@@ -175,9 +177,11 @@ class ModelConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineArgs:
-    """Every engine setting. `tandem serve/generate` flags are generated from these fields."""
+    """Every engine setting, as given (None: the default, resolved by `EngineConfig.resolve`). `tandem
+    serve/generate` flags are generated from these fields. Frozen: a changed setting is a new value
+    (`dataclasses.replace`), and only these settings, not derived ones, cross to the rank processes."""
 
     model_path: str
     tp_size: int = 1
@@ -237,21 +241,27 @@ class EngineArgs:
     def world_size(self) -> int:
         return self.tp_size * self.pp_size
 
-    def resolved_mem_fraction(self) -> float:
-        if self.mem_fraction_static is not None:
-            return float(self.mem_fraction_static)
-        return DEFAULT_MEM_FRACTION[self.device]
-
-    def resolve_micro_batches(self) -> int:
-        """Steps kept in flight: --num-micro-batches, else one per pipeline stage."""
-        return self.num_micro_batches or self.pp_size
-
-    def resolve_context_length(self, model_config: ModelConfig) -> int:
-        """Tokens per request (prompt + output): --context-length, else the model's own limit."""
-        return self.context_length or model_config.max_position_embeddings
-
-    def resolve_dtype(self, model_config: ModelConfig) -> torch.dtype:
-        return model_config.checkpoint_dtype if self.dtype == "auto" else parse_dtype(self.dtype)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """`EngineArgs` resolved against the model (mini-sglang's `engine/config.py` is the model): the driver
+    resolves it once, each rank process again from the same `EngineArgs` it is launched with (a rank reads
+    config.json itself; the transformers config does not cross the process boundary)."""
+
+    args: EngineArgs
+    model: ModelConfig
+    dtype: torch.dtype  # --dtype, or the checkpoint's with "auto"
+    context_length: int  # tokens per request (prompt + output): --context-length, else the model's limit
+    mem_fraction: float  # --mem-fraction-static, else DEFAULT_MEM_FRACTION of the device
+    num_micro_batches: int  # steps kept in flight: --num-micro-batches, else one per pipeline stage
+
+    @classmethod
+    def resolve(cls, args: EngineArgs, model: ModelConfig) -> EngineConfig:
+        dtype = model.checkpoint_dtype if args.dtype == "auto" else parse_dtype(args.dtype)
+        fraction = args.mem_fraction_static
+        return cls(args, model, dtype, args.context_length or model.max_position_embeddings,
+                   float(fraction) if fraction is not None else DEFAULT_MEM_FRACTION[args.device],
+                   args.num_micro_batches or args.pp_size)

@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 from typing import Self
 
-from tandem.config import EngineArgs
+from tandem.config import EngineArgs, EngineConfig
 from tandem.errors import ConfigError, RankFailedError
 from tandem.loader import checkpoint_weight_map
 from tandem.models.registry import load_model_config
 from tandem.prompts import PromptBuilder, build_result, output_text
 from tandem.runtime.memory.sizing import is_hybrid
-from tandem.runtime.planning.planner import engine_partition
+from tandem.runtime.planning.resolve import engine_partition
 from tandem.runtime.sampling.params import SamplingParams
 from tandem.runtime.scheduling.cache_manager import CacheManager
 from tandem.runtime.scheduling.micro_batches import MicroBatchWindow
@@ -56,7 +56,8 @@ class Engine:
         self.args = EngineArgs(model_path=str(model_path), tp_size=tp_size, pp_size=pp_size, dtype=dtype,
                                device=device, pp_layer_partition=pp_layer_partition, **kwargs)
         self.model_config = load_model_config(model_path)
-        self.partition = engine_partition(self.model_config, self.args)
+        self.config = EngineConfig.resolve(self.args, self.model_config)
+        self.partition = engine_partition(self.config)
         checkpoint_weight_map(model_path)  # fail before starting anything if there is no checkpoint
         self.tokenizer = load_tokenizer(self.args.model_path)
         # set before the ranks start: shutdown (also from __del__ when the start fails) reads them
@@ -69,7 +70,7 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
-        self.num_micro_batches = self.args.resolve_micro_batches()
+        self.num_micro_batches = self.config.num_micro_batches
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self.error: BaseException | None = None
@@ -96,10 +97,10 @@ class Engine:
         if self.args.world_size == 1:
             from tandem.executors.local import LocalExecutor
 
-            return LocalExecutor(self.args, self.model_config, self.partition, progress)
+            return LocalExecutor(self.config, self.partition, progress)
         from tandem.executors.process import ProcessExecutor
 
-        return ProcessExecutor(self.args, self.model_config, self.partition, progress, abandon=self._stop_requested)
+        return ProcessExecutor(self.args, self.partition, progress, abandon=self._stop_requested)
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt=None, input_ids=None, sampling_params=None, return_logprob: bool = False,
@@ -359,7 +360,7 @@ class Engine:
 
     def stage_report(self) -> list[dict]:
         """Every rank's report: layers, cache sizes, memory, `step_times`."""
-        return self.executor.reports()
+        return [report.to_dict() for report in self.executor.reports()]
 
     def decode(self, ids: list[int]) -> str:
         """The text of token ids ("" for a model without a tokenizer)."""
@@ -406,4 +407,4 @@ def run_worker_node(**engine_kwargs) -> int:
         raise ConfigError("node 0 runs the driver: use Engine or `tandem serve` there")
     if not args.dist_init_addr:
         raise ConfigError("--dist-init-addr host:port of node 0 is required on nodes other than 0")
-    return run_node(args, engine_partition(load_model_config(args.model_path), args))
+    return run_node(args, engine_partition(EngineConfig.resolve(args, load_model_config(args.model_path))))

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from tandem.config import EngineArgs, ModelConfig, parse_dtype
+from tandem.config import EngineArgs, EngineConfig, ModelConfig, parse_dtype
 from tandem.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from tandem.models.registry import get_model_class, load_model_config
 
@@ -153,8 +153,8 @@ def test_moe_layers_follow_sparse_step_and_mlp_only_layers(ckpt, tmp_path):
 def test_bf16_checkpoint_dtype(ckpt):
     cfg = ModelConfig.from_hf(ckpt("llama", dtype="bfloat16"))
     assert cfg.checkpoint_dtype == torch.bfloat16
-    assert EngineArgs(model_path="x").resolve_dtype(cfg) == torch.bfloat16
-    assert EngineArgs(model_path="x", dtype="float32").resolve_dtype(cfg) == torch.float32
+    assert EngineConfig.resolve(EngineArgs(model_path="x"), cfg).dtype == torch.bfloat16
+    assert EngineConfig.resolve(EngineArgs(model_path="x", dtype="float32"), cfg).dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in REAL_CONFIGS.iterdir()) if REAL_CONFIGS.is_dir() else [])

@@ -5,11 +5,11 @@ import itertools
 
 import pytest
 
-from tandem.config import EngineArgs
+from tandem.config import EngineArgs, EngineConfig
 from tandem.errors import PartitionError
 from tandem.models.registry import load_model_config
 from tandem.parallel.partition import stage_bounds
-from tandem.runtime.planning import planner
+from tandem.runtime.planning import resolve, search
 from tandem.runtime.planning.decode_timing import DecodeTiming, calibration_shape, measure_decode_timing, time_decode_parts
 
 try:
@@ -27,7 +27,7 @@ def compositions(n: int, parts: int):
 
 
 def slowest_stage(timing: DecodeTiming, split: list[int]) -> float:
-    extras = planner.stage_extras(timing.extra_seconds, len(split))
+    extras = search.stage_extras(timing.extra_seconds, len(split))
     return max(sum(timing.layer_seconds[start:end]) + extra for (start, end), extra in zip(stage_bounds(split), extras))
 
 
@@ -37,7 +37,7 @@ def test_auto_latency_is_optimal_by_brute_force(layers, head):
     timing = DecodeTiming(32, 64, layers, {"single": head + 0.1, "first": 0.1, "middle": 0.0, "last": head})
     costs = object()  # auto-latency needs no config-derived costs
     for pp in (2, 3, 4):
-        got = planner.partition_from_costs(costs, pp, "auto-latency", timing=timing)
+        got = resolve.partition_from_costs(costs, pp, "auto-latency", timing=timing)
         assert len(got) == pp and sum(got) == len(layers)
         assert slowest_stage(timing, got) == pytest.approx(
             min(slowest_stage(timing, split) for split in compositions(len(layers), pp)), rel=1e-12)
@@ -46,7 +46,7 @@ def test_auto_latency_is_optimal_by_brute_force(layers, head):
 def test_auto_latency_needs_a_measurement():
     timing = None
     with pytest.raises(PartitionError, match="auto-latency times the model"):
-        planner.partition_from_costs(object(), 2, "auto-latency", timing=timing)
+        resolve.partition_from_costs(object(), 2, "auto-latency", timing=timing)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def test_measurement_covers_every_layer_kind(checkpoints):
     config = load_model_config(path)
     args = EngineArgs(model_path=str(path), pp_size=2, dtype="float32", max_running_requests=8,
                       num_micro_batches=2, context_length=64)
-    assert calibration_shape(args, config) == (4, 32)
-    timing = time_decode_parts(config, args, reps=2)
+    assert calibration_shape(EngineConfig.resolve(args, config)) == (4, 32)
+    timing = time_decode_parts(EngineConfig.resolve(args, config), reps=2)
     assert (timing.batch, timing.context) == (4, 32)
     # the child-interpreter probe measures the same parts at the same shape
     child = measure_decode_timing(args)

@@ -29,7 +29,7 @@ def test_two_engines_with_different_layouts_in_one_process(ckpt):
     model_dir = ckpt("qwen3_5_moe")
     with Engine(model_dir, dtype="float32", progress=False) as single, \
             Engine(model_dir, pp_size=2, pp_layer_partition="1,3", dtype="float32", progress=False) as split:
-        from tandem.runtime.planning.planner import build_stage_on_meta
+        from tandem.runtime.planning.stage_costs import build_stage_on_meta
 
         # a third layout built in between (the planner's meta build for tp 2, stage 1 of 2) changes neither
         meta = build_stage_on_meta(single.model_config, single.executor.runner.dtype, 2, 2, 1, (3, 1))

@@ -1,5 +1,5 @@
 """Layer partitions (tandem.parallel.partition): the uniform rule, explicit partitions and their errors, the
-one resolver (tandem.runtime.planning.planner.resolve_partition), and make_layers / PPMissingLayer for a stage's
+one resolver (tandem.runtime.planning.resolve.resolve_partition), and make_layers / PPMissingLayer for a stage's
 `ParallelLayout` (no processes are started)."""
 
 import pytest
@@ -9,7 +9,7 @@ import torch.nn as nn
 from tandem.errors import PartitionError
 from tandem.parallel.layout import ParallelLayout
 from tandem.parallel.partition import PPMissingLayer, make_layers, parse_partition, stage_bounds, uniform_partition
-from tandem.runtime.planning.planner import resolve_partition as resolve
+from tandem.runtime.planning.resolve import resolve_partition as resolve
 
 
 def no_costs():
@@ -176,7 +176,7 @@ def test_stage_model_holds_only_its_parts(ckpt, pp_rank):
     decoder layers only in the stage's range, and the loader reads only the stage's tensors."""
     from tandem.config import ModelConfig
     from tandem.loader import load_weights
-    from tandem.runtime.planning.planner import build_model
+    from tandem.models.registry import build_model
 
     model_dir = ckpt("qwen3_5_moe", multimodal=True, add_mtp=True)
     config = ModelConfig.from_hf(model_dir)

@@ -1,8 +1,9 @@
-"""Stage planner (`tandem.runtime.planning.planner`, `tandem plan`): exact byte counts against hand-written formulas and against
+"""Stage planner (`tandem.runtime.planning`, `tandem plan`): exact byte counts against hand-written formulas and against
 real engine runs, optimality of the `auto` partitions, and the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 from tandem.cli import main as cli_main
-from tandem.config import EngineArgs, ModelConfig
+from tandem.config import EngineArgs, EngineConfig, ModelConfig
 from tandem.errors import PartitionError
-from tandem.runtime.planning import planner
+from tandem.runtime.planning import search, sizing, stage_costs
+from tandem.runtime.planning.resolve import engine_partition, resolve_partition
 
 try:
     from support.split_run import run_split_and_single
@@ -26,25 +28,28 @@ REAL = ["Qwen3.5-35B-A3B", "Qwen3.5-122B-A10B", "Qwen3.5-397B-A17B", "Qwen3.5-27
 
 
 # sizes given, so that a plan needs no device memory (KV of 4096 tokens, state for 16 requests)
-FIXED = planner.PoolSettings(page_size=16, max_total_tokens=4096, max_running_requests=16, slots_per_request=2,
+FIXED = sizing.PoolSettings(page_size=16, max_total_tokens=4096, max_running_requests=16, slots_per_request=2,
                              mem_fraction=0.88)
 
 
-def resolve(spec, costs, pp: int, settings: planner.PoolSettings = FIXED) -> list[int]:
-    return planner.resolve_partition(spec, pp, costs.num_layers, lambda: costs, lambda: settings)
+def resolve(spec, costs, pp: int, settings: sizing.PoolSettings = FIXED) -> list[int]:
+    return resolve_partition(spec, pp, costs.num_layers, lambda: costs, lambda: settings)
 
 
-def plan(costs, counts, settings: planner.PoolSettings = FIXED):
-    return planner.plan_stages(costs, counts, settings)
+def plan(costs, counts, settings: sizing.PoolSettings = FIXED):
+    return sizing.plan_stages(costs, counts, settings)
 
 
-def settings_for(config, args, memory=None, reserve=None) -> planner.PoolSettings:
-    return planner.PoolSettings.from_args(config, args, memory, reserve)
+def settings_for(config, args, memory=None, reserve=None) -> sizing.PoolSettings:
+    return sizing.PoolSettings.from_config(EngineConfig.resolve(args, config), memory, reserve)
+
+
+def costs_for(config, args) -> stage_costs.ModelCosts:
+    return stage_costs.costs_for(EngineConfig.resolve(args, config))
 
 
 def auto_partition(config, args, kind: str) -> list[int]:
-    args.pp_layer_partition = kind
-    return planner.engine_partition(config, args)
+    return engine_partition(EngineConfig.resolve(dataclasses.replace(args, pp_layer_partition=kind), config))
 
 
 # ---- an independent parameter count, written from the checkpoint layout -----------------------------------
@@ -120,8 +125,8 @@ def args_for(pp: int, tp: int = 1, **kw) -> EngineArgs:
 @pytest.mark.parametrize("name", REAL)
 def test_stage_weights_sum_to_model_parameters(real, name):
     expected = hand_param_count(load_raw(name)) * 2  # bf16
-    costs = planner.costs_for(real[name], args_for(2, dtype="bfloat16"))
-    assert planner.model_weight_bytes(costs) == expected
+    costs = costs_for(real[name], args_for(2, dtype="bfloat16"))
+    assert stage_costs.model_weight_bytes(costs) == expected
     for pp in (1, 2, 3, 4, 8):
         for spec in ("uniform", "auto", "auto-compute") + (("auto-capacity",) if pp <= 4 else ()):
             counts = resolve(spec, costs, pp, settings_for(real[name], args_for(pp), 80 * 10**9))
@@ -131,7 +136,7 @@ def test_stage_weights_sum_to_model_parameters(real, name):
 
 
 def test_published_sizes(real):
-    gb = {name: planner.model_weight_bytes(planner.costs_for(real[name], args_for(1))) / 1e9 for name in REAL}
+    gb = {name: stage_costs.model_weight_bytes(costs_for(real[name], args_for(1))) / 1e9 for name in REAL}
     assert 66 <= gb["Qwen3.5-35B-A3B"] <= 70
     assert 240 <= gb["Qwen3.5-122B-A10B"] <= 250
     assert 785 <= gb["Qwen3.5-397B-A17B"] <= 800
@@ -144,7 +149,7 @@ def test_tied_embeddings_last_stage_holds_its_own_head(tmp_path):
     raw, config = json.loads((path / "config.json").read_text()), ModelConfig.from_hf(path)
     t = text_config(raw)
     count, embed = hand_param_count(raw), t["vocab_size"] * t["hidden_size"]
-    costs = planner.costs_for(config, args_for(1, dtype="float32"))
+    costs = costs_for(config, args_for(1, dtype="float32"))
     for pp in (1, 2, 4):
         stages = plan(costs, resolve("auto", costs, pp))
         assert sum(s.weight_bytes for s in stages) == 4 * (count + (embed if pp > 1 else 0))
@@ -153,9 +158,9 @@ def test_tied_embeddings_last_stage_holds_its_own_head(tmp_path):
 @pytest.mark.parametrize("name", ["Qwen3.5-35B-A3B", "Qwen3.5-27B", "Qwen3-30B-A3B"])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_additive_model_matches_whole_stage_builds(real, name, tp):
-    costs = planner.costs_for(real[name], args_for(3, tp))
+    costs = costs_for(real[name], args_for(3, tp))
     counts = resolve("auto", costs, 3)
-    built = planner.stage_weight_bytes_on_meta(real[name], torch.bfloat16, tp, counts)
+    built = stage_costs.stage_weight_bytes_on_meta(real[name], torch.bfloat16, tp, counts)
     assert [s.weight_bytes for s in plan(costs, counts)] == built
 
 
@@ -163,7 +168,7 @@ def test_additive_model_matches_whole_stage_builds(real, name, tp):
 def test_auto_never_worse_than_uniform(real, name):
     for tp in (1, 2):
         args = args_for(2, tp, max_running_requests=64, max_total_tokens=64 * 32768)
-        costs, settings = planner.costs_for(real[name], args), settings_for(real[name], args)
+        costs, settings = costs_for(real[name], args), settings_for(real[name], args)
         for pp in range(2, 9):
             uniform = plan(costs, resolve("uniform", costs, pp, settings), settings)
             auto = plan(costs, resolve("auto", costs, pp, settings), settings)
@@ -174,7 +179,7 @@ def test_auto_never_worse_than_uniform(real, name):
 
 def test_moe_compute_counts_only_active_experts(real):
     c = real["Qwen3.5-35B-A3B"]
-    costs = planner.costs_for(c, args_for(1))
+    costs = costs_for(c, args_for(1))
     active = (sum(costs.flops) + costs.extra_flops["single"]) / 2 / 1e9
     assert 2.5 < active < 4  # "A3B": about 3B active parameters per token (plus the attention term)
 
@@ -207,7 +212,7 @@ def test_auto_is_optimal_by_brute_force(tmp_path, name, pattern):
     # long contexts make full-attention layers much heavier than linear ones
     for requests, tokens in ((16, 4096), (64, 65536)):
         args = args_for(2, max_running_requests=requests, max_total_tokens=requests * tokens)
-        costs, settings = planner.costs_for(config, args), settings_for(config, args)
+        costs, settings = costs_for(config, args), settings_for(config, args)
         for pp in (2, 3, 4):
             for kind, metric in (("auto", "total_bytes"), ("auto-compute", "flops_per_token")):
                 best = min(max(getattr(s, metric) for s in plan(costs, split, settings))
@@ -228,8 +233,8 @@ def test_auto_capacity_is_optimal_by_brute_force(tmp_path, name, pattern):
     layer_types = PATTERNS[pattern] if name.startswith("Qwen3.5") else None
     path = write_variant(tmp_path, name, layer_types=layer_types, num_layers=None if layer_types else 8)
     config = ModelConfig.from_hf(path)
-    costs = planner.costs_for(config, args_for(2))
-    weights = planner.model_weight_bytes(costs)
+    costs = costs_for(config, args_for(2))
+    weights = stage_costs.model_weight_bytes(costs)
     for memory_share in (0.45, 0.7, 1.2):
         for requests in (None, 8):
             settings = settings_for(config, args_for(2, max_running_requests=requests), int(weights * memory_share))
@@ -246,8 +251,8 @@ def test_auto_capacity_places_full_attention_layers(tmp_path):
     layer_types = ["linear_attention"] * 6 + ["full_attention"] * 2
     config = ModelConfig.from_hf(write_variant(tmp_path, "Qwen3.5-27B", layer_types=layer_types))
     args = args_for(2)
-    costs = planner.costs_for(config, args)
-    settings = settings_for(config, args, int(planner.model_weight_bytes(costs) * 0.9))
+    costs = costs_for(config, args)
+    settings = settings_for(config, args, int(stage_costs.model_weight_bytes(costs) * 0.9))
     uniform = plan(costs, resolve("uniform", costs, 2, settings), settings)
     best = resolve("auto-capacity", costs, 2, settings)
     chosen = plan(costs, best, settings)
@@ -262,7 +267,7 @@ def test_min_max_partition_random_brute_force():
             continue
         costs = [rng.randint(0, 20) for _ in range(n)]
         extra = [rng.randint(0, 30) for _ in range(p)]
-        got = planner.min_max_partition(costs, p, extra)
+        got = search.min_max_partition(costs, p, extra)
         assert len(got) == p and sum(got) == n and min(got) >= 1
 
         def worst(split, costs=costs, extra=extra, p=p):
@@ -273,9 +278,9 @@ def test_min_max_partition_random_brute_force():
 
 
 def test_min_max_partition_prefers_even_splits():
-    assert planner.min_max_partition([1] * 8, 2) == [4, 4]
-    assert planner.min_max_partition([1] * 8, 4) == [2, 2, 2, 2]
-    assert planner.min_max_partition([1] * 8, 2, [0, 4]) == [6, 2]
+    assert search.min_max_partition([1] * 8, 2) == [4, 4]
+    assert search.min_max_partition([1] * 8, 4) == [2, 2, 2, 2]
+    assert search.min_max_partition([1] * 8, 2, [0, 4]) == [6, 2]
 
 
 def test_auto_partition_api(real):
@@ -294,8 +299,8 @@ def test_auto_partition_api(real):
 def test_meta_builds_depend_only_on_their_layout(real):
     """Layouts are values: building rank 1 of a (tp 4, pp 2) layout leaves a later single-rank build alone."""
     config = real["Qwen3.5-35B-A3B"]
-    stage = planner.build_stage_on_meta(config, torch.bfloat16, 4, 2, 1, (30, 10), tp_rank=1)
-    whole = planner.build_stage_on_meta(config, torch.bfloat16, 1)
+    stage = stage_costs.build_stage_on_meta(config, torch.bfloat16, 4, 2, 1, (30, 10), tp_rank=1)
+    whole = stage_costs.build_stage_on_meta(config, torch.bfloat16, 1)
     assert stage.layer_range == (30, 40) and whole.layer_range == (0, 40)
     attn = next(i for i in range(30, 40) if config.layer_types[i] == "full_attention")
     assert stage.model.layers[attn].self_attn.num_heads * 4 == whole.model.layers[attn].self_attn.num_heads
@@ -338,7 +343,7 @@ def check_against_plan(path, pp: int, tp: int, spec, dtype: str):
     args = EngineArgs(model_path=str(path), pp_size=pp, tp_size=tp, dtype=dtype, pp_layer_partition=spec,
                       max_total_tokens=ENGINE_KW["max_total_tokens"],
                       max_running_requests=ENGINE_KW["max_running_requests"])
-    costs, settings = planner.costs_for(config, args), settings_for(config, args)
+    costs, settings = costs_for(config, args), settings_for(config, args)
     expected = resolve(spec, costs, pp, settings)
     assert partition == expected
     if spec == "auto" and pp == 2:
@@ -407,17 +412,17 @@ def test_memory_sized_pools_follow_the_planner_formulas(small):
         reports = engine.stage_report()
     config = ModelConfig.from_hf(path)
     args = EngineArgs(model_path=str(path), pp_size=2, dtype="float32")
-    costs = planner.costs_for(config, args)
+    costs = costs_for(config, args)
     sums, settings = [], []
     for report in reports:
         assert report["activation_reserve_bytes"] > 0
         setting = settings_for(config, args, report["device_memory_bytes"], report["activation_reserve_bytes"])
-        position = planner.ModelCosts.position(report["pp_rank"], 2)
-        sums.append(planner.stage_sums(costs, report["layer_start"], report["layer_end"], position, setting))
+        position = stage_costs.ModelCosts.position(report["pp_rank"], 2)
+        sums.append(sizing.stage_sums(costs, report["layer_start"], report["layer_end"], position, setting))
         settings.append(setting)
-    requests = min(planner.stage_requests(s, setting) for s, setting in zip(sums, settings))
+    requests = min(sizing.stage_requests(s, setting) for s, setting in zip(sums, settings))
     for report, s, setting in zip(reports, sums, settings):
-        assert report["stage_max_total_tokens"] == planner.stage_capacity(s, setting, requests)
+        assert report["stage_max_total_tokens"] == sizing.stage_capacity(s, setting, requests)
         assert report["state_slots"] == report["max_running_requests"] * 2  # hybrid: a snapshot slot each
     capacities = [c for c in (r["stage_max_total_tokens"] for r in reports) if c is not None]
     assert capacities and all(r["max_total_tokens"] == min(capacities) for r in reports)

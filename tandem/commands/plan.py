@@ -70,9 +70,11 @@ def add_parser(sub) -> None:
 
 
 def build_plan(args) -> dict:
-    from tandem.config import DEFAULT_MEM_FRACTION, EngineArgs
+    from tandem.config import DEFAULT_MEM_FRACTION, EngineArgs, EngineConfig
     from tandem.models.registry import load_model_config
-    from tandem.runtime.planning import planner
+    from tandem.runtime.planning.resolve import resolve_partition
+    from tandem.runtime.planning.sizing import PoolSettings, plan_stages
+    from tandem.runtime.planning.stage_costs import costs_for, model_weight_bytes
 
     model_config = load_model_config(args.model)
     engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,
@@ -83,17 +85,17 @@ def build_plan(args) -> dict:
                              disable_radix_cache=args.disable_radix_cache)
     memory = parse_size(args.gpu_memory)
     reserve = parse_size(args.activation_reserve) if args.activation_reserve is not None else None
-    dtype = engine_args.resolve_dtype(model_config)
-    costs = planner.costs_for(model_config, engine_args)
-    settings = planner.PoolSettings.from_args(model_config, engine_args, memory, reserve)
+    config = EngineConfig.resolve(engine_args, model_config)
+    costs = costs_for(config)
+    settings = PoolSettings.from_config(config, memory, reserve)
     specs = ["uniform", "auto", "auto-capacity"]
     for spec in args.pp_layer_partition or []:
         if spec not in specs:
             specs.append(spec)
     plans = []
     for spec in specs:
-        counts = planner.resolve_partition(spec, args.pp_size, costs.num_layers, lambda: costs, lambda: settings)
-        stages = planner.plan_stages(costs, counts, settings)
+        counts = resolve_partition(spec, args.pp_size, costs.num_layers, lambda: costs, lambda: settings)
+        stages = plan_stages(costs, counts, settings)
         plans.append({
             "name": spec, "partition": counts,
             "max_total_tokens": stages[0].max_total_tokens,
@@ -112,13 +114,13 @@ def build_plan(args) -> dict:
         "model": name, "config": str(args.model), "architecture": model_config.architecture,
         "num_layers": model_config.num_layers, "layer_kinds": kinds,
         "num_experts": model_config.num_experts, "num_experts_per_tok": model_config.num_experts_per_tok,
-        "pp_size": args.pp_size, "tp_size": args.tp_size, "dtype": str(dtype).removeprefix("torch."),
-        "gpu_memory_bytes": memory, "mem_fraction_static": engine_args.resolved_mem_fraction(),
+        "pp_size": args.pp_size, "tp_size": args.tp_size, "dtype": str(config.dtype).removeprefix("torch."),
+        "gpu_memory_bytes": memory, "mem_fraction_static": config.mem_fraction,
         "page_size": args.page_size, "given_max_total_tokens": args.max_total_tokens,
         "given_max_running_requests": args.max_running_requests,
         "radix_cache": not args.disable_radix_cache,
-        "context_length": engine_args.resolve_context_length(model_config),
-        "model_weight_bytes": planner.model_weight_bytes(costs), "plans": plans,
+        "context_length": config.context_length,
+        "model_weight_bytes": model_weight_bytes(costs), "plans": plans,
     }
 
 

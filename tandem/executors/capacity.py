@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.runtime.stage_report import StageReport
+
 
 @dataclass(frozen=True)
 class Capacity:
@@ -20,9 +22,9 @@ class Capacity:
         return min(self.context_length, self.max_total_tokens)
 
 
-def capacity_of(reports: list[dict]) -> Capacity:
-    sizes = {r["page_size"] for r in reports}
+def capacity_of(reports: list[StageReport]) -> Capacity:
+    sizes = {r.page_size for r in reports}
     if len(sizes) != 1:
         raise RuntimeError(f"ranks disagree on the page size: {sorted(sizes)}")
-    return Capacity(min(r["max_total_tokens"] for r in reports), sizes.pop(),
-                    min(r["max_running_requests"] for r in reports), min(r["context_length"] for r in reports))
+    return Capacity(min(r.max_total_tokens for r in reports), sizes.pop(),
+                    min(r.max_running_requests for r in reports), min(r.context_length for r in reports))

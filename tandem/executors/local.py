@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from tandem.config import EngineArgs, ModelConfig
+from tandem.config import EngineConfig
 from tandem.executors.capacity import capacity_of
 from tandem.parallel.layout import ParallelLayout
 from tandem.runtime.model_runner import ModelRunner
+from tandem.runtime.stage_report import StageReport
 from tandem.runtime.step import StepInput, StepOutput
 
 
 class LocalExecutor:
-    def __init__(self, args: EngineArgs, model_config: ModelConfig, partition: list[int], progress: bool = True):
-        layout = ParallelLayout.single(model_config.num_layers)
+    def __init__(self, config: EngineConfig, partition: list[int], progress: bool = True):
+        layout = ParallelLayout.single(config.model.num_layers)
         if list(layout.partition) != list(partition):
             raise ValueError(f"one process holds every layer; got partition {partition}")
-        self.runner = ModelRunner(args, model_config, layout, progress=progress)
+        self.runner = ModelRunner(config, layout, progress=progress)
         self.capacity = capacity_of([self.runner.report()])
-        self.max_len = self.capacity.max_len
         self._results: dict[int, StepOutput] = {}
         self._next_id = 0
 
@@ -29,7 +29,7 @@ class LocalExecutor:
     def collect(self, step_id: int) -> StepOutput:
         return self._results.pop(step_id)
 
-    def reports(self) -> list[dict]:
+    def reports(self) -> list[StageReport]:
         return [self.runner.report()]
 
     def dead_ranks(self) -> list[str]:

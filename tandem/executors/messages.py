@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from tandem.config import EngineArgs
+from tandem.runtime.stage_report import StageReport
 from tandem.runtime.step import StepInput, StepOutput
 
 logger = logging.getLogger("tandem")
@@ -39,12 +40,12 @@ class Stop(msgspec.Struct, tag="stop"):
 
 class Ready(msgspec.Struct, tag="ready"):
     rank: int
-    report: dict[str, Any]
+    report: StageReport
 
 
 class Report(msgspec.Struct, tag="report"):
     rank: int
-    report: dict[str, Any]
+    report: StageReport
 
 
 class Result(msgspec.Struct, tag="result"):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import zmq
 
-from tandem.config import EngineArgs, ModelConfig
+from tandem.config import EngineArgs
 from tandem.errors import ConfigError, RankFailedError
 from tandem.executors import messages
 from tandem.executors.capacity import capacity_of
@@ -45,6 +45,7 @@ from tandem.executors.messages import (
     RunStep,
     Stop,
 )
+from tandem.runtime.stage_report import StageReport
 from tandem.runtime.step import StepInput, StepOutput
 
 logger = logging.getLogger("tandem")
@@ -139,7 +140,7 @@ def stop_processes(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 
 
 class ProcessExecutor:
-    def __init__(self, args: EngineArgs, model_config: ModelConfig, partition: list[int], progress: bool = True,
+    def __init__(self, args: EngineArgs, partition: list[int], progress: bool = True,
                  abandon: threading.Event | None = None):
         if args.node_rank != 0:
             raise ValueError("the driver runs on node 0; other nodes run `run_node`")
@@ -165,7 +166,7 @@ class ProcessExecutor:
         atexit.register(self.shutdown)
         init_method = f"file://{self._store_dir}/store" if self._store_dir else None
         self.procs = start_node_ranks(args, partition, host, port, secret, progress, init_method)
-        self._reports: dict[int, dict] = {}
+        self._reports: dict[int, StageReport] = {}
         self._fresh: set[int] = set()
         try:
             self._await_ready()
@@ -173,7 +174,6 @@ class ProcessExecutor:
             self.shutdown()
             raise
         self.capacity = capacity_of(list(self._reports.values()))
-        self.max_len = self.capacity.max_len
 
     # ---- messages ----------------------------------------------------------------------------------
     def _receive(self, timeout_s: float):
@@ -252,7 +252,7 @@ class ProcessExecutor:
         """'rank N exited with code C' for each of this node's rank processes that has exited."""
         return [f"{p.name} exited with code {p.returncode}" for p in self.procs if p.poll() is not None]
 
-    def reports(self) -> list[dict]:
+    def reports(self) -> list[StageReport]:
         """Every rank's current report (asked after all submitted steps, which ranks run in order)."""
         self._fresh.clear()
         with self._io:

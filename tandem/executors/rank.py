@@ -58,9 +58,6 @@ def rank_main(launch: Launch) -> None:
     _die_with_parent()
     import zmq
 
-    from tandem.models.registry import load_model_config
-    from tandem.parallel.layout import init_process_groups
-    from tandem.runtime.model_runner import ModelRunner
     from tandem.runtime.planning.decode_timing import rank_threads
 
     args = launch.args
@@ -77,32 +74,11 @@ def rank_main(launch: Launch) -> None:
     send = lambda message: results.send_multipart(codec.encode(message))
     where = f"rank {launch.rank}"
     try:
-        if args.device == "cuda":
-            torch.cuda.set_device(launch.rank % torch.cuda.device_count())
-        backend = "nccl" if args.device == "cuda" else "gloo"
-        layout = init_process_groups(args.tp_size, launch.partition, launch.rank, backend, launch.init_method)
+        layout = _join_groups(launch)
         where = f"rank {launch.rank} {layout.label}"
-        runner = ModelRunner(args, load_model_config(args.model_path), layout,
-                             progress=launch.progress and launch.rank == 0, local_ranks=launch.local_world_size)
+        runner = _build_runner(launch, layout)
         send(Ready(launch.rank, runner.report()))
-        is_reporter = layout.pp.is_last and layout.tp.rank == 0
-        while True:
-            if not steps.poll(IDLE_CHECK_MS):
-                # idle: settle this stage's last send, so that a next stage that died (a gloo send to it fails
-                # only when waited on) is reported instead of the world waiting on each other for ever
-                runner.finish_sends()
-            message = codec.decode(steps.recv_multipart())
-            if message is None:
-                continue
-            if isinstance(message, Stop):
-                break
-            if isinstance(message, AskReport):
-                send(Report(launch.rank, runner.report()))
-                continue
-            assert isinstance(message, RunStep)
-            out = runner.execute(message.step)
-            if is_reporter:
-                send(Result(message.step_id, out))
+        _serve(runner, steps, codec, send, launch.rank)
     except BaseException as exc:  # report every failure, then leave: the driver tears the world down
         cause = f"{type(exc).__name__}: {exc}"
         logging.getLogger("tandem").debug(traceback.format_exc())
@@ -114,6 +90,51 @@ def rank_main(launch: Launch) -> None:
     steps.close(linger=0)
     context.term()
     os._exit(0)
+
+
+def _join_groups(launch: Launch):
+    """This rank's `ParallelLayout`, its torch.distributed process groups joined."""
+    from tandem.parallel.layout import init_process_groups
+
+    args = launch.args
+    if args.device == "cuda":
+        torch.cuda.set_device(launch.rank % torch.cuda.device_count())
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    return init_process_groups(args.tp_size, launch.partition, launch.rank, backend, launch.init_method)
+
+
+def _build_runner(launch: Launch, layout):
+    """This rank's `ModelRunner`: its stage built, its weights loaded, its pools sized and allocated."""
+    from tandem.config import EngineConfig
+    from tandem.models.registry import load_model_config
+    from tandem.runtime.model_runner import ModelRunner
+
+    args = launch.args
+    config = EngineConfig.resolve(args, load_model_config(args.model_path))
+    return ModelRunner(config, layout, progress=launch.progress and launch.rank == 0,
+                       local_ranks=launch.local_world_size)
+
+
+def _serve(runner, steps, codec: Codec, send, rank: int) -> None:
+    """Run the published steps in order until `Stop`; the last stage's TP rank 0 returns each step's result."""
+    is_reporter = runner.layout.pp.is_last and runner.layout.tp.rank == 0
+    while True:
+        if not steps.poll(IDLE_CHECK_MS):
+            # idle: settle this stage's last send, so that a next stage that died (a gloo send to it fails
+            # only when waited on) is reported instead of the world waiting on each other for ever
+            runner.finish_sends()
+        message = codec.decode(steps.recv_multipart())
+        if message is None:
+            continue
+        if isinstance(message, Stop):
+            return
+        if isinstance(message, AskReport):
+            send(Report(rank, runner.report()))
+            continue
+        assert isinstance(message, RunStep)
+        out = runner.execute(message.step)
+        if is_reporter:
+            send(Result(message.step_id, out))
 
 
 if __name__ == "__main__":

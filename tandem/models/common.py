@@ -26,6 +26,11 @@ from tandem.parallel.layout import GroupInfo, ParallelLayout
 from tandem.parallel.partition import PPMissingLayer, make_layers
 
 
+# A decoder layer's token mixer: the kind its cache is sized by (a KV cache, or a linear-attention state)
+FULL_ATTENTION = "full_attention"
+LINEAR_ATTENTION = "linear_attention"
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     """What differs between families' blocks; each model class builds one from its config."""
@@ -97,19 +102,23 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: token mixer (full attention or Gated DeltaNet), then MLP (dense or MoE)."""
+    """Pre-norm block: token mixer (full attention or Gated DeltaNet), then MLP (dense or MoE). `kind` says
+    which mixer (`FULL_ATTENTION`: `self_attn`, `LINEAR_ATTENTION`: `linear_attn`) and `is_moe` which MLP;
+    the cache sizing and the planner read these, not the attribute names."""
 
     def __init__(self, tp: GroupInfo, config: ModelConfig, spec: BlockSpec, layer_idx: int):
         super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
+        linear = config.layer_types[layer_idx] == LINEAR_ATTENTION
+        self.kind = LINEAR_ATTENTION if linear else FULL_ATTENTION
+        self.is_moe = config.is_moe_layer(layer_idx)
         norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centred=spec.zero_centred_norm)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
-        if self.layer_type == "linear_attention":
+        if linear:
             self.linear_attn = GatedDeltaNet(tp, config, layer_idx)
         else:
             self.self_attn = Attention(tp, config, spec, layer_idx)
-        if config.is_moe_layer(layer_idx):
+        if self.is_moe:
             self.mlp = SparseMoE(tp, config, spec.norm_topk_prob, lambda size: MLP(tp, config.hidden_size, size))
         else:
             self.mlp = MLP(tp, config.hidden_size, config.intermediate_size, bias=spec.mlp_bias)
@@ -120,7 +129,7 @@ class DecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        if self.layer_type == "linear_attention":
+        if self.kind == LINEAR_ATTENTION:
             hidden = self.linear_attn(hidden, batch)
         else:
             hidden = self.self_attn(hidden, batch, rotary, cos_sin)

@@ -1,15 +1,21 @@
-"""Architecture name (config.json `architectures[0]`) -> model class, imported lazily; and
-`load_model_config`, which reads a checkpoint's config only for an architecture Tandem supports.
+"""Architecture name (config.json `architectures[0]`) -> model class, imported lazily; `load_model_config`,
+which reads a checkpoint's config only for an architecture Tandem supports; and `build_model`, the one way a
+rank's model is constructed (a rank's runner on its device, the planner and the latency probe on `meta` or
+with random weights), inside `building_on` (the default dtype and device of new parameters).
 
 Adding a family is one model file (a `CausalLM` subclass declaring its `BlockSpec`) plus one line here."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
+import torch
+
 from tandem.config import ModelConfig
 from tandem.errors import UnsupportedArchitectureError
+from tandem.parallel.layout import ParallelLayout
 
 _MODELS = {
     "LlamaForCausalLM": ("tandem.models.llama", "LlamaForCausalLM"),
@@ -52,3 +58,21 @@ def load_model_config(model_path: str | os.PathLike) -> ModelConfig:
     naming it and listing what is supported (checked before transformers parses the config)."""
     check_supported(ModelConfig.architecture_of(model_path))
     return ModelConfig.from_hf(model_path)
+
+
+@contextlib.contextmanager
+def building_on(dtype: torch.dtype, device):
+    """Modules constructed inside get their parameters (uninitialised) in `dtype` on `device`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(model_config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, device):
+    """The model of one rank of `layout`, with parameters allocated (uninitialised) on `device`."""
+    with building_on(dtype, device):
+        return get_model_class(model_config.architecture)(model_config, layout)

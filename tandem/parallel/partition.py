@@ -2,7 +2,7 @@
 `make_layers`, and the `PPMissingLayer` placeholder that stands for another stage's layer.
 
 The one resolver of a partition spec (uniform, explicit, auto, auto-compute) is
-`tandem.runtime.planning.planner.resolve_partition`: the auto modes need per-layer costs from the model.
+`tandem.runtime.planning.resolve.resolve_partition`: the auto modes need per-layer costs from the model.
 """
 
 from __future__ import annotations

@@ -16,11 +16,12 @@ from collections import deque
 
 import torch
 
-from tandem.config import EngineArgs, ModelConfig
+from tandem.config import EngineConfig
 from tandem.errors import ConfigError
 from tandem.layers.forward_batch import ForwardBatch
 from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.loader import load_weights
+from tandem.models.registry import build_model
 from tandem.parallel import comm
 from tandem.parallel.layout import ParallelLayout
 from tandem.runtime.memory.activation_reserve import measure_activation_reserve
@@ -34,9 +35,9 @@ from tandem.runtime.memory.sizing import (
     size_tokens,
     state_slots_per_request,
 )
-from tandem.runtime.planning.stage_costs import build_model
 from tandem.runtime.sampling.sampler import Sampler
 from tandem.runtime.sampling.step_sampling import sample_step
+from tandem.runtime.stage_report import StageReport
 from tandem.runtime.step import StepInput, StepOutput, admits_request
 
 logger = logging.getLogger("tandem")
@@ -51,10 +52,11 @@ class ModelRunner:
     """One rank: its stage's model (built for `layout`), its weights, its caches, and `execute(step)`.
     `local_ranks` is the number of ranks sharing this node's RAM (CPU memory sizing)."""
 
-    def __init__(self, args: EngineArgs, model_config: ModelConfig, layout: ParallelLayout, progress: bool = True,
-                 local_ranks: int = 1):
-        self.args, self.config, self.layout = args, model_config, layout
-        self.dtype = args.resolve_dtype(model_config)
+    def __init__(self, engine_config: EngineConfig, layout: ParallelLayout, progress: bool = True, local_ranks: int = 1):
+        args, model_config = engine_config.args, engine_config.model
+        self.engine_config, self.args, self.config, self.layout = engine_config, args, model_config, layout
+        self.dtype = engine_config.dtype
+        self.mem_fraction = engine_config.mem_fraction
         self.device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         start = time.perf_counter()
         self.device_memory = device_memory_bytes(self.device, local_ranks)
@@ -64,20 +66,20 @@ class ModelRunner:
         self.shape = StageCacheShape.from_layers(own_layers, model_config, self.dtype)
         self.page_size = args.page_size
         self.slots_per_request = state_slots_per_request(model_config, not args.disable_radix_cache)
-        self.context_length = args.resolve_context_length(model_config)
+        self.context_length = engine_config.context_length
         self.activation_reserve = 0
         if args.max_total_tokens is not None:  # sizes known before loading: refuse early if they cannot fit
             self._size_pools(None)
             self._check_memory()
-        elif self.weight_bytes > self.device_memory * args.resolved_mem_fraction():
+        elif self.weight_bytes > self.device_memory * self.mem_fraction:
             raise MemoryError(f"not enough memory on {layout.label}: weights {gb(self.weight_bytes)} exceed "
-                              f"{args.resolved_mem_fraction()} x {gb(self.device_memory)}; use more pipeline "
+                              f"{self.mem_fraction} x {gb(self.device_memory)}; use more pipeline "
                               f"stages or TP ranks")
         self.load_report = load_weights(self.model, args.model_path, layout.label, progress=progress)
         if args.max_total_tokens is None:
             self.activation_reserve = measure_activation_reserve(
                 self, self._dry_run_context(), args.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS)
-            self._size_pools(StageMemory(self.device_memory, args.resolved_mem_fraction(), self.weight_bytes,
+            self._size_pools(StageMemory(self.device_memory, self.mem_fraction, self.weight_bytes,
                                          self.activation_reserve))
         self.kv_pool, self.state_pool = self.shape.allocate(self.max_total_tokens, self.page_size, self.state_slots,
                                                             self.device, zero_fill=False)
@@ -97,7 +99,7 @@ class ModelRunner:
     def _dry_run_context(self) -> int:
         """The context of the prefill dry run: the context length, unless a quarter of the memory left after
         the weights holds fewer tokens (the pool could not hold such a context anyway)."""
-        free = int(self.device_memory * self.args.resolved_mem_fraction()) - self.weight_bytes
+        free = int(self.device_memory * self.mem_fraction) - self.weight_bytes
         per_token = max(1, self.shape.kv_bytes_per_token)
         return max(self.args.chunked_prefill_size, min(self.context_length, free // 4 // per_token))
 
@@ -140,23 +142,22 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def report(self) -> dict:
+    def report(self) -> StageReport:
         pp, tp = self.layout.pp, self.layout.tp
-        return {
-            "pp_rank": pp.rank, "pp_size": pp.size, "tp_rank": tp.rank, "tp_size": tp.size,
-            "layer_start": self.layer_start, "layer_end": self.layer_end,
-            "weight_bytes": self.weight_bytes, "kv_cache_bytes": self.kv_pool.nbytes,
-            "state_cache_bytes": self.state_pool.nbytes, "load_seconds": self.load_seconds,
-            "max_total_tokens": self.max_total_tokens, "page_size": self.page_size,
-            "stage_max_total_tokens": self.stage_max_total_tokens,
-            "kv_bytes_per_token": self.shape.kv_bytes_per_token,
-            "state_slots": self.state_slots, "state_bytes_per_slot": self.shape.state_bytes_per_slot,
-            "max_running_requests": self.max_running_requests, "context_length": self.context_length,
-            "device_memory_bytes": self.device_memory, "activation_reserve_bytes": self.activation_reserve,
-            "tensors_read": list(self.load_report.tensors_read), "bytes_read": self.load_report.bytes_read,
-            "step_times": list(self.step_times),
-            "peak_memory_bytes": self.peak_memory_bytes(),
-        }
+        return StageReport(
+            pp_rank=pp.rank, pp_size=pp.size, tp_rank=tp.rank, tp_size=tp.size,
+            layer_start=self.layer_start, layer_end=self.layer_end,
+            weight_bytes=self.weight_bytes, kv_cache_bytes=self.kv_pool.nbytes,
+            state_cache_bytes=self.state_pool.nbytes, load_seconds=self.load_seconds,
+            max_total_tokens=self.max_total_tokens, page_size=self.page_size,
+            stage_max_total_tokens=self.stage_max_total_tokens,
+            kv_bytes_per_token=self.shape.kv_bytes_per_token,
+            state_slots=self.state_slots, state_bytes_per_slot=self.shape.state_bytes_per_slot,
+            max_running_requests=self.max_running_requests, context_length=self.context_length,
+            device_memory_bytes=self.device_memory, activation_reserve_bytes=self.activation_reserve,
+            tensors_read=list(self.load_report.tensors_read), bytes_read=self.load_report.bytes_read,
+            step_times=list(self.step_times), peak_memory_bytes=self.peak_memory_bytes(),
+        )
 
     def peak_memory_bytes(self) -> int:
         """Peak device memory on CUDA; the process's peak resident set size on CPU."""

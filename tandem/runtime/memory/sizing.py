@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from tandem.config import ModelConfig
 from tandem.layers.paged_attention import DEFAULT_WORKSPACE_BYTES, decode_chunk_keys
+from tandem.models.common import FULL_ATTENTION, LINEAR_ATTENTION
 from tandem.runtime.memory.kv_pool import PagedKVPool, max_total_tokens_from_memory
 from tandem.runtime.memory.state_pool import LinearStatePool
 
@@ -53,8 +54,8 @@ class StageCacheShape:
     @classmethod
     def from_layers(cls, layers: dict[int, nn.Module], config: ModelConfig, dtype: torch.dtype) -> "StageCacheShape":
         """From a stage's own built decoder layers (global index -> `DecoderLayer` of tandem.models)."""
-        attn = tuple(i for i, layer in layers.items() if hasattr(layer, "self_attn"))
-        linear = tuple(i for i, layer in layers.items() if hasattr(layer, "linear_attn"))
+        attn = tuple(i for i, layer in layers.items() if layer.kind == FULL_ATTENTION)
+        linear = tuple(i for i, layer in layers.items() if layer.kind == LINEAR_ATTENTION)
         first_attn = layers[attn[0]].self_attn if attn else None
         first_gdn = layers[linear[0]].linear_attn if linear else None
         return cls(attn, linear, first_attn.num_kv_heads if first_attn else 0,
@@ -88,14 +89,14 @@ class StageCacheShape:
 
 def layer_kv_bytes_per_token(layer: nn.Module, config: ModelConfig, dtype: torch.dtype) -> int:
     """KV bytes per token of one built decoder layer on its TP rank (0 for a linear-attention layer)."""
-    if not hasattr(layer, "self_attn"):
+    if layer.kind != FULL_ATTENTION:
         return 0
     return PagedKVPool.bytes_per_token(1, layer.self_attn.num_kv_heads, config.head_dim, dtype)
 
 
 def layer_state_bytes_per_slot(layer: nn.Module, config: ModelConfig, dtype: torch.dtype) -> int:
     """State bytes per slot of one built decoder layer on its TP rank (0 for a full-attention layer)."""
-    if not hasattr(layer, "linear_attn"):
+    if layer.kind != LINEAR_ATTENTION:
         return 0
     gdn = layer.linear_attn
     return LinearStatePool.bytes_per_slot(1, gdn.conv_channels, config.linear_conv_kernel_dim, gdn.num_v_heads,

@@ -10,7 +10,7 @@ sampler included (the last stage's own sampling path, greedy, no logprobs asked,
 result message), the fastest of several interleaved runs (CPU time on CPU, so that other
 processes' load at start-up does not tilt the split). A stage's time is its layers' times plus its
 position's extras (the embedding on the first stage; final norm, LM head and sampler on the last), which
-`planner.min_max_partition` balances.
+`search.min_max_partition` balances.
 
 The probe is built for one TP rank of a single-rank layout (no collectives): relative costs, which are all
 the partition needs, shard evenly under TP. `measure_decode_timing` runs it in a child interpreter
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import msgspec
 import torch
 
-from tandem.config import EngineArgs, ModelConfig
+from tandem.config import EngineArgs, EngineConfig, ModelConfig
 from tandem.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tandem.layers.forward_batch import ForwardBatch
 from tandem.layers.norm import RMSNorm
@@ -44,10 +44,9 @@ from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.layers.rotary import RotaryEmbedding
 from tandem.layers.span import Span
 from tandem.models.common import DecoderLayer
-from tandem.models.registry import get_model_class, load_model_config
+from tandem.models.registry import building_on, get_model_class, load_model_config
 from tandem.parallel.layout import GroupInfo
 from tandem.runtime.memory.sizing import StageCacheShape
-from tandem.runtime.planning.stage_costs import building_on
 from tandem.runtime.sampling.sampler import Sampler, SamplingParams
 from tandem.runtime.sampling.step_sampling import sample_step
 from tandem.runtime.step import StepInput
@@ -80,11 +79,12 @@ class DecodeTiming:
                 f"{self.extra_seconds['last'] * 1e3:.2f} ms")
 
 
-def calibration_shape(args: EngineArgs, model_config: ModelConfig) -> tuple[int, int]:
+def calibration_shape(config: EngineConfig) -> tuple[int, int]:
     """(decode rows per step, context tokens) to time: a micro-batch of the configured running requests
     (DEFAULT_BATCH when not given) at half the context length, at most MAX_CONTEXT // 2."""
-    batch = args.max_running_requests // args.resolve_micro_batches() if args.max_running_requests else DEFAULT_BATCH
-    context = min(args.resolve_context_length(model_config), MAX_CONTEXT) // 2
+    running = config.args.max_running_requests
+    batch = running // config.num_micro_batches if running else DEFAULT_BATCH
+    context = min(config.context_length, MAX_CONTEXT) // 2
     return max(1, min(batch, MAX_BATCH)), max(2, context)
 
 
@@ -138,83 +138,110 @@ def measure_decode_timing(args: EngineArgs) -> DecodeTiming:
     return msgspec.json.decode(done.stdout, type=DecodeTiming)
 
 
-def time_decode_parts(model_config: ModelConfig, args: EngineArgs, reps: int = 7) -> DecodeTiming:
-    """Time one decode step of each part on `args.device`, in this process (the fastest of `reps` after one
-    warm-up)."""
-    batch, context = calibration_shape(args, model_config)
-    dtype = args.resolve_dtype(model_config)
+def time_decode_parts(config: EngineConfig, reps: int = 7) -> DecodeTiming:
+    """Time one decode step of each part on the configured device, in this process (the fastest of `reps`
+    after one warm-up)."""
+    args = config.args
+    batch, context = calibration_shape(config)
     device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
     threads = rank_threads(args.world_size // args.nnodes) if device.type == "cpu" else torch.get_num_threads()
     with _threads(threads), torch.inference_mode():
-        return _measure(model_config, args, batch, context, dtype, device, reps)
-
-
-def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: int, dtype: torch.dtype,
-             device: torch.device, reps: int) -> DecodeTiming:
-    alone, page_size = GroupInfo.alone(), args.page_size
-    spec = get_model_class(model_config.architecture).block_spec(model_config)
-    kinds: dict[tuple[str, bool], int] = {}  # (layer type, moe) -> the first layer of that kind
-    for i in range(model_config.num_layers):
-        kinds.setdefault((model_config.layer_types[i], model_config.is_moe_layer(i)), i)
-    generator = torch.Generator().manual_seed(0)
-    with building_on(dtype, device):
-        layers = {i: DecoderLayer(alone, model_config, spec, i) for i in kinds.values()}
-        embed = VocabParallelEmbedding(alone, model_config.vocab_size, model_config.hidden_size)
-        norm = RMSNorm(model_config.hidden_size, model_config.rms_norm_eps, zero_centred=spec.zero_centred_norm)
-        head = ParallelLMHead(alone, model_config.vocab_size, model_config.hidden_size)
-        rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_parameters,
-                                 model_config.partial_rotary_factor, model_config.hf_config)
-    weights = torch.Generator(device=device).manual_seed(0)
-    for module in (*layers.values(), embed, norm, head):
-        _randomize(module, weights)
-
-    pages_per_request = -(-context // page_size)
-    shape = StageCacheShape.from_layers(layers, model_config, dtype)
-    kv, state = shape.allocate(batch * pages_per_request * page_size, page_size, batch, device)
-    spans = [Span(r, context - 1, 1) for r in range(batch)]
-    ids = torch.randint(0, model_config.vocab_size, (batch,), generator=generator)
-    step = ForwardBatch.build(spans, ids, device)
-    step.kv_pool, step.state_pool = kv, state
-    if shape.attn_layers:
-        tables = [list(range(r * pages_per_request, (r + 1) * pages_per_request)) for r in range(batch)]
-        step.attn = PagedAttentionMetadata.build(tables, [context - 1] * batch, [1] * batch, page_size,
-                                                 shape.decode_chunk_keys, device)
-    hidden = torch.randn(batch, model_config.hidden_size, generator=generator).to(device, dtype)
-    cos_sin = rotary.cos_sin(step.positions, dtype)
-    sampler, greedy = Sampler(), SamplingParams(temperature=0.0)
-    for r in range(batch):
-        sampler.begin(r, greedy, prompt_len=1)
-
-    keys = list(range(batch))
-    decode_step = StepInput(spans, ids.tolist(), [True] * batch, [greedy] * batch, keys,
-                            want_logprobs=[False] * batch)
-    params, encoder = dict.fromkeys(keys, greedy), msgspec.msgpack.Encoder()
-
-    def run_head():  # what the last stage does after its layers: ModelRunner's own sampling path, then the
-        out, _ = norm(hidden, hidden)  # result message to the driver
-        encoder.encode(sample_step(lambda rows: head(rows).float(), sampler, params, decode_step, step, out))
-
-    parts: dict[object, Callable[[], object]] = {
-        i: (lambda layer=layer: layer(hidden, hidden.clone(), step, rotary, cos_sin)) for i, layer in layers.items()}
-    parts["embedding"] = lambda: embed(step.input_ids)
-    parts["head"] = run_head
-    samples: dict[object, list[float]] = {name: [] for name in parts}
-    for rep in range(reps + 1):
-        for name, fn in parts.items():  # interleaved, so a burst of load spreads over every part
-            seconds = _time(fn, device)
-            if rep:
-                samples[name].append(seconds)
-    best = {name: min(s) for name, s in samples.items()}  # the least distorted by other processes' load
-    layer_seconds = tuple(best[kinds[(model_config.layer_types[i], model_config.is_moe_layer(i))]]
-                          for i in range(model_config.num_layers))
+        probe = _Probe(config.model, config.dtype, device)
+        parts = probe.parts(_DecodeStep(config.model, probe, batch, context, args.page_size, device))
+        best = _fastest(parts, reps, device)
+    model = config.model
+    layer_seconds = tuple(best[probe.kinds[(model.layer_types[i], model.is_moe_layer(i))]]
+                          for i in range(model.num_layers))
     embedding, last = best["embedding"], best["head"]
     return DecodeTiming(batch, context, layer_seconds,
                         {"single": embedding + last, "first": embedding, "middle": 0.0, "last": last})
 
 
+class _Probe:
+    """The timed modules, with random weights: one decoder layer of each kind (its first index stands for
+    every layer of that kind), the embedding, the final norm and LM head, and the rotary embedding."""
+
+    def __init__(self, model: ModelConfig, dtype: torch.dtype, device: torch.device):
+        alone = GroupInfo.alone()
+        spec = get_model_class(model.architecture).block_spec(model)
+        self.kinds: dict[tuple[str, bool], int] = {}  # (layer type, moe) -> the first layer of that kind
+        for i in range(model.num_layers):
+            self.kinds.setdefault((model.layer_types[i], model.is_moe_layer(i)), i)
+        with building_on(dtype, device):
+            self.layers = {i: DecoderLayer(alone, model, spec, i) for i in self.kinds.values()}
+            self.embed = VocabParallelEmbedding(alone, model.vocab_size, model.hidden_size)
+            self.norm = RMSNorm(model.hidden_size, model.rms_norm_eps, zero_centred=spec.zero_centred_norm)
+            self.head = ParallelLMHead(alone, model.vocab_size, model.hidden_size)
+            self.rotary = RotaryEmbedding(model.head_dim, model.rope_parameters, model.partial_rotary_factor,
+                                          model.hf_config)
+        weights = torch.Generator(device=device).manual_seed(0)
+        for module in (*self.layers.values(), self.embed, self.norm, self.head):
+            _randomize(module, weights)
+        self.dtype = dtype
+
+    def parts(self, step: _DecodeStep) -> dict[object, Callable[[], object]]:
+        """What to time: each layer (by its index), "embedding", and "head" (what the last stage does after its
+        layers: ModelRunner's own sampling path, then the encoding of the result message to the driver)."""
+        hidden, batch = step.hidden, step.batch
+        cos_sin = self.rotary.cos_sin(batch.positions, self.dtype)
+        encoder = msgspec.msgpack.Encoder()
+
+        def run_head():
+            out, _ = self.norm(hidden, hidden)
+            encoder.encode(sample_step(lambda rows: self.head(rows).float(), step.sampler, step.params,
+                                       step.step_input, batch, out))
+
+        parts: dict[object, Callable[[], object]] = {
+            i: (lambda layer=layer: layer(hidden, hidden.clone(), batch, self.rotary, cos_sin))
+            for i, layer in self.layers.items()}
+        parts["embedding"] = lambda: self.embed(batch.input_ids)
+        parts["head"] = run_head
+        return parts
+
+
+class _DecodeStep:
+    """One decode step of `batch` greedy requests at `context` tokens over the probe's own cache pools: the
+    `ForwardBatch` the layers run, the `StepInput` and sampler state the head's sampling path reads."""
+
+    def __init__(self, model: ModelConfig, probe: _Probe, batch: int, context: int, page_size: int,
+                 device: torch.device):
+        generator = torch.Generator().manual_seed(0)
+        pages_per_request = -(-context // page_size)
+        shape = StageCacheShape.from_layers(probe.layers, model, probe.dtype)
+        kv, state = shape.allocate(batch * pages_per_request * page_size, page_size, batch, device)
+        spans = [Span(r, context - 1, 1) for r in range(batch)]
+        ids = torch.randint(0, model.vocab_size, (batch,), generator=generator)
+        self.batch = ForwardBatch.build(spans, ids, device)
+        self.batch.kv_pool, self.batch.state_pool = kv, state
+        if shape.attn_layers:
+            tables = [list(range(r * pages_per_request, (r + 1) * pages_per_request)) for r in range(batch)]
+            self.batch.attn = PagedAttentionMetadata.build(tables, [context - 1] * batch, [1] * batch, page_size,
+                                                           shape.decode_chunk_keys, device)
+        self.hidden = torch.randn(batch, model.hidden_size, generator=generator).to(device, probe.dtype)
+        greedy, keys = SamplingParams(temperature=0.0), list(range(batch))
+        self.sampler = Sampler()
+        for r in keys:
+            self.sampler.begin(r, greedy, prompt_len=1)
+        self.step_input = StepInput(spans, ids.tolist(), [True] * batch, [greedy] * batch, keys,
+                                    want_logprobs=[False] * batch)
+        self.params = dict.fromkeys(keys, greedy)
+
+
+def _fastest(parts: dict[object, Callable[[], object]], reps: int, device: torch.device) -> dict[object, float]:
+    """Each part's fastest time over `reps` runs after a warm-up, the parts interleaved so that a burst of load
+    spreads over all of them (the fastest is the least distorted by other processes' load)."""
+    samples: dict[object, list[float]] = {name: [] for name in parts}
+    for rep in range(reps + 1):
+        for name, fn in parts.items():
+            seconds = _time(fn, device)
+            if rep:
+                samples[name].append(seconds)
+    return {name: min(s) for name, s in samples.items()}
+
+
 def main() -> None:
     args = msgspec.json.decode(sys.stdin.buffer.read(), type=EngineArgs)
-    timing = time_decode_parts(load_model_config(args.model_path), args)
+    timing = time_decode_parts(EngineConfig.resolve(args, load_model_config(args.model_path)))
     sys.stdout.buffer.write(msgspec.json.encode(timing))
 
 

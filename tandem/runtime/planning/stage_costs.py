@@ -11,38 +11,20 @@ on the first stage, the final norm and LM head on the last, both when there is o
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from tandem.config import EngineArgs, ModelConfig
+from tandem.config import EngineConfig, ModelConfig
 from tandem.layers.paged_attention import DEFAULT_WORKSPACE_BYTES
-from tandem.models.registry import get_model_class
+from tandem.models.common import FULL_ATTENTION, LINEAR_ATTENTION
+from tandem.models.registry import build_model
 from tandem.parallel.layout import ParallelLayout
 from tandem.parallel.partition import uniform_partition
 from tandem.runtime.memory.sizing import layer_kv_bytes_per_token, layer_state_bytes_per_slot
 
 FLOPS_CONTEXT = 2048  # context tokens assumed for the attention term of the compute estimate
-
-
-@contextlib.contextmanager
-def building_on(dtype: torch.dtype, device):
-    """Modules constructed inside get their parameters (uninitialised) in `dtype` on `device`."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_model(model_config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, device):
-    """The model of one rank of `layout`, with parameters allocated (uninitialised) on `device`."""
-    with building_on(dtype, device):
-        return get_model_class(model_config.architecture)(model_config, layout)
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -97,10 +79,10 @@ class ModelCosts:
 def _layer_flops(layer, weight_params: float, context: int) -> float:
     """2 FLOPs per active parameter, plus the attention / recurrence terms that do not live in weights."""
     flops = 2.0 * weight_params
-    if hasattr(layer, "self_attn"):
+    if layer.kind == FULL_ATTENTION:
         attn = layer.self_attn
         flops += 4.0 * attn.num_heads * attn.head_dim * context  # q.k over the context, then p.v
-    elif hasattr(layer, "linear_attn"):
+    elif layer.kind == LINEAR_ATTENTION:
         gdn = layer.linear_attn
         # decay, k^T S, rank-1 update, q^T S: about 7 FLOPs per element of the [Hv, Dk, Dv] state
         flops += 7.0 * gdn.num_v_heads * gdn.head_k_dim * gdn.head_v_dim
@@ -127,14 +109,14 @@ def _layer_activation_bytes(layer, config: ModelConfig, itemsize: int, tokens: i
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             widths.append(weight.shape[0])
     mlp = layer.mlp
-    if hasattr(mlp, "experts"):  # tokens are gathered per expert: top_k rows each
+    if layer.is_moe:  # tokens are gathered per expert: top_k rows each
         widths.append(config.num_experts_per_tok * 2 * mlp.experts.local_inter)
     width = max(widths)
     total = itemsize * tokens * (3 * width + 6 * config.hidden_size)
-    if hasattr(layer, "self_attn"):
+    if layer.kind == FULL_ATTENTION:
         attn = layer.self_attn
         total += 2 * context * attn.num_kv_heads * attn.head_dim * itemsize + tokens * context
-    elif hasattr(layer, "linear_attn"):
+    elif layer.kind == LINEAR_ATTENTION:
         gdn = layer.linear_attn
         total += 4 * gdn.num_v_heads * gdn.head_k_dim * gdn.head_v_dim * 4
     return total
@@ -178,9 +160,10 @@ def model_costs(model_config: ModelConfig, tp_size: int, dtype: torch.dtype, chu
                       extra_bytes, extra_activation, extra_flops)
 
 
-def costs_for(model_config: ModelConfig, args: EngineArgs) -> ModelCosts:
-    return model_costs(model_config, args.tp_size, args.resolve_dtype(model_config), args.chunked_prefill_size,
-                       args.resolve_context_length(model_config))
+def costs_for(config: EngineConfig) -> ModelCosts:
+    """The costs of the engine `config` describes (its TP size, dtype, prefill chunk and context length)."""
+    return model_costs(config.model, config.args.tp_size, config.dtype, config.args.chunked_prefill_size,
+                       config.context_length)
 
 
 def model_weight_bytes(costs: ModelCosts) -> int:

@@ -92,15 +92,7 @@ class Sampler:
         """logits [B, V]: row i is the next-token logits of request keys[i] with params[i]; row i also
         reports the top top_logprobs_num[i] alternatives (default: none), and the chosen token's logprob
         where want_logprobs[i] or top_logprobs_num[i] > 0 (default: every row)."""
-        batch = logits.shape[0]
-        if not len(params) == len(keys) == batch:
-            raise ValueError(f"{batch} rows of logits, {len(params)} params, {len(keys)} keys")
-        top_nums = list(top_logprobs_num) if top_logprobs_num is not None else [0] * batch
-        if len(top_nums) != batch or any(n < 0 for n in top_nums):
-            raise ValueError(f"top_logprobs_num must hold {batch} non-negative integers, got {top_nums}")
-        wants = [True] * batch if want_logprobs is None else [bool(w) or n > 0 for w, n in zip(want_logprobs, top_nums)]
-        if len(wants) != batch:
-            raise ValueError(f"want_logprobs must hold {batch} flags, got {len(wants)}")
+        top_nums, wants = _logprob_requests(logits.shape[0], params, keys, top_logprobs_num, want_logprobs)
         histories = [self._history(key) for key in keys]
         for key, p, history in zip(keys, params, histories):
             if p.uses_penalties and not history.count_tokens:
@@ -108,49 +100,32 @@ class Sampler:
         logits = logits.float()
         # a row's logsumexp is finite exactly when its maximum is: no NaN, no +Inf, not all -Inf
         raw_ok = logits.amax(dim=-1).isfinite()
-
-        adjusted, adjusted_ok, bias_errors = logits, torch.ones_like(raw_ok), [None] * batch
-        touched = [row for row, (p, h) in enumerate(zip(params, histories))
-                   if p.logit_bias or (p.uses_penalties and len(h.distinct))]
-        if touched:
-            adjusted = logits.clone()
-            apply_penalties(adjusted, histories, params)
-            bias_errors = apply_logit_bias(adjusted, params)
-            index = torch.tensor(touched, device=logits.device)
-            adjusted_ok[index] = adjusted[index].amax(dim=-1).isfinite()
-
-        distribution_ok = torch.ones_like(raw_ok)
-        sampled = [row for row, p in enumerate(params) if not p.greedy]
-        if len(sampled) == batch:
-            tokens, distribution_ok = self._sample_rows(adjusted, params, histories)
-        else:
-            tokens = row_argmax(adjusted)
-            if sampled:
-                index = torch.tensor(sampled, device=logits.device)
-                tokens[index], distribution_ok[index] = self._sample_rows(
-                    adjusted[index], [params[r] for r in sampled], [histories[r] for r in sampled])
-
+        adjusted, adjusted_ok, bias_errors = _adjust(logits, params, histories)
+        tokens, distribution_ok = self._choose(adjusted, params, histories)
         ok_flags = torch.stack([raw_ok, adjusted_ok, distribution_ok]).tolist()
         chosen_logprobs, tops = self._logprobs(logits, tokens, top_nums, wants)
-        token_list = tokens.tolist()
-        errors: list[str | None] = []
-        for row in range(batch):
-            if not ok_flags[0][row]:
-                errors.append(RAW_LOGITS_ERROR)
-            elif bias_errors[row]:
-                errors.append(bias_errors[row])
-            elif not ok_flags[1][row]:
-                errors.append(ADJUSTED_LOGITS_ERROR)
-            elif not ok_flags[2][row]:
-                errors.append(DISTRIBUTION_ERROR)
-            else:
-                errors.append(None)
+        errors = [_row_error(raw, bias, adj, dist) for raw, bias, adj, dist in zip(ok_flags[0], bias_errors,
+                                                                                   ok_flags[1], ok_flags[2])]
         failed = [e is not None for e in errors]
         return SampleResult(
-            tokens=[None if bad else t for t, bad in zip(token_list, failed)],
+            tokens=[None if bad else t for t, bad in zip(tokens.tolist(), failed)],
             logprobs=[None if bad else lp for lp, bad in zip(chosen_logprobs, failed)],
             top_logprobs=[None if bad else top for top, bad in zip(tops, failed)],
             errors=errors)
+
+    def _choose(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+                histories: list[TokenHistory]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's token: greedy rows by argmax, the others drawn (`_sample_rows`); and whether each row's
+        distribution was valid (greedy rows always are)."""
+        sampled = [row for row, p in enumerate(params) if not p.greedy]
+        if len(sampled) == len(params):
+            return self._sample_rows(logits, list(params), histories)
+        tokens, valid = row_argmax(logits), torch.ones(len(params), dtype=torch.bool, device=logits.device)
+        if sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            tokens[index], valid[index] = self._sample_rows(logits[index], [params[r] for r in sampled],
+                                                            [histories[r] for r in sampled])
+        return tokens, valid
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_nums: list[int],
@@ -200,3 +175,47 @@ class Sampler:
             generator = self._generators[device] = torch.Generator(device=device)
         return generator
 
+
+def _logprob_requests(batch: int, params: Sequence[SamplingParams], keys: Sequence[Hashable],
+                      top_logprobs_num: Sequence[int] | None,
+                      want_logprobs: Sequence[bool] | None) -> tuple[list[int], list[bool]]:
+    """Validated per-row top-N counts and whether each row reports logprobs (top-N > 0 implies it)."""
+    if not len(params) == len(keys) == batch:
+        raise ValueError(f"{batch} rows of logits, {len(params)} params, {len(keys)} keys")
+    top_nums = list(top_logprobs_num) if top_logprobs_num is not None else [0] * batch
+    if len(top_nums) != batch or any(n < 0 for n in top_nums):
+        raise ValueError(f"top_logprobs_num must hold {batch} non-negative integers, got {top_nums}")
+    wants = [True] * batch if want_logprobs is None else [bool(w) or n > 0 for w, n in zip(want_logprobs, top_nums)]
+    if len(wants) != batch:
+        raise ValueError(f"want_logprobs must hold {batch} flags, got {len(wants)}")
+    return top_nums, wants
+
+
+def _adjust(logits: torch.Tensor, params: Sequence[SamplingParams],
+            histories: list[TokenHistory]) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
+    """Penalties and logit_bias applied (to a copy, only when some row uses them): (adjusted logits, whether
+    each row is still finite, each row's logit_bias error)."""
+    ok = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    touched = [row for row, (p, h) in enumerate(zip(params, histories))
+               if p.logit_bias or (p.uses_penalties and len(h.distinct))]
+    if not touched:
+        return logits, ok, [None] * logits.shape[0]
+    adjusted = logits.clone()
+    apply_penalties(adjusted, histories, params)
+    bias_errors = apply_logit_bias(adjusted, params)
+    index = torch.tensor(touched, device=logits.device)
+    ok[index] = adjusted[index].amax(dim=-1).isfinite()
+    return adjusted, ok, bias_errors
+
+
+def _row_error(raw_ok: bool, bias_error: str | None, adjusted_ok: bool, distribution_ok: bool) -> str | None:
+    """Why a row has no token, the earliest failure first; None where it has one."""
+    if not raw_ok:
+        return RAW_LOGITS_ERROR
+    if bias_error:
+        return bias_error
+    if not adjusted_ok:
+        return ADJUSTED_LOGITS_ERROR
+    if not distribution_ok:
+        return DISTRIBUTION_ERROR
+    return None
