@@ -1,9 +1,11 @@
 """`tandem plan`: what each pipeline stage would hold (layers, weights, KV and state pools with their token
 capacity, activation reserve, compute per token) for the uniform, auto, auto-capacity and any given
-partition, from config.json alone: no weights are read, nothing is allocated."""
+partition, from config.json alone: no weights are read, nothing is allocated. When no planned partition
+fits the devices it exits with code 1 and names the smallest pp x tp layouts that do fit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -70,49 +72,27 @@ def add_parser(sub) -> None:
 
 
 def build_plan(args) -> dict:
-    from tandem.config import DEFAULT_MEM_FRACTION, EngineArgs, EngineConfig
-    from tandem.models.registry import load_model_config
-    from tandem.runtime.planning.resolve import resolve_partition
-    from tandem.runtime.planning.sizing import PoolSettings, plan_stages
+    from tandem.runtime.planning.layouts import MAX_DEVICES, smallest_fitting_layouts
+    from tandem.runtime.planning.sizing import PoolSettings
     from tandem.runtime.planning.stage_costs import costs_for, model_weight_bytes
 
-    model_config = load_model_config(args.model)
-    engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,
-                             dtype=args.dtype, context_length=args.context_length,
-                             max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
-                             mem_fraction_static=args.mem_fraction_static or DEFAULT_MEM_FRACTION["cuda"],
-                             page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
-                             disable_radix_cache=args.disable_radix_cache)
+    config = _engine_config(args)
     memory = parse_size(args.gpu_memory)
     reserve = parse_size(args.activation_reserve) if args.activation_reserve is not None else None
-    config = EngineConfig.resolve(engine_args, model_config)
     costs = costs_for(config)
     settings = PoolSettings.from_config(config, memory, reserve)
-    specs = ["uniform", "auto", "auto-capacity"]
-    for spec in args.pp_layer_partition or []:
-        if spec not in specs:
-            specs.append(spec)
-    plans = []
-    for spec in specs:
-        counts = resolve_partition(spec, args.pp_size, costs.num_layers, lambda: costs, lambda: settings)
-        stages = plan_stages(costs, counts, settings)
-        plans.append({
-            "name": spec, "partition": counts,
-            "max_total_tokens": stages[0].max_total_tokens,
-            "max_running_requests": stages[0].max_running_requests,
-            "max_stage_bytes": max(s.total_bytes for s in stages),
-            "max_stage_flops_per_token": max(s.flops_per_token for s in stages),
-            "fits": all(s.fits(memory) for s in stages),
-            "stages": [s.to_dict(memory) for s in stages],
-        })
+    specs = list(dict.fromkeys(["uniform", "auto", "auto-capacity", *(args.pp_layer_partition or [])]))
+    plans = [_plan_partition(spec, args.pp_size, costs, settings, memory) for spec in specs]
+    fits = any(p["fits"] for p in plans)
+    fitting = [] if fits else smallest_fitting_layouts(config, settings, memory)
+    model_config = config.model
     path = Path(args.model)
-    name = path.name if path.is_dir() else path.resolve().parent.name
     kinds: dict[str, int] = {}
     for kind in model_config.layer_types:
         kinds[kind] = kinds.get(kind, 0) + 1
     return {
-        "model": name, "config": str(args.model), "architecture": model_config.architecture,
-        "num_layers": model_config.num_layers, "layer_kinds": kinds,
+        "model": path.name if path.is_dir() else path.resolve().parent.name, "config": str(args.model),
+        "architecture": model_config.architecture, "num_layers": model_config.num_layers, "layer_kinds": kinds,
         "num_experts": model_config.num_experts, "num_experts_per_tok": model_config.num_experts_per_tok,
         "pp_size": args.pp_size, "tp_size": args.tp_size, "dtype": str(config.dtype).removeprefix("torch."),
         "gpu_memory_bytes": memory, "mem_fraction_static": config.mem_fraction,
@@ -121,6 +101,40 @@ def build_plan(args) -> dict:
         "radix_cache": not args.disable_radix_cache,
         "context_length": config.context_length,
         "model_weight_bytes": model_weight_bytes(costs), "plans": plans,
+        "fits": fits, "layouts_searched_up_to": MAX_DEVICES,
+        "fitting_layouts": [dict(dataclasses.asdict(layout), partition=list(layout.partition), text=layout.describe())
+                            for layout in fitting],
+    }
+
+
+def _engine_config(args):
+    """The engine settings the plan is for (the CUDA memory fraction unless given), resolved against the model."""
+    from tandem.config import DEFAULT_MEM_FRACTION, EngineArgs, EngineConfig
+    from tandem.models.registry import load_model_config
+
+    engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,
+                             dtype=args.dtype, context_length=args.context_length,
+                             max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
+                             mem_fraction_static=args.mem_fraction_static or DEFAULT_MEM_FRACTION["cuda"],
+                             page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
+                             disable_radix_cache=args.disable_radix_cache)
+    return EngineConfig.resolve(engine_args, load_model_config(args.model))
+
+
+def _plan_partition(spec, pp_size: int, costs, settings, memory: int) -> dict:
+    from tandem.runtime.planning.resolve import resolve_partition
+    from tandem.runtime.planning.sizing import plan_stages
+
+    counts = resolve_partition(spec, pp_size, costs.num_layers, lambda: costs, lambda: settings)
+    stages = plan_stages(costs, counts, settings)
+    return {
+        "name": spec, "partition": counts,
+        "max_total_tokens": stages[0].max_total_tokens,
+        "max_running_requests": stages[0].max_running_requests,
+        "max_stage_bytes": max(s.total_bytes for s in stages),
+        "max_stage_flops_per_token": max(s.flops_per_token for s in stages),
+        "fits": all(s.fits(memory) for s in stages),
+        "stages": [s.to_dict(memory) for s in stages],
     }
 
 
@@ -163,10 +177,18 @@ def render(plan: dict) -> str:
         for r in rows:
             lines.append("  " + "  ".join(cell.ljust(w) if c <= 2 else cell.rjust(w)
                                           for c, (cell, w) in enumerate(zip(r, widths))).rstrip())
+    if not plan["fits"]:
+        lines.append("")
+        lines.append(f"pp={plan['pp_size']} tp={plan['tp_size']} does NOT fit in {memory} per device with any "
+                     f"planned partition.")
+        layouts = [layout["text"] for layout in plan["fitting_layouts"]]
+        lines.append("The smallest layouts that fit: " + "; ".join(layouts) if layouts else
+                     f"No layout of up to {plan['layouts_searched_up_to']} devices fits.")
     return "\n".join(lines)
 
 
 def run(args) -> int:
+    """Exit code 0 when a planned partition fits every stage, else 1."""
     plan = build_plan(args)
     print(json.dumps(plan, indent=2) if args.json else render(plan))
-    return 0
+    return 0 if plan["fits"] else 1

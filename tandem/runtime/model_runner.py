@@ -31,6 +31,7 @@ from tandem.runtime.memory.sizing import (
     StageCacheShape,
     StageMemory,
     final_requests,
+    request_token_cap,
     size_requests,
     size_tokens,
     state_slots_per_request,
@@ -114,8 +115,10 @@ class ModelRunner:
                               f"({gb(self.slots_per_request * shape.state_bytes_per_slot)}) does not fit in half "
                               f"of the {gb(memory.budget)} left after weights and activations")
         state_bytes = requests * self.slots_per_request * shape.state_bytes_per_slot
+        cap = request_token_cap(requests, self.context_length, self.page_size)
         try:
-            tokens = size_tokens(args.max_total_tokens, memory, state_bytes, shape.kv_bytes_per_token, self.page_size)
+            tokens = size_tokens(args.max_total_tokens, memory, state_bytes, shape.kv_bytes_per_token, self.page_size,
+                                 cap)
         except ValueError as exc:
             raise MemoryError(f"not enough memory on {label}: {exc}") from None
         self.stage_max_total_tokens = tokens
@@ -123,6 +126,8 @@ class ModelRunner:
         if agreed == NO_TOKEN_LIMIT:
             raise ConfigError("the model has no full-attention layer: there is no KV cache to size")
         self.max_total_tokens = agreed
+        # whether the cap is what limits the pool (said in the capacity line)
+        self.capped = args.max_total_tokens is None and agreed == cap
         self.max_running_requests = final_requests(args.max_running_requests, requests, agreed, self.page_size)
         self.state_slots = self.max_running_requests * self.slots_per_request
 
@@ -176,6 +181,9 @@ class ModelRunner:
     def capacity_line(self) -> str:
         own = "" if self.stage_max_total_tokens in (None, self.max_total_tokens) else \
             f" (this stage alone: {self.stage_max_total_tokens})"
+        if self.capped:
+            own += (f" (capped at max_running_requests {self.max_running_requests} x context_length "
+                    f"{self.context_length}: all that the running requests can hold)")
         return (f"{self.layout.label} KV cache: {self.max_total_tokens} tokens{own} ({gb(self.kv_pool.nbytes)}), "
                 f"linear-attention state: {self.state_slots} slots ({gb(self.state_pool.nbytes)}); "
                 f"activation reserve {gb(self.activation_reserve)} of {gb(self.device_memory)}")

@@ -13,8 +13,11 @@ the driver hands out page ids and slot ids once for every stage:
   of the largest step in the runner, estimated in the planner);
 - max_running_requests: the given value, else at most `DEFAULT_MAX_RUNNING_REQUESTS`, and on a stage with
   linear-attention layers no more than `STATE_MEMORY_SHARE` of the budget holds in state slots;
-- max_total_tokens: the given value, else what the budget left after the state pool holds, in whole pages;
-  a stage without full-attention layers has no token limit (None) and is left out of the minimum;
+- max_total_tokens: the given value, else what the budget left after the state pool holds, in whole pages,
+  but never more than `request_token_cap`: max_running_requests x context_length (each in whole pages),
+  all the running requests can hold at once (a small model's pool would otherwise take most of a CPU
+  machine's RAM); a stage without full-attention layers has no token limit (None) and is left out of the
+  minimum;
 - after agreeing, a derived max_running_requests is also capped by the number of pages (a running request
   holds at least one)."""
 
@@ -142,18 +145,25 @@ def size_requests(max_running_requests: int | None, memory: StageMemory | None, 
     return limit
 
 
+def request_token_cap(requests: int, context_length: int, page_size: int) -> int:
+    """The KV tokens `requests` running requests of at most `context_length` tokens each can hold at once,
+    each in whole pages: a pool sized from memory is never larger."""
+    return requests * -(-context_length // page_size) * page_size
+
+
 def size_tokens(max_total_tokens: int | None, memory: StageMemory | None, state_bytes: int,
-                kv_bytes_per_token: int, page_size: int) -> int | None:
+                kv_bytes_per_token: int, page_size: int, cap: int | None = None) -> int | None:
     """One stage's KV capacity in tokens (whole pages): the given max_total_tokens, or what the budget holds
-    after the state pool (`state_bytes`). None for a stage without full-attention layers (no token limit).
-    Raises ValueError naming the numbers when not even one page fits."""
+    after the state pool (`state_bytes`), at most `cap` (`request_token_cap`). None for a stage without
+    full-attention layers (no token limit). Raises ValueError naming the numbers when not even one page fits."""
     if max_total_tokens is not None:
         return max_total_tokens // page_size * page_size
     if kv_bytes_per_token == 0:
         return None
-    return max_total_tokens_from_memory(memory.memory_bytes, memory.mem_fraction, memory.weight_bytes,
-                                        memory.activation_reserve_bytes + state_bytes, kv_bytes_per_token,
-                                        page_size)
+    tokens = max_total_tokens_from_memory(memory.memory_bytes, memory.mem_fraction, memory.weight_bytes,
+                                          memory.activation_reserve_bytes + state_bytes, kv_bytes_per_token,
+                                          page_size)
+    return tokens if cap is None else min(tokens, cap)
 
 
 def agreed_min(values) -> int | None:

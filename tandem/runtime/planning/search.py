@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tandem.parallel.partition import uniform_partition
-from tandem.runtime.planning.sizing import PoolSettings, stage_capacity, stage_requests, stage_sums
+from tandem.runtime.planning.sizing import PoolSettings, stage_capacity, stage_requests, stage_sums, token_cap
 from tandem.runtime.planning.stage_costs import ModelCosts
 
 
@@ -93,10 +93,11 @@ def capacity_partition(costs: ModelCosts, pp_size: int, settings: PoolSettings) 
     given = settings.max_running_requests is not None
     candidates = [settings.max_running_requests] if given else sorted({r for r in requests.values() if r >= 1})
     best_value, best_counts = None, None
-    for agreed in candidates:  # ascending: a larger agreed count only lowers every stage's capacity
+    for agreed in candidates:  # ascending: a larger agreed count lowers what every stage's memory holds
         value, counts, bound = _capacity_dp(sums, requests, positions, L, pp_size, settings, agreed, exact=not given)
-        if best_value is not None and bound < best_value:
-            break  # no split agreeing on `agreed` or more requests can do better
+        if best_value is not None and bound < best_value and bound < token_cap(settings, agreed):
+            break  # no split agreeing on `agreed` or more requests can do better (more requests raise the cap,
+            # so only a bound below it, set by memory alone, also bounds them)
         if counts is not None and (best_value is None or value >= best_value):
             best_value, best_counts = value, counts
     if best_counts is None:  # nothing fits (the plan says so): the split that misses by the least

@@ -16,6 +16,7 @@ from tandem.runtime.memory.sizing import (
     StageMemory,
     agreed_min,
     final_requests,
+    request_token_cap,
     size_requests,
     state_slots_per_request,
 )
@@ -33,6 +34,7 @@ class PoolSettings:
     mem_fraction: float
     memory_bytes: int | None = None  # per device; needed for memory-derived sizes and auto-capacity
     activation_reserve_bytes: int | None = None  # a measured reserve, for every stage, instead of the estimate
+    context_length: int | None = None  # caps a memory-derived pool at requests x context (None: no cap)
 
     @classmethod
     def from_config(cls, config: EngineConfig, memory_bytes: int | None = None,
@@ -40,7 +42,7 @@ class PoolSettings:
         args = config.args
         return cls(args.page_size, args.max_total_tokens, args.max_running_requests,
                    state_slots_per_request(config.model, not args.disable_radix_cache), config.mem_fraction,
-                   memory_bytes, activation_reserve_bytes)
+                   memory_bytes, activation_reserve_bytes, config.context_length)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ def stage_memory(sums: StageSums, settings: PoolSettings) -> StageMemory | None:
 
 def stage_capacity(sums: StageSums, settings: PoolSettings, requests: int) -> int | None:
     """Tokens a stage's KV pool holds with state slots for `requests` requests: the given max_total_tokens, or
-    what its memory holds in whole pages (<= 0 when not even one page fits). None: no full-attention layer."""
+    what its memory holds in whole pages (<= 0 when not even one page fits), at most what the requests can hold
+    (`request_token_cap`, as the engine caps it). None: no full-attention layer."""
     ps = settings.page_size
     if settings.max_total_tokens is not None:
         return settings.max_total_tokens // ps * ps
@@ -83,7 +86,15 @@ def stage_capacity(sums: StageSums, settings: PoolSettings, requests: int) -> in
     if memory is None:
         raise PartitionError("sizing the KV pool from memory needs the device memory")
     state = requests * settings.slots_per_request * sums.state_bytes_per_slot
-    return (memory.budget - state) // (sums.kv_bytes_per_token * ps) * ps
+    tokens = (memory.budget - state) // (sums.kv_bytes_per_token * ps) * ps
+    return min(tokens, token_cap(settings, requests))
+
+
+def token_cap(settings: PoolSettings, requests: int) -> float:
+    """The KV tokens `requests` requests can hold (inf without a context length: no cap)."""
+    if settings.context_length is None:
+        return float("inf")
+    return request_token_cap(requests, settings.context_length, settings.page_size)
 
 
 def stage_requests(sums: StageSums, settings: PoolSettings) -> int:
@@ -123,8 +134,14 @@ class StagePlan:
         return self.kv_cache_bytes + self.state_cache_bytes
 
     @property
-    def total_bytes(self) -> int:
+    def static_bytes(self) -> int:
+        """Weights and caches (what the `auto` partition balances)."""
         return self.weight_bytes + self.cache_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """What the stage needs on its device: weights, caches and the activation reserve."""
+        return self.static_bytes + self.activation_reserve_bytes
 
     @property
     def kinds(self) -> str:
@@ -141,7 +158,7 @@ class StagePlan:
         """Weights, caches and the activation reserve fit the device, with at least one page of KV."""
         holds = self.stage_max_total_tokens is None or self.stage_max_total_tokens > 0
         return holds and self.max_total_tokens > 0 and self.max_running_requests > 0 and \
-            self.total_bytes + self.activation_reserve_bytes <= device_memory
+            self.total_bytes <= device_memory
 
     def to_dict(self, device_memory: int | None = None) -> dict:
         out = {
