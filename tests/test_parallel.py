@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.pipeline import steps_sent_ahead
 from tandem.engine import Engine
 
 PROMPTS = [[3, 17, 92, 5], list(range(40, 77)), [250], [9, 8, 7, 6, 5, 4, 3, 2, 1, 12, 13]]
@@ -70,21 +71,10 @@ def test_parallel_matches_single_process(ckpt, name, tp, pp, partition):
             assert max(abs(a - b) for a, b in zip(got_lp, exp_lp)) < 1e-4
 
 
-def stage1_busy_when_stage0_starts(report: list[dict]) -> list[int]:
-    """Steps i for which stage 0 started step i+1 before stage 1 had finished step i.
-
-    Every rank runs every step, in order, so the i-th interval of each stage's `step_times` is step i. With
-    one step in flight this cannot happen: step i+1 is sent only after the driver has stage 1's result of
-    step i, which stage 1 sends after recording the end of step i. It happens when micro-batches let stage
-    0 start the next step while stage 1 still computes. Both are facts of order, not of speed."""
-    stage0, stage1 = report[0]["step_times"], report[1]["step_times"]
-    assert len(stage0) == len(stage1) > 1
-    return [i for i in range(len(stage0) - 1) if stage0[i + 1][0] < stage1[i][1]]
-
-
 def test_pipelined_micro_batches_overlap_and_keep_tokens(ckpt):
     """pp=2 with two micro-batches in flight: the same greedy tokens as one process, and the two stages
-    really compute at the same time (stage 0 starts a step while stage 1 still computes the previous one)."""
+    really work at the same time: stage 0 holds the next step while stage 1 still computes the previous one
+    (an order the ranks record, `support.pipeline.steps_sent_ahead`)."""
     ref = single_process(ckpt, "qwen3_5_moe_mm")
     prompts = PROMPTS * 2
     with Engine(model_dir(ckpt, "qwen3_5_moe_mm"), pp_size=2, dtype="float32", progress=False) as engine:
@@ -98,7 +88,7 @@ def test_pipelined_micro_batches_overlap_and_keep_tokens(ckpt):
         got_lp = [lp for lp, _ in got["meta_info"]["output_token_logprobs"]][:6]
         exp_lp = [lp for lp, _ in expected["meta_info"]["output_token_logprobs"]]
         assert max(abs(a - b) for a, b in zip(got_lp, exp_lp)) < 1e-4
-    assert stage1_busy_when_stage0_starts(report), f"the stages never computed at the same time: {report}"
+    assert steps_sent_ahead(report), f"no step was sent ahead of the last stage: {report[-1]['steps_run']}"
 
 
 def test_one_micro_batch_does_not_overlap(ckpt):
@@ -107,4 +97,4 @@ def test_one_micro_batch_does_not_overlap(ckpt):
                 progress=False) as engine:
         engine.generate(input_ids=PROMPTS * 2, sampling_params=dict(SAMPLING, max_new_tokens=12))
         report = engine.stage_report()
-    assert stage1_busy_when_stage0_starts(report) == []
+    assert steps_sent_ahead(report) == []

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 
 import torch
 
@@ -34,6 +35,7 @@ from tandem.executors.messages import (
 )
 
 IDLE_CHECK_MS = 10  # no step for this long: the rank is idle (steps of a busy pipeline arrive within ~1 ms)
+STEPS_KEPT = 4096  # the newest steps a rank's report lists in "steps_run" (as many as its step_times)
 
 
 def _die_with_parent() -> None:
@@ -86,6 +88,9 @@ def rank_main(launch: Launch) -> None:
                              progress=launch.progress and launch.rank == 0, local_ranks=launch.local_world_size)
         send(Ready(launch.rank, runner.report()))
         is_reporter = layout.pp.is_last and layout.tp.rank == 0
+        # (step_id, next_queued) of each step run: whether the driver's next message had already arrived when
+        # this rank finished the step, before it sent the step's Result: an order, not a time (tests read it)
+        steps_run: deque[tuple[int, bool]] = deque(maxlen=STEPS_KEPT)
         while True:
             if not steps.poll(IDLE_CHECK_MS):
                 # idle: settle this stage's last send, so that a next stage that died (a gloo send to it fails
@@ -97,10 +102,11 @@ def rank_main(launch: Launch) -> None:
             if isinstance(message, Stop):
                 break
             if isinstance(message, AskReport):
-                send(Report(launch.rank, runner.report()))
+                send(Report(launch.rank, {**runner.report(), "steps_run": list(steps_run)}))
                 continue
             assert isinstance(message, RunStep)
             out = runner.execute(message.step)
+            steps_run.append((message.step_id, bool(steps.poll(0))))
             if is_reporter:
                 send(Result(message.step_id, out))
     except BaseException as exc:  # report every failure, then leave: the driver tears the world down
