@@ -32,29 +32,33 @@ CASES = [
     ("llama", 1, 4, None), ("llama", 1, 2, "1,3"), ("llama", 4, 1, None),  # tp4 > 2 KV heads: replicated
 ]
 
-_reference: dict[str, list[dict]] = {}
-
-
 def model_dir(ckpt, name: str):
     spec = dict(MODELS[name])
     return ckpt(spec.pop("kind"), **spec)
 
 
-def single_process(ckpt, name: str) -> list[dict]:
-    if name not in _reference:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with Engine(model_dir(ckpt, name), dtype="float32", progress=False) as engine:
-                _reference[name] = engine.generate(input_ids=PROMPTS, sampling_params=SAMPLING, return_logprob=True)
-        finally:
-            torch.set_num_threads(threads)
-    return _reference[name]
+@pytest.fixture(scope="module")
+def single_process(ckpt):
+    """single_process(name): the one-process run of PROMPTS, once per model in this module."""
+    runs: dict[str, list[dict]] = {}
+
+    def get(name: str) -> list[dict]:
+        if name not in runs:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with Engine(model_dir(ckpt, name), dtype="float32", progress=False) as engine:
+                    runs[name] = engine.generate(input_ids=PROMPTS, sampling_params=SAMPLING, return_logprob=True)
+            finally:
+                torch.set_num_threads(threads)
+        return runs[name]
+
+    return get
 
 
 @pytest.mark.parametrize("name,tp,pp,partition", CASES, ids=[f"{c[0]}-tp{c[1]}-pp{c[2]}-{c[3]}" for c in CASES])
-def test_parallel_matches_single_process(ckpt, name, tp, pp, partition):
-    ref = single_process(ckpt, name)
+def test_parallel_matches_single_process(ckpt, single_process, name, tp, pp, partition):
+    ref = single_process(name)
     # one micro-batch: the batch composition equals the single-process run's, so results can be bit-identical
     with Engine(model_dir(ckpt, name), tp_size=tp, pp_size=pp, dtype="float32", pp_layer_partition=partition,
                 num_micro_batches=1, progress=False) as engine:
@@ -71,11 +75,11 @@ def test_parallel_matches_single_process(ckpt, name, tp, pp, partition):
             assert max(abs(a - b) for a, b in zip(got_lp, exp_lp)) < 1e-4
 
 
-def test_pipelined_micro_batches_overlap_and_keep_tokens(ckpt):
+def test_pipelined_micro_batches_overlap_and_keep_tokens(ckpt, single_process):
     """pp=2 with two micro-batches in flight: the same greedy tokens as one process, and the two stages
     really work at the same time: stage 0 holds the next step while stage 1 still computes the previous one
     (an order the ranks record, `support.pipeline.steps_sent_ahead`)."""
-    ref = single_process(ckpt, "qwen3_5_moe_mm")
+    ref = single_process("qwen3_5_moe_mm")
     prompts = PROMPTS * 2
     with Engine(model_dir(ckpt, "qwen3_5_moe_mm"), pp_size=2, dtype="float32", progress=False) as engine:
         assert engine.num_micro_batches == 2
