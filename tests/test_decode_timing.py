@@ -69,18 +69,32 @@ def test_measurement_covers_every_layer_kind(checkpoints):
     # the child-interpreter probe measures the same parts at the same shape
     child = measure_decode_timing(args)
     assert (child.batch, child.context, len(child.layer_seconds)) == (4, 32, config.num_layers)
-    assert child.layer_seconds[0] == child.layer_seconds[2] and min(child.layer_seconds) > 0
-    assert len(timing.layer_seconds) == config.num_layers and min(timing.layer_seconds) > 0
-    # one measurement per kind: layers 0/2 (Gated DeltaNet) and 1/3 (full attention)
-    assert timing.layer_seconds[0] == timing.layer_seconds[2] and timing.layer_seconds[1] == timing.layer_seconds[3]
+    assert len(timing.layer_seconds) == config.num_layers
+    # one measurement per kind, shared by the layers of that kind: layers 0/2 (Gated DeltaNet) and 1/3 (full
+    # attention); the two kinds are measured apart (two timings of different work are never the same float)
+    for seconds in (timing.layer_seconds, child.layer_seconds):
+        assert seconds[0] == seconds[2] and seconds[1] == seconds[3] and seconds[0] != seconds[1]
+        assert all(0 < s < float("inf") for s in seconds)
     assert timing.extra_seconds["single"] == pytest.approx(timing.extra_seconds["first"] + timing.extra_seconds["last"])
     assert timing.extra_seconds["middle"] == 0.0
 
 
-def test_engine_runs_the_auto_latency_split(checkpoints):
-    """The LM head over 64k rows costs far more than a layer of hidden size 64, so the measured split gives
-    the last stage a single layer where the uniform split gives it two; the tokens equal one process's."""
+def test_engine_runs_the_split_of_its_measured_timing(checkpoints, monkeypatch):
+    """The engine splits by the timing its probe returns: here a timing written by hand (the first layer
+    five times as slow as the others), whose best split by brute force, [1, 3], is neither the uniform one
+    nor what the model's bytes or FLOPs would give; each rank then holds those layers and the tokens equal
+    one process's."""
+    written = DecodeTiming(4, 32, (5.0, 1.0, 1.0, 1.0), {"single": 0.2, "first": 0.1, "middle": 0.0, "last": 0.1})
+    best = min(compositions(4, 2), key=lambda split: slowest_stage(written, split))
+    assert best == [1, 3]
+    probed = []
+
+    def probe(args):
+        probed.append(args.pp_size)
+        return written
+
+    monkeypatch.setattr(planner, "measure_decode_timing", probe)
     run = run_split_and_single(checkpoints["big_head"], [[5, 17, 42, 99, 123, 7], [3, 1, 4, 1, 5]], "auto-latency")
-    assert run.partition == [3, 1]
-    assert run.layer_ranges == [(0, 3), (3, 4)]
+    assert probed == [2] and run.partition == best
+    assert run.layer_ranges == [(0, 1), (1, 4)]
     assert run.output_ids == run.single_output_ids

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.pipeline import steps_sent_ahead
 from tandem.engine import Engine
 
 PROMPTS = [[3, 17, 92, 5], list(range(40, 77)), [250], [9, 8, 7, 6, 5, 4, 3, 2, 1, 12, 13]]
@@ -31,29 +32,33 @@ CASES = [
     ("llama", 1, 4, None), ("llama", 1, 2, "1,3"), ("llama", 4, 1, None),  # tp4 > 2 KV heads: replicated
 ]
 
-_reference: dict[str, list[dict]] = {}
-
-
 def model_dir(ckpt, name: str):
     spec = dict(MODELS[name])
     return ckpt(spec.pop("kind"), **spec)
 
 
-def single_process(ckpt, name: str) -> list[dict]:
-    if name not in _reference:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with Engine(model_dir(ckpt, name), dtype="float32", progress=False) as engine:
-                _reference[name] = engine.generate(input_ids=PROMPTS, sampling_params=SAMPLING, return_logprob=True)
-        finally:
-            torch.set_num_threads(threads)
-    return _reference[name]
+@pytest.fixture(scope="module")
+def single_process(ckpt):
+    """single_process(name): the one-process run of PROMPTS, once per model in this module."""
+    runs: dict[str, list[dict]] = {}
+
+    def get(name: str) -> list[dict]:
+        if name not in runs:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with Engine(model_dir(ckpt, name), dtype="float32", progress=False) as engine:
+                    runs[name] = engine.generate(input_ids=PROMPTS, sampling_params=SAMPLING, return_logprob=True)
+            finally:
+                torch.set_num_threads(threads)
+        return runs[name]
+
+    return get
 
 
 @pytest.mark.parametrize("name,tp,pp,partition", CASES, ids=[f"{c[0]}-tp{c[1]}-pp{c[2]}-{c[3]}" for c in CASES])
-def test_parallel_matches_single_process(ckpt, name, tp, pp, partition):
-    ref = single_process(ckpt, name)
+def test_parallel_matches_single_process(ckpt, single_process, name, tp, pp, partition):
+    ref = single_process(name)
     # one micro-batch: the batch composition equals the single-process run's, so results can be bit-identical
     with Engine(model_dir(ckpt, name), tp_size=tp, pp_size=pp, dtype="float32", pp_layer_partition=partition,
                 num_micro_batches=1, progress=False) as engine:
@@ -70,22 +75,11 @@ def test_parallel_matches_single_process(ckpt, name, tp, pp, partition):
             assert max(abs(a - b) for a, b in zip(got_lp, exp_lp)) < 1e-4
 
 
-def stage1_busy_when_stage0_starts(report: list[dict]) -> list[int]:
-    """Steps i for which stage 0 started step i+1 before stage 1 had finished step i.
-
-    Every rank runs every step, in order, so the i-th interval of each stage's `step_times` is step i. With
-    one step in flight this cannot happen: step i+1 is sent only after the driver has stage 1's result of
-    step i, which stage 1 sends after recording the end of step i. It happens when micro-batches let stage
-    0 start the next step while stage 1 still computes. Both are facts of order, not of speed."""
-    stage0, stage1 = report[0]["step_times"], report[1]["step_times"]
-    assert len(stage0) == len(stage1) > 1
-    return [i for i in range(len(stage0) - 1) if stage0[i + 1][0] < stage1[i][1]]
-
-
-def test_pipelined_micro_batches_overlap_and_keep_tokens(ckpt):
+def test_pipelined_micro_batches_overlap_and_keep_tokens(ckpt, single_process):
     """pp=2 with two micro-batches in flight: the same greedy tokens as one process, and the two stages
-    really compute at the same time (stage 0 starts a step while stage 1 still computes the previous one)."""
-    ref = single_process(ckpt, "qwen3_5_moe_mm")
+    really work at the same time: stage 0 holds the next step while stage 1 still computes the previous one
+    (an order the ranks record, `support.pipeline.steps_sent_ahead`)."""
+    ref = single_process("qwen3_5_moe_mm")
     prompts = PROMPTS * 2
     with Engine(model_dir(ckpt, "qwen3_5_moe_mm"), pp_size=2, dtype="float32", progress=False) as engine:
         assert engine.num_micro_batches == 2
@@ -98,7 +92,7 @@ def test_pipelined_micro_batches_overlap_and_keep_tokens(ckpt):
         got_lp = [lp for lp, _ in got["meta_info"]["output_token_logprobs"]][:6]
         exp_lp = [lp for lp, _ in expected["meta_info"]["output_token_logprobs"]]
         assert max(abs(a - b) for a, b in zip(got_lp, exp_lp)) < 1e-4
-    assert stage1_busy_when_stage0_starts(report), f"the stages never computed at the same time: {report}"
+    assert steps_sent_ahead(report), f"no step was sent ahead of the last stage: {report[-1]['steps_run']}"
 
 
 def test_one_micro_batch_does_not_overlap(ckpt):
@@ -107,4 +101,4 @@ def test_one_micro_batch_does_not_overlap(ckpt):
                 progress=False) as engine:
         engine.generate(input_ids=PROMPTS * 2, sampling_params=dict(SAMPLING, max_new_tokens=12))
         report = engine.stage_report()
-    assert stage1_busy_when_stage0_starts(report) == []
+    assert steps_sent_ahead(report) == []

@@ -81,7 +81,6 @@ def test_each_stage_holds_and_reads_only_its_own(ckpt, spec, pp, partition):
     with Engine(model_dir, pp_size=pp, dtype="float32", pp_layer_partition=partition, progress=False,
                 max_total_tokens=TOKENS) as engine:
         report = engine.stage_report()
-    layers_bytes = []
     for stage in report:
         start, end = stage["layer_start"], stage["layer_end"]
         first, last = stage["pp_rank"] == 0, stage["pp_rank"] == pp - 1
@@ -89,7 +88,6 @@ def test_each_stage_holds_and_reads_only_its_own(ckpt, spec, pp, partition):
         # the stage's KV pool: TOKENS tokens of keys and values for its own full-attention layers only
         assert stage["max_total_tokens"] == TOKENS
         assert stage["kv_cache_bytes"] == TOKENS * expected_kv_bytes_per_token(model_dir, start, end, 4)
-        layers_bytes.append(expected_stage_bytes(model_dir, start, end, False, False, False, 4))
         for name in stage["tensors_read"]:  # recorded at the loader's only read call
             layer = LAYER.search(name)
             if layer:
@@ -97,10 +95,11 @@ def test_each_stage_holds_and_reads_only_its_own(ckpt, spec, pp, partition):
             assert not name.startswith(("mtp.", "model.visual."))
     bounds = [(s["layer_start"], s["layer_end"]) for s in report]
     assert bounds[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
-    if partition is None and pp == 2:
-        total = sum(layers_bytes)
-        for part in layers_bytes:  # a uniform split of identical layers holds half of the layers' bytes each
-            assert abs(part - total / 2) <= total * 0.3
+    # the split asked for, as given; uniform: L / pp layers each (L = 4 here, a multiple of pp)
+    raw = json.loads((model_dir / "config.json").read_text())
+    layers = raw.get("text_config", raw)["num_hidden_layers"]
+    counts = [int(n) for n in partition.split(",")] if partition else [layers // pp] * pp
+    assert layers % pp == 0 and [end - start for start, end in bounds] == counts
 
 
 def test_missing_tensor_on_stage_1_names_tensor_and_stage(ckpt, tmp_path):
@@ -114,10 +113,8 @@ def test_missing_tensor_on_stage_1_names_tensor_and_stage(ckpt, tmp_path):
         victim = next(n for n in weights if n.startswith("model.layers.3."))
     del weights[victim]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    start = time.monotonic()
     with pytest.raises(RankFailedError) as info:
         Engine(tmp_path, pp_size=2, pp_layer_partition="2,2", dtype="float32", progress=False)
-    assert time.monotonic() - start < 60
     message = str(info.value)
     assert victim in message and "pp 1/2" in message
     deadline = time.monotonic() + 5

@@ -20,8 +20,10 @@ from tandem.runtime.planning.resolve import engine_partition, resolve_partition
 
 try:
     from support.split_run import run_split_and_single
+    from support.stage_figures import rank_figures
 except ImportError:  # tests/ imported as a package
     from tests.support.split_run import run_split_and_single
+    from tests.support.stage_figures import rank_figures
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 REAL = ["Qwen3.5-35B-A3B", "Qwen3.5-122B-A10B", "Qwen3.5-397B-A17B", "Qwen3.5-27B", "Qwen3-30B-A3B"]
@@ -337,27 +339,51 @@ def run_engine(path, **kw):
         return engine.partition, engine.stage_report()
 
 
+def hand_stages(path, counts: list[int], tp: int, dtype: str) -> list[dict]:
+    """Each stage's figures for the split `counts`, by hand (support.stage_figures)."""
+    bounds = list(itertools.accumulate(counts, initial=0))
+    return [rank_figures(path, bounds[k], bounds[k + 1], k, len(counts), tp, dtype, ENGINE_KW["max_total_tokens"],
+                         ENGINE_KW["max_running_requests"]) for k in range(len(counts))]
+
+
+def hand_partition(path, pp: int, tp: int, spec, dtype: str) -> list[int]:
+    """The split each spec means, from config.json: explicit as given; uniform L // pp each, the remainder to
+    the stages before the last; auto the split whose largest stage (weights + KV + state) is smallest, by
+    brute force over every split."""
+    layers = json.loads((Path(path) / "config.json").read_text())
+    layers = layers.get("text_config", layers)["num_hidden_layers"]
+    if spec not in (None, "auto"):
+        return [int(n) for n in spec.split(",")]
+    if spec is None:
+        counts = [layers // pp] * pp
+        for i in range(layers % pp):
+            counts[pp - 2 - i] += 1
+        return counts
+    size = lambda s: s["weight_bytes"] + s["kv_cache_bytes"] + s["state_cache_bytes"]
+    splits = [list(c) for c in itertools.product(range(1, layers + 1), repeat=pp) if sum(c) == layers]
+    return min(splits, key=lambda c: max(size(s) for s in hand_stages(path, c, tp, dtype)))
+
+
 def check_against_plan(path, pp: int, tp: int, spec, dtype: str):
+    """The engine's split and every rank's report, and the planner's plan of that split, equal the figures
+    computed by hand from config.json and the checkpoint headers."""
     partition, reports = run_engine(path, pp_size=pp, tp_size=tp, dtype=dtype, pp_layer_partition=spec)
+    expected = hand_partition(path, pp, tp, spec, dtype)
+    assert partition == expected
+    if spec == "auto" and pp == 2:
+        assert expected == [1, 5]  # not the uniform split: the check below is not vacuous
+    hand = hand_stages(path, expected, tp, dtype)
     config = ModelConfig.from_hf(path)
     args = EngineArgs(model_path=str(path), pp_size=pp, tp_size=tp, dtype=dtype, pp_layer_partition=spec,
                       max_total_tokens=ENGINE_KW["max_total_tokens"],
                       max_running_requests=ENGINE_KW["max_running_requests"])
-    costs, settings = costs_for(config, args), settings_for(config, args)
-    expected = resolve(spec, costs, pp, settings)
-    assert partition == expected
-    if spec == "auto" and pp == 2:
-        assert expected == [1, 5]  # not the uniform split: the check below is not vacuous
-    stages = plan(costs, expected, settings)
-    for report in reports:
-        stage = stages[report["pp_rank"]]
-        assert (report["layer_start"], report["layer_end"]) == (stage.layer_start, stage.layer_end)
-        for key in ("weight_bytes", "kv_cache_bytes", "state_cache_bytes", "max_total_tokens", "state_slots",
-                    "max_running_requests", "kv_bytes_per_token", "state_bytes_per_slot"):
-            assert report[key] == getattr(stage, key), (key, report)
-        assert report["stage_max_total_tokens"] == stage.stage_max_total_tokens
-        assert report["page_size"] == settings.page_size
+    stages = plan(costs_for(config, args), expected, settings_for(config, args))
     assert len(reports) == pp * tp
+    for report in reports:
+        for key, value in hand[report["pp_rank"]].items():
+            assert report[key] == value, (key, report["pp_rank"], report["tp_rank"])
+            assert getattr(stages[report["pp_rank"]], key) == value, ("plan", key, report["pp_rank"])
+        assert report["page_size"] == 16
     return reports
 
 

@@ -28,20 +28,24 @@ def prompts() -> list[list[int]]:
     return [shared + [10 + i] + torch.randint(3, 300, (6 + i,), generator=gen).tolist() for i in range(4)]
 
 
-_without_cache: dict = {}
+@pytest.fixture(scope="module")
+def without_cache(ckpt):
+    """without_cache(name): the single-process run with the cache disabled, once per model in this module."""
+    runs: dict[str, list[dict]] = {}
 
+    def get(name: str) -> list[dict]:
+        if name not in runs:
+            kind, kw = MODELS[name]
+            with Engine(ckpt(kind, **kw), dtype="float32", progress=False, disable_radix_cache=True) as engine:
+                runs[name] = engine.generate(input_ids=prompts(), sampling_params=SAMPLING, return_logprob=True)
+        return runs[name]
 
-def without_cache(ckpt, name):
-    if name not in _without_cache:
-        kind, kw = MODELS[name]
-        with Engine(ckpt(kind, **kw), dtype="float32", progress=False, disable_radix_cache=True) as engine:
-            _without_cache[name] = engine.generate(input_ids=prompts(), sampling_params=SAMPLING, return_logprob=True)
-    return _without_cache[name]
+    return get
 
 
 @pytest.mark.parametrize("name,tp,pp", CASES, ids=[f"{c[0]}-tp{c[1]}-pp{c[2]}" for c in CASES])
-def test_shared_prefix_is_computed_once_with_the_same_results(ckpt, name, tp, pp):
-    reference = without_cache(ckpt, name)
+def test_shared_prefix_is_computed_once_with_the_same_results(ckpt, without_cache, name, tp, pp):
+    reference = without_cache(name)
     assert all(o["meta_info"]["cached_tokens"] == 0 for o in reference)
     kind, kw = MODELS[name]
     with Engine(ckpt(kind, **kw), tp_size=tp, pp_size=pp, dtype="float32", progress=False) as engine:

@@ -22,21 +22,23 @@ def next_token(ids: list[int]) -> int:
 class FakeExecutor:
     """Applies each step's cache decisions as a rank does (page tables, state restores, resets, snapshots) to a
     paged "KV cache" that stores (position, token) per token slot and a "state" per slot that is the tuple of
-    tokens it has consumed. Every span is checked against the truth (`truth(key)`: the request's tokens): its
-    prefix must be in its pages and, for the state, in its slot. Then it samples `next_token(tokens)`. Prompt
+    tokens it has consumed. Every span is checked against the truth (the tokens of the planned request the
+    step names by that key, passed with the step): its prefix must be in its pages and, for the state, in its
+    slot. Then it samples `next_token(tokens)`. Prompt
     logprobs are the target token ids (as floats), so a test can see which prompt token each belongs to."""
 
-    def __init__(self, page_size: int, truth=None, hybrid: bool = False):
+    def __init__(self, page_size: int, hybrid: bool = False):
         self.page_size, self.hybrid = page_size, hybrid
-        self.truth = truth
         self.kv: dict[int, tuple[int, int]] = {}
         self.tables: dict = {}
         self.state: dict[int, tuple] = {}
         self.steps: list[StepInput] = []
         self.released: list = []
 
-    def execute(self, step: StepInput) -> StepOutput:
+    def execute(self, step: StepInput, reqs: list[Request]) -> StepOutput:
         self.steps.append(step)
+        assert list(step.keys) == [req.rid for req in reqs], "a span per planned request, in order"
+        truth = {req.rid: req.all_ids for req in reqs}
         ps = self.page_size
         for key in step.release_keys:
             self.released.append(key)
@@ -63,8 +65,7 @@ class FakeExecutor:
             cached = [self.kv.get(slot_of(pos), (None, None)) for pos in range(span.prefix_len)]
             assert [p for p, _ in cached] == list(range(span.prefix_len)), "the prefix must be in the request's pages"
             seq = [t for _, t in cached] + ids
-            if self.truth is not None:
-                assert seq == self.truth(key)[:len(seq)], "the pages must hold the request's own tokens"
+            assert seq == truth[key][:len(seq)], "the pages must hold the request's own tokens"
             if self.hybrid:  # a model without linear-attention layers has no state to carry
                 assert self.state.get(span.state_slot) == tuple(seq[:span.prefix_len]), "state = the cached prefix"
             self.state[span.state_slot] = tuple(seq)
@@ -91,21 +92,12 @@ def make(max_running=4, max_len=256, chunk=512, eos=(), decode_text=None, tokens
          radix=True):
     cache = CacheManager(tokens, page_size, max_running, hybrid=hybrid, radix_cache=radix)
     sched = Scheduler(cache, max_len, chunk, eos, decode_text)
-    return sched, FakeExecutor(page_size, truth=lambda rid: truth_of(sched, rid), hybrid=hybrid)
-
-
-_requests: dict = {}
-
-
-def truth_of(sched, rid) -> list[int]:
-    return _requests[rid].all_ids
+    return sched, FakeExecutor(page_size, hybrid=hybrid)
 
 
 def request(prompt, **params) -> Request:
     params.setdefault("max_new_tokens", 4)
-    req = Request(list(prompt), SamplingParams.from_dict(params))
-    _requests[req.rid] = req
-    return req
+    return Request(list(prompt), SamplingParams.from_dict(params))
 
 
 def step(sched: Scheduler, ex: FakeExecutor):
@@ -113,7 +105,7 @@ def step(sched: Scheduler, ex: FakeExecutor):
     if planned is None:
         return None
     st, reqs = planned
-    sched.process(st, reqs, ex.execute(st))
+    sched.process(st, reqs, ex.execute(st, reqs))
     return st, reqs
 
 
@@ -375,7 +367,7 @@ def test_abort_while_step_in_flight_drops_its_result():
     a = request([1, 2], max_new_tokens=5)
     sched.add(a)
     st, reqs = sched.next_step()
-    out = ex.execute(st)
+    out = ex.execute(st, reqs)
     sched.abort(a.rid)
     assert sched.process(st, reqs, out) == []
     assert a.output_ids == [] and a.finish_reason == {"type": "abort"}

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from support.processes import rank_processes
-from support.server import ServeProcess
+from support.server import ServerPool, served_checkpoint
 
 CONTEXT = 512
 EOS = 2  # <|im_end|> of the test tokenizer (tests/support/tokenizer.py)
@@ -42,13 +42,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def model_dir(request, tmp_path_factory):
-    try:
-        ckpt = request.getfixturevalue("ckpt")
-    except pytest.FixtureLookupError:  # no shared checkpoint cache: build one for this module
-        from support.checkpoints import build_checkpoint
-
-        return build_checkpoint("qwen3_5_moe", tmp_path_factory.mktemp("server_ckpt"), with_tokenizer=True)
-    return ckpt("qwen3_5_moe", with_tokenizer=True)
+    return served_checkpoint(request, tmp_path_factory)
 
 
 SERVE_FLAGS = ["--pp-size", "2", "--dtype", "float32", "--context-length", str(CONTEXT)]
@@ -84,32 +78,14 @@ class Reference:
         return ids, self.tokenizer.decode(ids, skip_special_tokens=True), reason
 
 
-class ServerPool:
-    """The module's live server: started once, and again only after a test has stopped it."""
-
-    def __init__(self, model_dir: Path, log_dir: Path):
-        self.model_dir, self.log_dir = model_dir, log_dir
-        self.started = 0
-        self.current = self._start()  # starts loading now, while the reference is computed
-
-    def _start(self) -> ServeProcess:
-        self.started += 1
-        return ServeProcess(self.model_dir, self.log_dir / f"server{self.started}.log", SERVE_FLAGS)
-
-    def live(self) -> ServeProcess:
-        if self.current.proc.poll() is not None:  # stopped by an earlier test
-            self.current = self._start()
-        self.current.wait_healthy()
-        return self.current
-
-
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
-    pool = ServerPool(model_dir, tmp_path_factory.mktemp("server"))
+    pool = ServerPool(model_dir, tmp_path_factory.mktemp("server"), "server", SERVE_FLAGS)
+    pool.start()  # loads while the reference is computed
     try:
         yield pool
     finally:
-        pool.current.stop()
+        pool.stop()
 
 
 @pytest.fixture(scope="module")
@@ -306,14 +282,23 @@ def test_bad_input_is_400(server, path, body, param):
 def test_prefix_cache_hits_in_usage_meta_info_and_metrics(server, client, tokenizer):
     """Three prompts sharing a long system text, one after another: the hybrid model resumes only where a
     state snapshot was taken, and the second prompt takes one where it leaves the first's cached tokens, so
-    the third reports those (whole pages of 16) as cached, in OpenAI's usage and in /generate's meta_info."""
+    the third reports those (whole pages of 16) as cached, in OpenAI's usage and in /generate's meta_info.
+    The prompts open with the server's prefix-cache query count, which every earlier call of this test (or
+    any other) has raised: their first page is new to this server's cache, so it is cold for them."""
     model = client.models.list().data[0].id
-    system = "You are a careful assistant who answers briefly and checks every sum twice. " * 3
-    prompts = [system + question for question in ("What is 2+2?", "Name a colour.", "Count to three.")]
+    before = httpx.get(server.url + "/metrics").text
+    system = (f"Session {_metric(before, 'tandem_prefix_cache_queries_total'):.0f}. "
+              + "You are a careful assistant who answers briefly and checks every sum twice. " * 3)
+    # each question is longer than a page: the first prompt's last page boundary (its snapshot) lies past
+    # the shared text, wherever the session number puts the page boundaries
+    questions = ("What is 2+2? Answer with one number and nothing else, please.",
+                 "Name a colour that you like, and say why you like it in one line.",
+                 "Count to three, slowly, writing every number out in words for me.")
+    prompts = [system + question for question in questions]
     ids = [tokenizer.encode(p) for p in prompts]
     shared = next(i for i, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b)
     assert shared >= 32 and ids[2][:shared] == ids[0][:shared]
-    before = httpx.get(server.url + "/metrics").text
+    assert (len(ids[0]) - 1) // 16 * 16 > shared  # (see the questions)
     usages = [client.completions.create(model=model, prompt=p, max_tokens=2, temperature=0).usage for p in prompts[:2]]
     third = post(server, "/generate", {"input_ids": ids[2], "sampling_params": {"temperature": 0,
                                                                                  "max_new_tokens": 2}}).json()

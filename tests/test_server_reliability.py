@@ -11,7 +11,8 @@ Two live servers (pp=2, fp32), each started once and again only after a test sto
   requests get their own tokens; 1,500 requests get 200 or 429; a second rank failure makes the server
   exit with code 1 and the cause.
 
-References are the same server's fault-free answers (the models are the test suite's tiny checkpoints)."""
+The canary's answer is transformers' greedy continuation on the server's own checkpoint; the killed-rank
+and NaN tests compare with the same server's fault-free answers to the same requests, made just before."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import zmq
 from safetensors.torch import load_file, save_file
 
 from support.processes import rank_processes
-from support.server import ServeProcess, children, listening_sockets
+from support.reference import hf_greedy
+from support.server import ServeProcess, ServerPool, children, listening_sockets, served_checkpoint
 
 CONTEXT = 256
 KEY = "sk-tandem-test-3f9a"
@@ -44,13 +46,7 @@ PROMPTS = ["Hello, world!", "The cat sees a red ball", "12+34=", "How are you?"]
 
 @pytest.fixture(scope="module")
 def model_dir(request, tmp_path_factory):
-    try:
-        ckpt = request.getfixturevalue("ckpt")
-    except pytest.FixtureLookupError:
-        from support.checkpoints import build_checkpoint
-
-        return build_checkpoint("qwen3_5_moe", tmp_path_factory.mktemp("reliab_ckpt"), with_tokenizer=True)
-    return ckpt("qwen3_5_moe", with_tokenizer=True)
+    return served_checkpoint(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -69,35 +65,23 @@ def poisoned_dir(model_dir, tmp_path_factory):
     return out
 
 
-class Pool:
-    """One server configuration: started on first use, and again when a test has stopped it."""
+def hf_canary(model_dir: Path) -> str:
+    """transformers' greedy text for CANARY on `model_dir` (EOS ignored, as the canary asks)."""
+    from transformers import AutoTokenizer
 
-    def __init__(self, model_dir: Path, log_dir: Path, name: str, flags: list[str], api_key: str | None = None):
-        self.args = (model_dir, flags, api_key)
-        self.log_dir, self.name, self.started = log_dir, name, 0
-        self.current: ServeProcess | None = None
-
-    def live(self) -> ServeProcess:
-        if self.current is None or self.current.proc.poll() is not None:
-            self.started += 1
-            model_dir, flags, api_key = self.args
-            self.current = ServeProcess(model_dir, self.log_dir / f"{self.name}{self.started}.log", flags, api_key)
-            self.current.wait_healthy()
-            self.current.canary = canary(self.current)  # its fault-free greedy answer
-        self.current.wait_healthy()
-        return self.current
-
-    def stop(self) -> None:
-        if self.current is not None:
-            self.current.stop()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = hf_greedy(model_dir, [tokenizer.encode(CANARY["prompt"])], CANARY["max_tokens"])[0]["output_ids"]
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
 def pools(model_dir, poisoned_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("reliab_logs")
-    made = {"guarded": Pool(model_dir, logs, "guarded", COMMON + ["--graceful-shutdown-timeout", "2"], KEY),
-            "fragile": Pool(poisoned_dir, logs, "fragile",
-                            COMMON + ["--max-queued-requests", "8", "--max-rank-restarts", "1"])}
+    made = {"guarded": ServerPool(model_dir, logs, "guarded", COMMON + ["--graceful-shutdown-timeout", "2"], KEY),
+            "fragile": ServerPool(poisoned_dir, logs, "fragile",
+                                  COMMON + ["--max-queued-requests", "8", "--max-rank-restarts", "1"])}
+    for pool in made.values():
+        pool.start()  # loads while the canaries' references are computed
     try:
         yield made
     finally:
@@ -105,14 +89,31 @@ def pools(model_dir, poisoned_dir, tmp_path_factory):
             pool.stop()
 
 
-@pytest.fixture
-def guarded(pools) -> ServeProcess:
-    return pools["guarded"].live()
+@pytest.fixture(scope="module")
+def canaries(pools) -> dict[str, str]:  # after `pools`: computed while the servers load
+    return {name: hf_canary(pool.model_dir) for name, pool in pools.items()}
+
+
+def _live(pools: dict, canaries: dict, name: str, fresh: bool = False) -> ServeProcess:
+    srv = pools[name].fresh() if fresh else pools[name].live()
+    srv.canary = canaries[name]  # what a healthy server answers to CANARY
+    return srv
 
 
 @pytest.fixture
-def fragile(pools) -> ServeProcess:
-    return pools["fragile"].live()
+def guarded(pools, canaries) -> ServeProcess:
+    return _live(pools, canaries, "guarded")
+
+
+@pytest.fixture
+def fragile(pools, canaries) -> ServeProcess:
+    return _live(pools, canaries, "fragile")
+
+
+@pytest.fixture
+def fresh_fragile(pools, canaries) -> ServeProcess:
+    """A fragile server no earlier test has used: its one allowed restart is still to come."""
+    return _live(pools, canaries, "fragile", fresh=True)
 
 
 def post(srv: ServeProcess, path: str, body, headers: dict | None = None, timeout: float = 120) -> httpx.Response:
@@ -437,9 +438,16 @@ def _check_flood(srv: ServeProcess, responses: list[httpx.Response]) -> int:
 
 def test_small_queue_bound_answers_200_or_429(fragile):
     before = metric(fragile, 'tandem_rejected_requests_total{reason="queue_full"}')
+    # the bound itself, whatever the server's speed: with nothing waiting, a call of 8 prompts fits the
+    # queue of 8 and a call of 9 does not
+    assert post(fragile, "/v1/completions", {"prompt": ["Hi"] * 8, "max_tokens": 1}).status_code == 200
+    over = post(fragile, "/v1/completions", {"prompt": ["Hi"] * 9, "max_tokens": 1})
+    assert over.status_code == 429 and over.headers["retry-after"] == "1", over.text
+    assert over.json()["error"]["code"] == "queue_full"
+    # under a flood (how many find the queue full depends on speed): each a complete 200 or a 429, counted
     refused = _check_flood(fragile, asyncio.run(_flood(fragile)))
-    assert 0 < refused < 1500
-    assert metric(fragile, 'tandem_rejected_requests_total{reason="queue_full"}') == before + refused
+    assert refused < 1500  # the first arrivals find room
+    assert metric(fragile, 'tandem_rejected_requests_total{reason="queue_full"}') == before + 1 + refused
     assert metric(fragile, "tandem_num_requests_waiting") == 0 and metric(fragile, "tandem_num_requests_running") == 0
 
 
@@ -507,8 +515,10 @@ def test_nan_logits_fail_one_request_only(fragile):
 
 # ---- restarts that keep failing -----------------------------------------------------------------------
 
-def test_repeated_rank_failures_make_the_server_exit_nonzero(fragile):
-    restarts = metric(fragile, "tandem_engine_restarts_total")
+def test_repeated_rank_failures_make_the_server_exit_nonzero(fresh_fragile):
+    fragile = fresh_fragile
+    assert metric(fragile, "tandem_engine_restarts_total") == 0
+    restarts = 0
     first = rank_processes(fragile.proc.pid)
     os.kill(first[0], signal.SIGKILL)
     deadline = time.monotonic() + 30  # until the server has seen the death (bounded: no hang)
@@ -531,7 +541,6 @@ def test_repeated_rank_failures_make_the_server_exit_nonzero(fragile):
 def test_sigterm_during_load_ends_every_request_cleanly(guarded):
     ranks = rank_processes(guarded.proc.pid)
     body = {"prompt": "Hello", "max_tokens": CONTEXT - 16, "temperature": 0, "ignore_eos": True}
-    stopped_at = []
 
     async def run():
         async with httpx.AsyncClient(base_url=guarded.url, headers=guarded.headers, timeout=120) as client:
@@ -552,7 +561,6 @@ def test_sigterm_during_load_ends_every_request_cleanly(guarded):
                 await event.wait()
             while (await client.get("/metrics")).text.count("tandem_num_requests_running 12.0") == 0:
                 await asyncio.sleep(0.05)
-            stopped_at.append(time.monotonic())
             guarded.proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
 
@@ -569,18 +577,16 @@ def test_sigterm_during_load_ends_every_request_cleanly(guarded):
             assert resp.json()["usage"]["completion_tokens"] == CONTEXT - 16
         else:
             assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutting_down"
-    remaining = 20 - (time.monotonic() - stopped_at[0])
-    assert guarded.proc.wait(max(remaining, 0.1)) == 0
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in ranks):
-        assert time.monotonic() - stopped_at[0] < 20, "rank processes outlived the server"
-        time.sleep(0.1)
+    assert guarded.proc.wait(120) == 0  # (the bound only keeps a hung server from hanging the run)
+    # the server reaps its ranks before it exits: none is left, not even as a zombie
+    assert [pid for pid in ranks if _is_rank(pid)] == []
 
 
-def _state(pid: int) -> str:
+def _is_rank(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return b"tandem.executors.rank" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return "Z"
+        return False
 
 
 # ---- in process: tokenization leaves the event loop free ---------------------------------------------

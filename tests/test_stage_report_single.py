@@ -89,5 +89,5 @@ def check_report(model_dir, engine_dtype: str, effective_dtype: str) -> None:
     assert report["kv_cache_bytes"] == kv
     assert report["state_cache_bytes"] == state
     assert sorted(report["tensors_read"]) == sorted(tensors)
-    if "bytes_read" in report:  # read in the checkpoint's dtype
-        assert report["bytes_read"] == sum(math.prod(shape) * DTYPE_BYTES[dt] for shape, dt in tensors.values())
+    # read in the checkpoint's dtype
+    assert report["bytes_read"] == sum(math.prod(shape) * DTYPE_BYTES[dt] for shape, dt in tensors.values())

@@ -172,7 +172,10 @@ def test_tokenizer(ckpt):
     assert s == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     chat_ids = tok(s, add_special_tokens=False)["input_ids"]
     assert chat_ids[0] == IM_START_ID and chat_ids.count(EOS_TOKEN_ID) == 2
-    assert hf_greedy(d, [chat_ids], 4)[0]["output_ids"]
+    # the chat ids drive the model: our greedy loop and HF's generate continue them alike, within the vocabulary
+    continuation = hf_greedy(d, [chat_ids], 4)[0]["output_ids"]
+    assert continuation == hf_greedy_generate(d, chat_ids, 4)
+    assert len(continuation) == 4 and all(0 <= t < cfg["vocab_size"] for t in continuation)
 
 
 def test_ckpt_fixture_caches(ckpt):

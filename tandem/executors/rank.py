@@ -16,7 +16,9 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 
+import msgspec
 import torch
 
 from tandem.executors.messages import (
@@ -34,6 +36,7 @@ from tandem.executors.messages import (
 )
 
 IDLE_CHECK_MS = 10  # no step for this long: the rank is idle (steps of a busy pipeline arrive within ~1 ms)
+STEPS_KEPT = 4096  # the newest steps a rank's report lists in "steps_run" (as many as its step_times)
 
 
 def _die_with_parent() -> None:
@@ -118,6 +121,9 @@ def _build_runner(launch: Launch, layout):
 def _serve(runner, steps, codec: Codec, send, rank: int) -> None:
     """Run the published steps in order until `Stop`; the last stage's TP rank 0 returns each step's result."""
     is_reporter = runner.layout.pp.is_last and runner.layout.tp.rank == 0
+    # (step_id, next_queued) of each step run: whether the driver's next message had already arrived when this
+    # rank finished the step, before it sent the step's Result: an order, not a time (tests read it)
+    steps_run: deque[tuple[int, bool]] = deque(maxlen=STEPS_KEPT)
     while True:
         if not steps.poll(IDLE_CHECK_MS):
             # idle: settle this stage's last send, so that a next stage that died (a gloo send to it fails
@@ -129,10 +135,11 @@ def _serve(runner, steps, codec: Codec, send, rank: int) -> None:
         if isinstance(message, Stop):
             return
         if isinstance(message, AskReport):
-            send(Report(rank, runner.report()))
+            send(Report(rank, msgspec.structs.replace(runner.report(), steps_run=list(steps_run))))
             continue
         assert isinstance(message, RunStep)
         out = runner.execute(message.step)
+        steps_run.append((message.step_id, bool(steps.poll(0))))
         if is_reporter:
             send(Result(message.step_id, out))
 

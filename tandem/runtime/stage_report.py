@@ -33,6 +33,8 @@ class StageReport(msgspec.Struct, frozen=True):
     bytes_read: int
     step_times: list[tuple[float, float]]  # wall-clock (start, end) of each step's computation
     peak_memory_bytes: int
+    # rank processes: (step id, whether the next message had already arrived when the step ended), newest last
+    steps_run: list[tuple[int, bool]] = []
 
     def to_dict(self) -> dict:
         return msgspec.structs.asdict(self)

@@ -1,4 +1,5 @@
-"""A `tandem serve` subprocess for tests (loopback only), and /proc helpers to find what it listens on."""
+"""A `tandem serve` subprocess for tests (loopback only), a pool that keeps one live per server configuration
+of a test module, the checkpoint the server tests serve, and /proc helpers to find what a server listens on."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,6 +70,53 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class ServerPool:
+    """One server configuration of a test module: started by `start()` (without waiting, so that a module can
+    compute its references while it loads) or on first use, again after a test has stopped it, and anew by
+    `fresh()` for a test that must not see what earlier tests did to a shared server (a restart used up)."""
+
+    def __init__(self, model_dir: Path, log_dir: Path, name: str, flags: list[str], api_key: str | None = None):
+        self.model_dir, self.log_dir, self.name = model_dir, log_dir, name
+        self.flags, self.api_key = flags, api_key
+        self.started = 0
+        self.current: ServeProcess | None = None
+
+    def start(self) -> ServeProcess:
+        self.started += 1
+        log = self.log_dir / f"{self.name}{self.started}.log"
+        self.current = ServeProcess(self.model_dir, log, self.flags, self.api_key)
+        return self.current
+
+    def live(self) -> ServeProcess:
+        """The running server, healthy; a new one when there is none or a test stopped it."""
+        if self.current is None or self.current.proc.poll() is not None:
+            self.start()
+        self.current.wait_healthy()
+        return self.current
+
+    def fresh(self) -> ServeProcess:
+        """A newly started server, healthy."""
+        self.stop()
+        self.start()
+        return self.live()
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+
+
+def served_checkpoint(request, tmp_path_factory) -> Path:
+    """The hybrid MoE test checkpoint with a tokenizer: from the session's `ckpt` cache when the suite's
+    conftest provides it, else built for the calling module."""
+    try:
+        ckpt = request.getfixturevalue("ckpt")
+    except pytest.FixtureLookupError:  # no shared checkpoint cache
+        from support.checkpoints import build_checkpoint
+
+        return build_checkpoint("qwen3_5_moe", tmp_path_factory.mktemp("served_ckpt"), with_tokenizer=True)
+    return ckpt("qwen3_5_moe", with_tokenizer=True)
 
 
 def children(pid: int) -> list[int]:
