@@ -93,7 +93,7 @@ def test_engine_runs_the_split_of_its_measured_timing(checkpoints, monkeypatch):
         probed.append(args.pp_size)
         return written
 
-    monkeypatch.setattr(planner, "measure_decode_timing", probe)
+    monkeypatch.setattr(resolve, "measure_decode_timing", probe)
     run = run_split_and_single(checkpoints["big_head"], [[5, 17, 42, 99, 123, 7], [3, 1, 4, 1, 5]], "auto-latency")
     assert probed == [2] and run.partition == best
     assert run.layer_ranges == [(0, 1), (1, 4)]
