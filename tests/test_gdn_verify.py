@@ -155,20 +155,15 @@ def test_ledger_refusals_and_discard():
     run(layers, pool, [Span(5, 2, 3)], x, verify=[0], ledger=ledger)
     with pytest.raises(RuntimeError, match="uncommitted verify span"):
         run(layers, pool, [Span(5, 2, 3)], x, verify=[0], ledger=ledger)
-    with pytest.raises(ValueError, match="3 accepted drafts, but its verify span has 2"):
-        commit_verified(layers, pool, pending_ledger(layers, pool, x), {5: 3})
-    with pytest.raises(KeyError, match="state slot 6 has no verify span"):
-        commit_verified(layers, pool, ledger, {6: 0})
     before = pool.recurrent.clone()
+    with pytest.raises(ValueError, match="3 accepted drafts, but its verify span has 2"):
+        commit_verified(layers, pool, ledger, {5: 3})
+    with pytest.raises(KeyError, match="state slot 6 has no verify span"):
+        commit_verified(layers, pool, ledger, {5: 1, 6: 0})
+    assert 5 in ledger and torch.equal(pool.recurrent, before)  # refused commits change nothing
     ledger.discard([5])
     assert 5 not in ledger and torch.equal(pool.recurrent, before)
     with pytest.raises(ValueError, match="no cached prefix"):
         ForwardBatch.build([Span(5, 0, 3)], [0, 0, 0], verify=[0], verify_ledger=ledger)
     with pytest.raises(ValueError, match="verify ledger"):
         ForwardBatch.build([Span(5, 2, 3)], [0, 0, 0], verify=[0])
-
-
-def pending_ledger(layers, pool, x) -> VerifyLedger:
-    ledger = VerifyLedger()
-    run(layers, copy_of(pool, layers[0]), [Span(5, 2, 3)], x, verify=[0], ledger=ledger)
-    return ledger

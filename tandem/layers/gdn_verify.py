@@ -52,14 +52,17 @@ class VerifyLedger:
             raise RuntimeError(f"state slot {slot} already has an uncommitted verify span in layer {layer_idx}")
         layers[layer_idx] = inputs
 
-    def take(self, layer_idx: int, slot: int) -> VerifyInputs:
-        layers = self._pending.get(slot, {})
-        if layer_idx not in layers:
+    def get(self, layer_idx: int, slot: int) -> VerifyInputs:
+        inputs = self._pending.get(slot, {}).get(layer_idx)
+        if inputs is None:
             raise KeyError(f"state slot {slot} has no verify span to commit in layer {layer_idx}")
-        inputs = layers.pop(layer_idx)
+        return inputs
+
+    def drop(self, layer_idx: int, slot: int) -> None:
+        layers = self._pending[slot]
+        del layers[layer_idx]
         if not layers:
             del self._pending[slot]
-        return inputs
 
     def discard(self, slots) -> None:
         """Forget the spans of `slots` (their requests were aborted or preempted): their states stay as
@@ -104,17 +107,20 @@ def commit(layer_idx: int, accepted: Mapping[int, int], weight: torch.Tensor, co
     by_length: dict[int, list[int]] = {}
     for slot, drafts in accepted.items():
         by_length.setdefault(drafts + 1, []).append(slot)
+    records = {slot: ledger.get(layer_idx, slot) for slot in accepted}  # checked before anything changes
+    for slot, drafts in accepted.items():
+        if not 0 <= drafts < records[slot].mixed.shape[0]:
+            raise ValueError(f"state slot {slot}: {drafts} accepted drafts, but its verify span has "
+                             f"{records[slot].mixed.shape[0] - 1}")
     for length, slots in by_length.items():
-        records = [ledger.take(layer_idx, slot) for slot in slots]
-        for slot, record in zip(slots, records):
-            if not 1 <= length <= record.mixed.shape[0]:
-                raise ValueError(f"state slot {slot}: {length - 1} accepted drafts, but its verify span has "
-                                 f"{record.mixed.shape[0] - 1}")
+        group = [records[slot] for slot in slots]
         rows = StateRows(slots, conv_pool.device)
-        mixed, g, beta = (torch.stack([getattr(r, name)[:length] for r in records])
+        mixed, g, beta = (torch.stack([getattr(r, name)[:length] for r in group])
                           for name in ("mixed", "g", "beta"))  # [B, j+1, ...]
         mixed, g, beta = rows.to_slot_order(mixed, g, beta)
         conv, state = rows.read(conv_pool), rows.read(ssm_pool)
         run_tokens(mixed, g, beta, weight, conv, state, split_heads)
         rows.write(conv_pool, conv)
         rows.write(ssm_pool, state)
+        for slot in slots:
+            ledger.drop(layer_idx, slot)
