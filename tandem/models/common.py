@@ -99,12 +99,9 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: token mixer (full attention or Gated DeltaNet), then MLP (dense or MoE)."""
 
-    def __init__(self, tp: GroupInfo, config: ModelConfig, spec: BlockSpec, layer_idx: int,
-                 layer_type: str | None = None, moe: bool | None = None):
-        """layer_type / moe default to the config's for `layer_idx`; a layer outside the decoder stack (the
-        MTP head's, indexed from num_layers on) passes its own."""
+    def __init__(self, tp: GroupInfo, config: ModelConfig, spec: BlockSpec, layer_idx: int):
         super().__init__()
-        self.layer_type = layer_type or config.layer_types[layer_idx]
+        self.layer_type = config.layer_types[layer_idx]
         norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centred=spec.zero_centred_norm)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
@@ -112,7 +109,7 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(tp, config, layer_idx)
         else:
             self.self_attn = Attention(tp, config, spec, layer_idx)
-        if config.is_moe_layer(layer_idx) if moe is None else moe:
+        if config.is_moe_layer(layer_idx):
             self.mlp = SparseMoE(tp, config, spec.norm_topk_prob, lambda size: MLP(tp, config.hidden_size, size))
         else:
             self.mlp = MLP(tp, config.hidden_size, config.intermediate_size, bias=spec.mlp_bias)

@@ -19,6 +19,8 @@ ignorable and is never read."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
@@ -47,8 +49,8 @@ class MTPHead(nn.Module):
         self.pre_fc_norm_hidden = norm()
         self.fc = ReplicatedLinear(2 * hidden, hidden)  # [H, 2H]: small, so every TP rank holds all of it
         self.layer_ids = [config.num_layers + i for i in range(config.mtp_num_hidden_layers)]
-        self.layers = nn.ModuleList(DecoderLayer(tp, config, spec, i, layer_type="full_attention", moe=config.is_moe)
-                                    for i in self.layer_ids)
+        layer_config = mtp_layer_config(config)
+        self.layers = nn.ModuleList(DecoderLayer(tp, layer_config, spec, i) for i in self.layer_ids)
         self.norm = norm()
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.partial_rotary_factor,
                                       config.hf_config)
@@ -63,6 +65,14 @@ class MTPHead(nn.Module):
         x, residual = self.layers[step % len(self.layers)](x, None, batch, self.rotary, cos_sin)
         x, _ = self.norm(x, residual)
         return x
+
+
+def mtp_layer_config(config: ModelConfig) -> ModelConfig:
+    """The model's config with the MTP layers' indices (num_layers + i) added: full attention, MoE when the
+    model is, so that the shared `DecoderLayer` builds them."""
+    extra = config.mtp_num_hidden_layers
+    return dataclasses.replace(config, layer_types=config.layer_types + ("full_attention",) * extra,
+                               moe_layers=config.moe_layers + (True,) * extra if config.is_moe else ())
 
 
 class WithMTP:
