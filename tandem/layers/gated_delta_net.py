@@ -4,7 +4,9 @@ q/k/v channels of `in_proj_qkv` and of the depthwise `conv1d` are split per part
 rank keeps whole key heads and the value heads they serve; `A_log`, `dt_bias`, `in_proj_a/b` and `in_proj_z`
 split by value heads; `out_proj` is row-parallel. Per-request conv and recurrent states live in the stage's
 linear-attention state pool (float32 recurrent state), in the slot each span names; one-token continuations
-run batched through the recurrent step, longer spans one by one through the chunked rule."""
+run batched through the recurrent step, longer spans one by one through the chunked rule; verify spans
+(speculative decoding) token by token on copies of their states, committed later at the accepted length
+(`gdn_verify.py`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tandem.layers import gdn_verify
 from tandem.layers.forward_batch import ForwardBatch
 from tandem.layers.gated_delta_rule import (
     causal_conv1d_decode,
@@ -82,12 +85,16 @@ class GatedDeltaNet(nn.Module):
         else:
             core = torch.empty(num_tokens, self.num_v_heads, self.head_v_dim, dtype=x.dtype, device=x.device)
             decodes = set(batch.decode_spans)
+            for length, group in batch.verify_groups.items():  # verify spans of one length, all at once
+                rows = torch.tensor([batch.offsets[i] + t for i in group for t in range(length)], device=x.device)
+                core[rows] = self._verify(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state,
+                                          [batch.spans[i].state_slot for i in group], length, batch.verify_ledger)
             if decodes:  # one-token continuations of a mixed batch, all at once
                 rows = torch.tensor([batch.offsets[i] for i in batch.decode_spans], dtype=torch.long, device=x.device)
                 core[rows] = self._decode(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state,
                                           batch.decode_state_rows)
             for i, (offset, span) in enumerate(zip(batch.offsets, batch.spans)):
-                if i in decodes:
+                if i in decodes or i in batch.verify:
                     continue
                 rows = slice(offset, offset + span.num_tokens)
                 core[rows] = self._prefill(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state,
@@ -123,3 +130,27 @@ class GatedDeltaNet(nn.Module):
         out = recurrent_gated_delta_rule_step(q, k, v, g, beta, state)
         rows.write(ssm_state, state)
         return rows.from_slot_order(out)
+
+    def _verify(self, mixed, g, beta, weight, conv_state, ssm_state, slots, length, ledger) -> torch.Tensor:
+        per_span = lambda t: t.reshape(len(slots), length, *t.shape[1:])  # [B*n, ...] -> [B, n, ...]
+        out = gdn_verify.verify_forward(self.layer_idx, slots, per_span(mixed), per_span(g), per_span(beta), weight,
+                                        conv_state, ssm_state, self._split_heads, ledger)
+        return out.reshape(len(slots) * length, *out.shape[2:])
+
+    def commit_verified(self, state_pool, ledger: gdn_verify.VerifyLedger, accepted: dict[int, int]) -> None:
+        """Move each slot's state on by its verify span's first accepted[slot] + 1 tokens."""
+        conv_state, ssm_state = state_pool.layer(self.layer_idx)
+        gdn_verify.commit(self.layer_idx, accepted, self.conv1d.weight.squeeze(1), conv_state, ssm_state,
+                          self._split_heads, ledger)
+
+
+def commit_verified(model: nn.Module, state_pool, ledger: gdn_verify.VerifyLedger, accepted: dict[int, int]) -> None:
+    """After the drafts are judged: "commit request r's state at j of its k+1 positions" for every Gated-DeltaNet
+    layer of a stage's model; accepted maps state slot -> j (accepted drafts). Every slot must have a pending
+    verify span in every layer."""
+    for module in model.modules():
+        if isinstance(module, GatedDeltaNet):
+            module.commit_verified(state_pool, ledger, accepted)
+    left = [slot for slot in accepted if slot in ledger]
+    if left:
+        raise RuntimeError(f"state slots {left} still have verify spans of layers this model does not hold")

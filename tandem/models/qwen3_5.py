@@ -1,16 +1,17 @@
 """Qwen3.5 dense and MoE: hybrid Gated-DeltaNet linear attention + gated full attention (per `layer_types`),
 zero-centred RMSNorms, q/k norms, partial rotary; MoE layers always renormalise their top-k weights.
-Multimodal checkpoints keep the text model under `model.language_model.`; their vision tower and the
-multi-token-prediction head are not used here."""
+Multimodal checkpoints keep the text model under `model.language_model.`; their vision tower is not used here.
+The multi-token-prediction head (`mtp.*`) is built and read only with `mtp=True` (`models/mtp.py`)."""
 
 from __future__ import annotations
 
 from tandem.config import ModelConfig
 from tandem.models.causal_lm import CausalLM
 from tandem.models.common import BlockSpec
+from tandem.models.mtp import WithMTP
 
 
-class Qwen3_5ForCausalLM(CausalLM):
+class Qwen3_5ForCausalLM(WithMTP, CausalLM):
     ignorable = CausalLM.ignorable + (r"^mtp\.", r"^model\.visual\.", r"^visual\.")
 
     @classmethod

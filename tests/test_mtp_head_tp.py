@@ -1,0 +1,99 @@
+"""The MTP head under tensor parallelism: two gloo ranks on loopback build the head as tp2 of one stage and as
+tp2 of the last of two stages (which has no embedding of the model's: the head holds a vocabulary-parallel
+one), load the multimodal MoE fused checkpoint, and run a prefill step; the gathered logits equal the
+one-process head's within 1e-4 (TP changes the reduction order). Slow (about 100 s on the 2-core machine, most
+of it two spawned interpreters importing torch): run with -m slow."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+
+import pytest
+import torch
+
+CHECKPOINT = ("qwen3_5_moe", dict(add_mtp=True, multimodal=True, fused_experts=True))
+IDS = [5, 77, 301, 12, 9]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def head_logits(model_dir, layout) -> tuple[torch.Tensor, list[str]]:
+    from tandem.layers.forward_batch import ForwardBatch
+    from tandem.layers.paged_metadata import PagedAttentionMetadata
+    from tandem.layers.span import Span
+    from tandem.loader import load_weights
+    from tandem.models.qwen3_5 import Qwen3_5MoeForCausalLM
+    from tandem.models.registry import load_model_config
+    from tandem.runtime.memory.kv_pool import PagedKVPool
+
+    config = load_model_config(model_dir)
+    model = Qwen3_5MoeForCausalLM(config, layout or _single(config), mtp=True)
+    report = load_weights(model, model_dir, progress=False)
+    kv_heads = model.mtp.layers[0].self_attn.num_kv_heads
+    pool = PagedKVPool(model.mtp.layer_ids, 2, 4, kv_heads, config.head_dim, torch.float32, "cpu")
+    batch = ForwardBatch.build([Span(0, 0, len(IDS))], IDS)
+    batch.kv_pool = pool
+    batch.attn = PagedAttentionMetadata.build([[1, 0]], [0], [len(IDS)], 4, 1 << 20)
+    hidden = torch.randn(len(IDS), config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model.compute_logits(model.mtp_forward(batch, hidden)), report.tensors_read
+
+
+def _single(config):
+    from tandem.parallel.layout import ParallelLayout
+
+    return ParallelLayout.single(config.num_layers)
+
+
+def tp_rank(rank: int, port: int, model_dir, results) -> None:
+    import torch.distributed as dist
+
+    from tandem.parallel.layout import GroupInfo, ParallelLayout
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+    try:
+        tp = GroupInfo(rank, 2, None, (0, 1))  # the whole world is the TP group
+        out = {}
+        for name, pp in (("one stage", GroupInfo.alone()), ("last of two stages", GroupInfo(1, 2, None, (0, 1)))):
+            partition = (4,) if pp.size == 1 else (2, 2)
+            logits, read = head_logits(model_dir, ParallelLayout(tp, pp, partition))
+            # plain lists: a tensor in a Queue is shared through a socket that dies with this process
+            out[name] = (logits.tolist(), sorted(n for n in read if n.startswith("mtp.") or "embed_tokens" in n))
+        results.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def loopback(monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+
+
+@pytest.mark.slow
+def test_tp2_head_matches_one_process(ckpt):
+    kind, kw = CHECKPOINT
+    model_dir = ckpt(kind, **kw)
+    expected, _ = head_logits(model_dir, None)
+    context = mp.get_context("spawn")
+    results, port = context.Queue(), free_port()
+    procs = [context.Process(target=tp_rank, args=(rank, port, model_dir, results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        out = dict(results.get(timeout=300) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    for rank in (0, 1):
+        for name in ("one stage", "last of two stages"):
+            logits, read = out[rank][name]
+            torch.testing.assert_close(torch.tensor(logits), expected, atol=1e-4, rtol=1e-4, msg=f"rank {rank}, {name}")
+            assert "mtp.fc.weight" in read and "model.language_model.embed_tokens.weight" in read
