@@ -13,6 +13,7 @@ from tandem.config import ModelConfig
 from tandem.layers.embedding import ParallelLMHead
 from tandem.layers.forward_batch import ForwardBatch
 from tandem.models.common import BlockSpec, DecoderModel
+from tandem.models.fp8_weights import convert_to_fp8
 from tandem.parallel.layout import ParallelLayout
 from tandem.parallel.partition import PPMissingLayer
 
@@ -22,7 +23,7 @@ DENSE_PACKED = {
     ".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"), ".v_proj.": (".qkv_proj.", "v"),
     ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
 }
-PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
 FUSED_EXPERT = re.compile(r"\.experts\.(gate_up_proj|down_proj)(\.weight)?$")
 
 
@@ -53,6 +54,8 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, loaded once
         else:
             self.lm_head = ParallelLMHead(tp, config.vocab_size, config.hidden_size)
+        if config.quantization is not None:
+            convert_to_fp8(self, config.quantization)
 
     @property
     def layer_range(self) -> tuple[int, int]:
@@ -85,10 +88,10 @@ class CausalLM(nn.Module):
         match = PER_EXPERT.search(name)
         if match:
             expert, which = int(match.group(1)), match.group(2)
-            base = name[: match.start()] + ".experts."
+            base, scale = name[: match.start()] + ".experts.", match.group(3) or ""  # FP8 block scales
             if which == "down_proj":
-                return [(base + "down_proj", expert)]
-            return [(base + "gate_up_proj", (expert, 0 if which == "gate_proj" else 1))]
+                return [(base + "down_proj" + scale, expert)]
+            return [(base + "gate_up_proj" + scale, (expert, 0 if which == "gate_proj" else 1))]
         match = FUSED_EXPERT.search(name)
         if match:
             return [(name[: match.start()] + ".experts." + match.group(1), None)]

@@ -1,0 +1,37 @@
+"""Which of a stage's modules hold block-wise FP8 weights, decided from checkpoint names alone, and their
+conversion to FP8 storage right after the stage is built (before any tensor is read).
+
+A linear layer or expert stack is FP8 when every checkpoint tensor that feeds it (q, k and v of a fused QKV;
+each expert's gate / up) is, by `Fp8Config.quantized_module`; mixed pieces are refused. Embeddings, the LM
+head and norms are never linear layers here, so they stay in the engine's dtype."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from tandem.errors import ConfigError
+from tandem.layers.fp8_layout import LINEAR_TYPES, quantize_module
+from tandem.layers.moe import StackedExperts
+from tandem.quantization import Fp8Config
+
+
+def convert_to_fp8(model: nn.Module, quant: Fp8Config) -> None:
+    """Turn `model`'s (a `CausalLM`) quantized modules into FP8 storage, in place."""
+    for module_name, module in list(model.named_modules()):
+        if isinstance(module, StackedExperts):
+            params = [f"{module_name}.gate_up_proj", f"{module_name}.down_proj"]
+        elif isinstance(module, LINEAR_TYPES):
+            params = [f"{module_name}.weight"]
+        else:
+            continue
+        shards = [(name, shard) for name in params for shard in getattr(module, name.rsplit(".", 1)[1]).shard_ids]
+        sources = {model.checkpoint_name_of(name, shard) for name, shard in shards}
+        quantized = {source: quant.quantized_module(source.removesuffix(".weight")) for source in sources}
+        if not any(quantized.values()):
+            continue
+        if not all(quantized.values()):
+            kept = sorted(source for source, q in quantized.items() if not q)
+            raise ConfigError(f"{module_name} is fused from FP8 and unquantized checkpoint tensors (unquantized: "
+                              f"{', '.join(kept)}); quantize all of them or none in modules_to_not_convert")
+        fused = len(sources) == 1 and len(shards) > 1  # one checkpoint tensor holds every part
+        quantize_module(module, quant.weight_block_size, fused)
