@@ -4,10 +4,10 @@ A quantized weight (a linear layer's `weight` [out, in], or a stack of experts [
 float8_e4m3fn parameter with a float32 `<name>_scale_inv` parameter beside it. The checkpoint's scale grid
 covers each checkpoint tensor in blocks of `(B0, B1)`, edge blocks partial; a rank's weight is made of row
 segments of checkpoint tensors (the q/k/v parts of a fused QKV, a TP shard, ...) and one column range
-(`Segment`), wherever they start. The scale parameter keeps, for each row segment, the scale rows of every
-block it touches (a block cut by a TP shard is kept whole by both ranks: exact, at the cost of a scale row),
-and two small index maps say which scale row and column each local weight row and column uses. So every
-block size, every partial block and every TP cut is handled exactly.
+(`Segment`), wherever they start. The scale parameter keeps, for each checkpoint tensor, the scale rows of
+the blocks its segments touch, once each (a block cut by a TP shard is kept whole by both ranks: exact, at the
+cost of a scale row), and two small index maps say which scale row and column each local weight row and
+column uses. So every block size, every partial block and every TP cut is handled exactly.
 
 `fp8_linear` upcasts a block of weight rows at a time (float32 on CPU, the activations' dtype on CUDA), scales
 it and multiplies: the result is the product with the dequantized weight, computed without ever holding more
@@ -68,23 +68,25 @@ def make_fp8(module: nn.Module, name: str, rows: dict, cols: Segment, block: tup
     of the expert's shard id: 0 / 1 for gate / up, None for down) -> its row segments."""
     old = getattr(module, name)
     b0, b1 = block
-    offsets, start = {}, 0
+    blocks, start = {}, 0  # piece -> (its first scale row here, the checkpoint block rows it keeps, ascending)
     for part, segments in rows.items():
-        offsets[part] = []
-        for seg in segments:
-            offsets[part].append(start)
-            start += seg.num_blocks(b0)
+        kept = sorted({b for seg in segments for b in range(seg.first_block(b0), seg.first_block(b0) + seg.num_blocks(b0))})
+        blocks[part] = (start, kept)
+        start += len(kept)
     row_block = torch.zeros(old.shape[-2], dtype=torch.int32, device="cpu")
     for part, segments in rows.items():
-        for seg, offset in zip(segments, offsets[part]):
+        first, kept = blocks[part]
+        position = torch.full((kept[-1] + 1,), -1, dtype=torch.int32, device="cpu")
+        position[kept] = torch.arange(first, first + len(kept), dtype=torch.int32, device="cpu")
+        for seg in segments:
             source = torch.arange(seg.source_start, seg.source_start + seg.rows, device="cpu")
-            row_block[seg.local_start:seg.local_start + seg.rows] = offset + source // b0 - seg.first_block(b0)
+            row_block[seg.local_start:seg.local_start + seg.rows] = position[source // b0]
     col_block = torch.arange(cols.source_start, cols.source_start + cols.rows, device="cpu") // b1 - cols.first_block(b1)
     stack = tuple(old.shape[:1]) if stacked else ()
     weight = nn.Parameter(torch.empty(old.shape, dtype=FP8_DTYPE), requires_grad=False)
     weight.weight_loader = _checked_fp8(old.weight_loader)
     scale = nn.Parameter(torch.empty(*stack, start, cols.num_blocks(b1), dtype=torch.float32), requires_grad=False)
-    scale.weight_loader = _scale_loader(rows, offsets, cols, block, stacked)
+    scale.weight_loader = _scale_loader(rows, blocks, cols, block, stacked)
     weight.shard_ids = scale.shard_ids = old.shard_ids
     setattr(module, name, weight)
     module.register_parameter(f"{name}_scale_inv", scale)
@@ -105,7 +107,7 @@ def _checked_fp8(loader: Callable) -> Callable:
     return load
 
 
-def _scale_loader(rows: dict, offsets: dict, cols: Segment, block: tuple[int, int], stacked: bool) -> Callable:
+def _scale_loader(rows: dict, blocks: dict, cols: Segment, block: tuple[int, int], stacked: bool) -> Callable:
     b0, b1 = block
 
     def load(param, loaded: torch.Tensor, shard_id=None) -> None:
@@ -114,14 +116,13 @@ def _scale_loader(rows: dict, offsets: dict, cols: Segment, block: tuple[int, in
             raise CheckpointError("FP8 experts must be stored per expert (experts.{e}.*_proj.weight_scale_inv)")
         if part not in rows:
             raise CheckpointError(f"no FP8 block layout for checkpoint piece {part!r} of this parameter")
-        segments = rows[part]
-        expected = (-(-segments[0].source_rows // b0), -(-cols.source_rows // b1))
+        expected = (-(-rows[part][0].source_rows // b0), -(-cols.source_rows // b1))
         check_shape(expected, loaded, f"block scales of {b0}x{b1} blocks")
+        first, kept = blocks[part]
         dest = param.data if expert is None else param.data[expert]
         c0, cn = cols.first_block(b1), cols.num_blocks(b1)
-        for seg, offset in zip(segments, offsets[part]):
-            n = seg.num_blocks(b0)
-            dest[offset:offset + n].copy_(loaded[seg.first_block(b0):seg.first_block(b0) + n, c0:c0 + cn])
+        picked = loaded[kept[0]:kept[-1] + 1, c0:c0 + cn][[b - kept[0] for b in kept]]
+        dest[first:first + len(kept)].copy_(picked)
 
     return load
 
