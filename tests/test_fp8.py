@@ -115,10 +115,14 @@ def test_single_process_matches_transformers_on_dequantized_weights(fp8_model, n
     check_stages(report, fp8_dir, MODELS[name][1].get("tied", False))
 
 
-PARALLEL = [("qwen3_5_moe", 1, 3), ("qwen3_5_tied", 1, 2), ("llama", 2, 1), ("qwen3_5_moe", 2, 1)]
+# tp2 of the MoE model cuts blocks of q/k/v, in_proj_qkv, in_proj_z, out_proj and the experts; Llama's tp2 (the
+# same layer kinds as the full-attention layers here, covered exactly by the layer tests below) is a slow extra
+PARALLEL = [pytest.param("qwen3_5_moe", 1, 3, id="qwen3_5_moe-pp3"), pytest.param("qwen3_5_tied", 1, 2, id="tied-pp2"),
+            pytest.param("qwen3_5_moe", 2, 1, id="qwen3_5_moe-tp2"),
+            pytest.param("llama", 2, 1, id="llama-tp2", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("name,tp,pp", PARALLEL, ids=[f"{n}-tp{t}-pp{p}" for n, t, p in PARALLEL])
+@pytest.mark.parametrize("name,tp,pp", PARALLEL)
 def test_parallel_matches_transformers_on_dequantized_weights(fp8_model, name, tp, pp):
     fp8_dir, ref_dir = fp8_model(name)
     with Engine(fp8_dir, tp_size=tp, pp_size=pp, dtype="float32", progress=False) as engine:
@@ -181,7 +185,7 @@ def test_tp_shards_cutting_blocks_dequantize_exactly(name):
     x = x[:, :32] if name == "row_tp3" else x
     for rank in range(TP_SIZE[name]):
         tp = GroupInfo(rank, TP_SIZE[name])
-        fp8_module, float_module = _load_both(lambda: make(tp), {"weight": shapes}, block)
+        fp8_module, float_module = _load_both(lambda tp=tp: make(tp), {"weight": shapes}, block)
         assert fp8_module.weight.dtype == torch.float8_e4m3fn
         assert torch.equal(_dense(fp8_module.weight), float_module.weight)
         assert torch.allclose(linear(x, fp8_module.weight), linear(x, float_module.weight), atol=1e-5, rtol=0)
@@ -192,8 +196,8 @@ def test_expert_stacks_dequantize_exactly_per_expert():
     shapes = {"gate_up_proj": {(e, j): (40, 64) for e in range(experts) for j in (0, 1)},
               "down_proj": {e: (64, 40) for e in range(experts)}}
     for rank in range(2):
-        make = lambda: StackedExperts(GroupInfo(rank, 2), experts, 64, 40)  # noqa: E731
-        fp8_module, float_module = _load_both(make, shapes, block, names=("gate_up_proj", "down_proj"))
+        fp8_module, float_module = _load_both(lambda rank=rank: StackedExperts(GroupInfo(rank, 2), experts, 64, 40),
+                                              shapes, block, names=("gate_up_proj", "down_proj"))
         for name in ("gate_up_proj", "down_proj"):
             for e in range(experts):
                 assert torch.equal(_dense(expert_weight(getattr(fp8_module, name), e)),
