@@ -4,11 +4,13 @@ partition, from config.json alone: no weights are read, nothing is allocated."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 from tandem.errors import ConfigError
+from tandem.quantization import Fp8Config
 
 _UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -43,7 +45,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--pp-size", type=int, default=1, help="Pipeline stages (default: 1).")
     parser.add_argument("--tp-size", type=int, default=1, help="Tensor-parallel ranks per stage (default: 1).")
     parser.add_argument("--dtype", default="auto",
-                        help="Weight dtype: auto (the config's), bf16, fp16 or fp32 (default: auto).")
+                        help="Weight dtype: auto (the config's), bf16, fp16, fp32, or fp8: block-wise FP8 linear "
+                             "weights (128x128 blocks unless config.json's quantization_config says otherwise) "
+                             "with the config's dtype for the rest (default: auto; an FP8 checkpoint's "
+                             "quantization_config is always read).")
     parser.add_argument("--gpu-memory", default="80GB",
                         help="Memory of each device, e.g. 80GB or 80GiB (default: 80GB).")
     parser.add_argument("--mem-fraction-static", type=float, default=None,
@@ -75,8 +80,13 @@ def build_plan(args) -> dict:
     from tandem.runtime.planning import planner
 
     model_config = load_model_config(args.model)
+    dtype_name = args.dtype
+    if dtype_name == "fp8":  # the weights' format; activations and everything unquantized keep the config's dtype
+        dtype_name = "auto"
+        if model_config.quantization is None:
+            model_config = dataclasses.replace(model_config, quantization=Fp8Config())
     engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,
-                             dtype=args.dtype, context_length=args.context_length,
+                             dtype=dtype_name, context_length=args.context_length,
                              max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
                              mem_fraction_static=args.mem_fraction_static or DEFAULT_MEM_FRACTION["cuda"],
                              page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
@@ -113,6 +123,7 @@ def build_plan(args) -> dict:
         "num_layers": model_config.num_layers, "layer_kinds": kinds,
         "num_experts": model_config.num_experts, "num_experts_per_tok": model_config.num_experts_per_tok,
         "pp_size": args.pp_size, "tp_size": args.tp_size, "dtype": str(dtype).removeprefix("torch."),
+        "quantization": model_config.quantization.describe() if model_config.quantization else None,
         "gpu_memory_bytes": memory, "mem_fraction_static": engine_args.resolved_mem_fraction(),
         "page_size": args.page_size, "given_max_total_tokens": args.max_total_tokens,
         "given_max_running_requests": args.max_running_requests,
@@ -134,7 +145,8 @@ def render(plan: dict) -> str:
               else f"pools sized from {plan['mem_fraction_static']} x {memory}")
     lines = [
         f"{plan['model']} ({plan['architecture']}): {plan['num_layers']} layers ({kinds}){moe}",
-        f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}; {sizing}; pages of {plan['page_size']} "
+        f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}"
+        f"{'; weights ' + plan['quantization'] if plan['quantization'] else ''}; {sizing}; pages of {plan['page_size']} "
         f"tokens; radix cache {'on' if plan['radix_cache'] else 'off'}; context length {plan['context_length']:,}",
         f"whole model weights (one TP rank): {fmt_bytes(plan['model_weight_bytes'])}",
         "figures are per device (TP rank 0); the activation reserve is an estimate (the engine measures its own)",
