@@ -20,15 +20,19 @@ import torch
 from support.checkpoints import checkpoint_tensor_names
 from support.fp8_checkpoints import dequantize_blocks, dequantized_checkpoint, quantize_blocks, quantize_checkpoint
 from support.reference import hf_greedy
+from tandem.config import EngineArgs
 from tandem.engine import Engine
 from tandem.errors import CheckpointError, ConfigError
+from tandem.layers import matmul
 from tandem.layers.fp8 import dequantize_rows, expert_weight
 from tandem.layers.fp8_layout import quantize_module
 from tandem.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tandem.layers.matmul import linear
 from tandem.layers.moe import StackedExperts
+from tandem.models.registry import load_model_config
 from tandem.parallel.layout import GroupInfo
 from tandem.quantization import Fp8Config
+from tandem.runtime.planning.decode_timing import time_decode_parts
 
 TOL = 1e-4
 PROMPTS = [[3, 17, 92, 5], list(range(40, 77)), [250, 9, 8, 7, 6, 5, 4, 3, 2, 1, 12]]
@@ -240,3 +244,16 @@ def test_which_modules_are_fp8():
     assert not quant.quantized_module("model.layers.10.mlp.gate")  # the router, always high precision
     assert quant.quantized_module("model.layers.10.mlp.gate_proj")
     assert not quant.quantized_module("model.layers.2.linear_attn.in_proj_b")
+
+
+def test_the_latency_probe_times_fp8_layers(fp8_model, monkeypatch):
+    fp8_dir, _ = fp8_model("qwen3_5_moe")
+    shapes = []
+    real = matmul.fp8_linear
+    monkeypatch.setattr(matmul, "fp8_linear", lambda x, w, b=None: shapes.append(tuple(w.shape)) or real(x, w, b))
+    config = load_model_config(fp8_dir)
+    args = EngineArgs(model_path=str(fp8_dir), dtype="float32", max_running_requests=2, context_length=16)
+    timing = time_decode_parts(config, args, reps=1)
+    assert len(timing.layer_seconds) == config.num_layers
+    expert = (2 * config.moe_intermediate_size, config.hidden_size)
+    assert expert in shapes and (config.hidden_size, config.num_heads * config.head_dim) in shapes  # experts, o_proj

@@ -55,7 +55,7 @@ class CausalLM(nn.Module):
         else:
             self.lm_head = ParallelLMHead(tp, config.vocab_size, config.hidden_size)
         if config.quantization is not None:
-            convert_to_fp8(self, config.quantization)
+            convert_to_fp8(self, config.quantization, self.checkpoint_name_of)
 
     @property
     def layer_range(self) -> tuple[int, int]:
@@ -120,18 +120,23 @@ class CausalLM(nn.Module):
 
     def checkpoint_name_of(self, param_name: str, shard) -> str:
         """The checkpoint tensor expected to fill `shard` of a parameter (for error messages)."""
-        name = param_name
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
-        elif ".experts.gate_up_proj" in name and shard is not None:
-            expert, part = shard
-            name = name.replace(".experts.gate_up_proj", f".experts.{expert}.{('gate_proj', 'up_proj')[part]}.weight")
-        elif ".experts.down_proj" in name and shard is not None:
-            name = name.replace(".experts.down_proj", f".experts.{shard}.down_proj.weight")
-        else:
-            for piece, (param_piece, piece_shard) in DENSE_PACKED.items():
-                if param_piece in name and piece_shard == shard and ".linear_attn." not in name:
-                    name = name.replace(param_piece, piece)
-                    break
-        prefix = self.config.weight_prefix
-        return prefix + name[len("model."):] if name.startswith("model.") else name
+        return checkpoint_name(self.config, param_name, shard)
+
+
+def checkpoint_name(config: ModelConfig, param_name: str, shard) -> str:
+    """The checkpoint tensor expected to fill `shard` of a parameter (`model.*` / `lm_head.*` name)."""
+    name = param_name
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        name = "model.embed_tokens.weight"
+    elif ".experts.gate_up_proj" in name and shard is not None:
+        expert, part = shard
+        name = name.replace(".experts.gate_up_proj", f".experts.{expert}.{('gate_proj', 'up_proj')[part]}.weight")
+    elif ".experts.down_proj" in name and shard is not None:
+        name = name.replace(".experts.down_proj", f".experts.{shard}.down_proj.weight")
+    else:
+        for piece, (param_piece, piece_shard) in DENSE_PACKED.items():
+            if param_piece in name and piece_shard == shard and ".linear_attn." not in name:
+                name = name.replace(param_piece, piece)
+                break
+    prefix = config.weight_prefix
+    return prefix + name[len("model."):] if name.startswith("model.") else name

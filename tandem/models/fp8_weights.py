@@ -7,6 +7,8 @@ head and norms are never linear layers here, so they stay in the engine's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn as nn
 
 from tandem.errors import ConfigError
@@ -15,9 +17,10 @@ from tandem.layers.moe import StackedExperts
 from tandem.quantization import Fp8Config
 
 
-def convert_to_fp8(model: nn.Module, quant: Fp8Config) -> None:
-    """Turn `model`'s (a `CausalLM`) quantized modules into FP8 storage, in place."""
-    for module_name, module in list(model.named_modules()):
+def convert_to_fp8(root: nn.Module, quant: Fp8Config, checkpoint_name_of: Callable[[str, object], str]) -> None:
+    """Turn the quantized modules under `root` (a `CausalLM`, or one decoder layer for the latency probe) into
+    FP8 storage, in place. checkpoint_name_of(parameter name under root, shard id) -> checkpoint tensor name."""
+    for module_name, module in list(root.named_modules()):
         if isinstance(module, StackedExperts):
             params = [f"{module_name}.gate_up_proj", f"{module_name}.down_proj"]
         elif isinstance(module, LINEAR_TYPES):
@@ -25,7 +28,7 @@ def convert_to_fp8(model: nn.Module, quant: Fp8Config) -> None:
         else:
             continue
         shards = [(name, shard) for name in params for shard in getattr(module, name.rsplit(".", 1)[1]).shard_ids]
-        sources = {model.checkpoint_name_of(name, shard) for name, shard in shards}
+        sources = {checkpoint_name_of(name, shard) for name, shard in shards}
         quantized = {source: quant.quantized_module(source.removesuffix(".weight")) for source in sources}
         if not any(quantized.values()):
             continue

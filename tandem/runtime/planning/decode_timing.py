@@ -43,7 +43,9 @@ from tandem.layers.norm import RMSNorm
 from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.layers.rotary import RotaryEmbedding
 from tandem.layers.span import Span
+from tandem.models.causal_lm import checkpoint_name
 from tandem.models.common import DecoderLayer
+from tandem.models.fp8_weights import convert_to_fp8
 from tandem.models.registry import get_model_class, load_model_config
 from tandem.parallel.layout import GroupInfo
 from tandem.runtime.memory.sizing import StageCacheShape
@@ -120,7 +122,9 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
 
 def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
     for p in module.parameters():
-        if p.is_floating_point():
+        if p.dtype == torch.float8_e4m3fn:  # drawn in float32 and rounded: torch has no FP8 normal_
+            p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, 0.02, generator=generator))
+        elif p.is_floating_point():
             p.normal_(0.0, 0.02, generator=generator)
 
 
@@ -159,6 +163,10 @@ def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: i
     generator = torch.Generator().manual_seed(0)
     with building_on(dtype, device):
         layers = {i: DecoderLayer(alone, model_config, spec, i) for i in kinds.values()}
+        if model_config.quantization is not None:  # the layers as an FP8 checkpoint's stage holds them
+            for i, layer in layers.items():
+                convert_to_fp8(layer, model_config.quantization,
+                               lambda name, shard, i=i: checkpoint_name(model_config, f"model.layers.{i}.{name}", shard))
         embed = VocabParallelEmbedding(alone, model_config.vocab_size, model_config.hidden_size)
         norm = RMSNorm(model_config.hidden_size, model_config.rms_norm_eps, zero_centred=spec.zero_centred_norm)
         head = ParallelLMHead(alone, model_config.vocab_size, model_config.hidden_size)
