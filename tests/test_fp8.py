@@ -176,10 +176,12 @@ TP_LAYERS = {  # name: (module factory for GroupInfo tp, checkpoint shapes per s
     "qkv_replicated_kv_tp4": (lambda tp: QKVParallelLinear(tp, 64, 16, 4, 2),
                               {"q": (64, 64), "k": (32, 64), "v": (32, 64)}, (24, 40)),
     "column_tp2": (lambda tp: ColumnParallelLinear(tp, 64, 48), {None: (48, 64)}, (20, 24)),
+    # the plain grid (scales broadcast over whole blocks), with a partial last row block
+    "column_grid_tp1": (lambda tp: ColumnParallelLinear(tp, 64, 50), {None: (50, 64)}, (16, 16)),
     "row_tp3": (lambda tp: RowParallelLinear(tp, 96, 64), {None: (64, 96)}, (24, 40)),
 }
 TP_SIZE = {"merged_gate_up_tp3": 3, "merged_fused_qkv_tp2": 2, "qkv_replicated_kv_tp4": 4, "column_tp2": 2,
-           "row_tp3": 3}
+           "row_tp3": 3, "column_grid_tp1": 1}
 
 
 @pytest.mark.parametrize("name", list(TP_LAYERS))
@@ -206,6 +208,20 @@ def test_expert_stacks_dequantize_exactly_per_expert():
             for e in range(experts):
                 assert torch.equal(_dense(expert_weight(getattr(fp8_module, name), e)),
                                    getattr(float_module, name)[e])
+
+
+def test_every_finite_fp8_code_dequantizes_exactly():
+    layer = ColumnParallelLinear(GroupInfo.alone(), 32, 8)
+    quantize_module(layer, (8, 32))
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(8, 32)
+    finite = torch.where(codes.float().isnan(), torch.zeros((), dtype=torch.float8_e4m3fn), codes)
+    scale = torch.tensor([[3.0]])
+    layer.weight.weight_loader(layer.weight, finite, None)
+    layer.weight_scale_inv.weight_loader(layer.weight_scale_inv, scale, None)
+    assert layer.weight.block_scale.grid == (8, 32)
+    assert torch.equal(_dense(layer.weight), finite.float() * 3.0)
+    with pytest.raises(CheckpointError, match="NaN"):
+        layer.weight.weight_loader(layer.weight, codes, None)
 
 
 def test_a_high_precision_tensor_or_a_misshapen_scale_for_an_fp8_module_is_refused():
