@@ -137,6 +137,22 @@ def test_parallel_matches_transformers_on_dequantized_weights(fp8_model, name, t
         check_stages(report, fp8_dir, MODELS[name][1].get("tied", False))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cuda_matches_transformers_on_dequantized_weights(fp8_model, name):
+    """The CUDA path (FP8 weights on the GPU, dequantized a block of rows at a time in the activations' dtype);
+    float32 products may run in TF32 there, hence test_cuda.py's tolerance."""
+    assert torch.cuda.is_available(), "needs a CUDA GPU (run with -m cuda on a GPU machine)"
+    fp8_dir, ref_dir = fp8_model(name)
+    with Engine(fp8_dir, dtype="float32", device="cuda", progress=False) as engine:
+        outs = engine.generate(input_ids=PROMPTS, sampling_params=SAMPLING, return_logprob=True)
+    refs = reference(name, ref_dir)
+    for out, ref in zip(outs, refs):
+        assert out["output_ids"] == ref["output_ids"]
+        lps = [lp for lp, _ in out["meta_info"]["output_token_logprobs"]]
+        assert max(abs(a - b) for a, b in zip(lps, ref["logprobs"])) <= 2e-3
+
+
 # ---- layers: a rank's FP8 weight, dequantized, is exactly its shard of the dequantized checkpoint tensor -------
 
 def _pieces(shapes: dict, block, seed: int) -> dict:
