@@ -11,6 +11,7 @@ with block sizes that give several blocks and partial edge blocks, and TP shards
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -33,6 +34,7 @@ from tandem.models.registry import load_model_config
 from tandem.parallel.layout import GroupInfo
 from tandem.quantization import Fp8Config
 from tandem.runtime.planning.decode_timing import time_decode_parts
+from tandem.runtime.planning.stage_costs import build_stage_on_meta
 
 TOL = 1e-4
 PROMPTS = [[3, 17, 92, 5], list(range(40, 77)), [250, 9, 8, 7, 6, 5, 4, 3, 2, 1, 12]]
@@ -289,3 +291,10 @@ def test_the_latency_probe_times_fp8_layers(fp8_model, monkeypatch):
     assert len(timing.layer_seconds) == config.num_layers
     expert = (2 * config.moe_intermediate_size, config.hidden_size)
     assert expert in shapes and (config.hidden_size, config.num_heads * config.head_dim) in shapes  # experts, o_proj
+
+
+def test_a_fused_layer_of_fp8_and_unquantized_pieces_is_refused(fp8_model):
+    config = load_model_config(fp8_model("llama")[0])
+    skip_q = dataclasses.replace(config.quantization, modules_to_not_convert=("model.layers.2.self_attn.q_proj",))
+    with pytest.raises(ConfigError, match=r"model\.layers\.2\.self_attn\.qkv_proj .*q_proj"):
+        build_stage_on_meta(dataclasses.replace(config, quantization=skip_q), torch.float32, 1)

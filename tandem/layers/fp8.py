@@ -90,9 +90,10 @@ def make_fp8(module: nn.Module, name: str, rows: dict, cols: Segment, block: tup
             row_block[seg.local_start:seg.local_start + seg.rows] = position[source // b0]
     col_block = torch.arange(cols.source_start, cols.source_start + cols.rows, device="cpu") // b1 - cols.first_block(b1)
     stack = tuple(old.shape[:1]) if stacked else ()
-    weight = nn.Parameter(torch.empty(old.shape, dtype=FP8_DTYPE), requires_grad=False)
+    weight = nn.Parameter(torch.empty(old.shape, dtype=FP8_DTYPE, device=old.device), requires_grad=False)
     weight.weight_loader = _checked_fp8(old.weight_loader)
-    scale = nn.Parameter(torch.empty(*stack, start, cols.num_blocks(b1), dtype=torch.float32), requires_grad=False)
+    scale = nn.Parameter(torch.empty(*stack, start, cols.num_blocks(b1), dtype=torch.float32, device=old.device),
+                         requires_grad=False)
     scale.weight_loader = _scale_loader(rows, blocks, cols, block, stacked)
     weight.shard_ids = scale.shard_ids = old.shard_ids
     setattr(module, name, weight)
