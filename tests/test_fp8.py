@@ -1,8 +1,9 @@
 """Block-wise FP8 checkpoints (quantization_config quant_method fp8), against independent references.
 
-Checkpoints: FP8 copies (tests/support/fp8_checkpoints.py) of random Qwen3.5-MoE (experts per expert),
-Qwen3.5 dense with tied embeddings (bf16 scales, one layer's down_proj in modules_to_not_convert) and Llama,
-with block sizes that give several blocks and partial edge blocks, and TP shards that cut blocks.
+Checkpoints: FP8 copies (tests/support/fp8_checkpoints.py) of random multimodal Qwen3.5-MoE with an MTP head
+(experts per expert, as in the Qwen3.5 FP8 releases), Qwen3.5 dense with tied embeddings (bf16 scales, one
+layer's down_proj in modules_to_not_convert) and Llama, with block sizes that give several blocks and partial
+edge blocks, and TP shards that cut blocks.
 - Layers: a rank's dequantized FP8 weight equals, bit for bit, the same rank's shard of the dequantized
   checkpoint tensor loaded by the layer's own (unquantized) loader, for every parallel layer kind and TP cuts.
 - Engine at pp1, pp2, pp3 and tp2: greedy tokens equal transformers (float32) run on the dequantized weights,
@@ -43,7 +44,7 @@ SAMPLING = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 MODELS = {  # name: (kind, build kwargs, block, scale dtype, modules_to_not_convert extras)
-    "qwen3_5_moe": ("qwen3_5_moe", {}, (20, 24), torch.float32, ()),
+    "qwen3_5_moe": ("qwen3_5_moe", {"multimodal": True, "add_mtp": True}, (20, 24), torch.float32, ()),
     "qwen3_5_tied": ("qwen3_5", {"tied": True}, (24, 40), torch.bfloat16, ("model.layers.1.mlp.down_proj",)),
     "llama": ("llama", {}, (16, 48), torch.float32, ()),
 }
@@ -84,7 +85,8 @@ def owned_bytes(fp8_dir, start: int, end: int, first: bool, last: bool, tied: bo
     """A float32 stage's weight bytes from the checkpoint headers: 1 byte per FP8 element, 4 per scale (kept in
     float32 whatever the checkpoint stores) and per other element."""
     total = 0
-    for name, (shape, dtype) in checkpoint_tensor_names(fp8_dir).items():
+    for name, (shape, dtype) in text_tensors(fp8_dir).items():
+        name = name.replace("model.language_model.", "model.", 1)
         layer = LAYER.search(name)
         if layer:
             owned = start <= int(layer.group(1)) < end
@@ -97,8 +99,15 @@ def owned_bytes(fp8_dir, start: int, end: int, first: bool, last: bool, tied: bo
     return total
 
 
+def text_tensors(fp8_dir) -> dict:
+    """The checkpoint's tensors of the text model (the MTP head and the vision tower are never read)."""
+    return {name: info for name, info in checkpoint_tensor_names(fp8_dir).items()
+            if not name.startswith(("mtp.", "model.visual."))}
+
+
 def check_stages(report: list[dict], fp8_dir, tied: bool) -> None:
-    scales = {n for n in checkpoint_tensor_names(fp8_dir) if n.endswith("_scale_inv")}
+    scales = {n for n in text_tensors(fp8_dir) if n.endswith("_scale_inv")}
+    ignored_scales = {n for n in checkpoint_tensor_names(fp8_dir) if n.endswith("_scale_inv")} - scales
     pp = report[-1]["pp_rank"] + 1
     for stage in report:
         start, end = stage["layer_start"], stage["layer_end"]
@@ -107,6 +116,7 @@ def check_stages(report: list[dict], fp8_dir, tied: bool) -> None:
         own = {n for n in scales if start <= int(LAYER.search(n).group(1)) < end}
         assert own and own <= set(stage["tensors_read"])  # its own weights' scales ...
         assert not (scales - own) & set(stage["tensors_read"])  # ... and no other stage's
+        assert not ignored_scales & set(stage["tensors_read"])  # nor the MTP head's
 
 
 @pytest.mark.parametrize("name", list(MODELS))

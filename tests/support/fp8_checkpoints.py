@@ -70,7 +70,7 @@ def quantize_checkpoint(src, out, block: tuple[int, int], scale_dtype: torch.dty
         module = name.removesuffix(".weight")
         if KEPT_HIGH.search(name):
             skipped.add(module)
-        if PROJECTIONS.search(name) and tensor.dim() == 2 and module not in skipped and not name.startswith("mtp."):
+        if PROJECTIONS.search(name) and tensor.dim() == 2 and module not in skipped and ".visual." not in f".{name}":
             tensors[name], tensors[name + "_scale_inv"] = quantize_blocks(tensor, block, scale_dtype)
         else:
             tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
