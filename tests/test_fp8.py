@@ -13,6 +13,7 @@ edge blocks, and TP shards that cut blocks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 
@@ -308,3 +309,14 @@ def test_a_fused_layer_of_fp8_and_unquantized_pieces_is_refused(fp8_model):
     skip_q = dataclasses.replace(config.quantization, modules_to_not_convert=("model.layers.2.self_attn.q_proj",))
     with pytest.raises(ConfigError, match=r"model\.layers\.2\.self_attn\.qkv_proj .*q_proj"):
         build_stage_on_meta(dataclasses.replace(config, quantization=skip_q), torch.float32, 1)
+
+
+def test_fp8_tensors_without_quantization_config_are_refused_naming_the_cause(fp8_model, tmp_path):
+    fp8_dir, _ = fp8_model("llama")
+    for file in fp8_dir.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="weight_scale_inv.*no quantization_config"):
+        Engine(tmp_path, dtype="float32", progress=False)
