@@ -307,7 +307,7 @@ def test_the_latency_probe_times_fp8_layers(fp8_model, monkeypatch):
 def test_a_fused_layer_of_fp8_and_unquantized_pieces_is_refused(fp8_model):
     config = load_model_config(fp8_model("llama")[0])
     skip_q = dataclasses.replace(config.quantization, modules_to_not_convert=("model.layers.2.self_attn.q_proj",))
-    with pytest.raises(ConfigError, match=r"model\.layers\.2\.self_attn\.qkv_proj .*q_proj"):
+    with pytest.raises(ConfigError, match=r"layers\.2\.self_attn\.k_proj.* \(FP8\) and model\.layers\.2\.self_attn\.q_proj"):
         build_stage_on_meta(dataclasses.replace(config, quantization=skip_q), torch.float32, 1)
 
 

@@ -43,9 +43,8 @@ from tandem.layers.norm import RMSNorm
 from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.layers.rotary import RotaryEmbedding
 from tandem.layers.span import Span
-from tandem.models.causal_lm import checkpoint_name
 from tandem.models.common import DecoderLayer
-from tandem.models.fp8_weights import convert_to_fp8
+from tandem.models.fp8_weights import quantize_layer
 from tandem.models.registry import get_model_class, load_model_config
 from tandem.parallel.layout import GroupInfo
 from tandem.runtime.memory.sizing import StageCacheShape
@@ -162,11 +161,8 @@ def _measure(model_config: ModelConfig, args: EngineArgs, batch: int, context: i
         kinds.setdefault((model_config.layer_types[i], model_config.is_moe_layer(i)), i)
     generator = torch.Generator().manual_seed(0)
     with building_on(dtype, device):
-        layers = {i: DecoderLayer(alone, model_config, spec, i) for i in kinds.values()}
-        if model_config.quantization is not None:  # the layers as an FP8 checkpoint's stage holds them
-            for i, layer in layers.items():
-                convert_to_fp8(layer, model_config.quantization,
-                               lambda name, shard, i=i: checkpoint_name(model_config, f"model.layers.{i}.{name}", shard))
+        layers = {i: quantize_layer(DecoderLayer(alone, model_config, spec, i), model_config, i)
+                  for i in kinds.values()}  # FP8 layers for an FP8 checkpoint, as its stages hold them
         embed = VocabParallelEmbedding(alone, model_config.vocab_size, model_config.hidden_size)
         norm = RMSNorm(model_config.hidden_size, model_config.rms_norm_eps, zero_centred=spec.zero_centred_norm)
         head = ParallelLMHead(alone, model_config.vocab_size, model_config.hidden_size)
