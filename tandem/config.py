@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from tandem.errors import CheckpointError, ConfigError
+from tandem.quantization import Fp8Config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Share of device memory for weights + caches + activations when --mem-fraction-static is not given. CPU
@@ -67,6 +68,7 @@ class ModelConfig:
     multimodal: bool = False
     mtp_num_hidden_layers: int = 0
     checkpoint_dtype: torch.dtype = torch.float32
+    quantization: Fp8Config | None = None  # config.json quantization_config (block-wise FP8 weights)
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     hf_config: Any = field(default=None, repr=False, compare=False)
@@ -171,6 +173,7 @@ class ModelConfig:
             multimodal=multimodal,
             mtp_num_hidden_layers=get("mtp_num_hidden_layers", 0) or 0,
             checkpoint_dtype=parse_dtype(str(dtype_name)) if dtype_name else torch.float32,
+            quantization=Fp8Config.from_config_json(raw),
             eos_token_ids=eos_ids,
             bos_token_id=get("bos_token_id"),
             hf_config=hf,

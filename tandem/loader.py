@@ -53,42 +53,78 @@ def load_weights(model, model_path: str | Path, stage_label: str = "", progress:
     checkpoint_name_of). Raises CheckpointError for anything missing, unexpected or mis-shaped."""
     where = f" on {stage_label}" if stage_label else ""
     params = dict(model.named_parameters())
-    written: dict[str, set] = defaultdict(set)
-    unexpected: list[str] = []
+    by_file = owned_tensors(model, model_path)
+    loading = _Loading(params, where)
+    total = sum(len(items) for items in by_file.values())
+    with tqdm(total=total, desc=f"loading weights{where}", unit="tensor", disable=not progress, leave=False) as bar:
+        for file in sorted(by_file):
+            loading.read_shard(file, by_file[file], bar)
+    problems = []
+    missing = _missing(model, params, loading.written)
+    if missing:
+        problems.append(f"missing tensor(s) {_listing(missing)} (parameters never written)")
+    if loading.unexpected:
+        hint = ""
+        if any(name.endswith("_scale_inv") for name in loading.unexpected) and model.config.quantization is None:
+            hint = " (FP8 block scales, but config.json has no quantization_config)"
+        problems.append(f"unexpected tensor(s) {_listing(loading.unexpected)} map to no parameter of the model{hint}")
+    if problems:
+        raise CheckpointError(f"checkpoint {model_path}{where}: " + "; ".join(problems))
+    return loading.report
+
+
+def owned_tensors(model, model_path: str | Path) -> dict[Path, list[tuple[str, list]]]:
+    """file -> [(checkpoint name, its targets)] of the tensors this stage owns, decided from the names alone
+    (ignorable names and other stages' tensors are never read)."""
     by_file: dict[Path, list[tuple[str, list]]] = defaultdict(list)
     for name, file in checkpoint_weight_map(model_path).items():
         normal = model.normalize_name(name)
         if normal is None or not model.owns(normal):
-            continue  # ignorable, or another stage's: never read
+            continue
         by_file[file].append((name, model.targets(normal)))
-    report = LoadReport()
-    total = sum(len(items) for items in by_file.values())
-    with tqdm(total=total, desc=f"loading weights{where}", unit="tensor", disable=not progress, leave=False) as bar:
-        for file in sorted(by_file):
-            if not file.is_file():
-                raise CheckpointError(f"checkpoint shard {file} listed in the index does not exist")
-            with safe_open(str(file), framework="pt") as shard:
-                present = set(shard.keys())
-                for name, targets in by_file[file]:
-                    if name not in present:
-                        raise CheckpointError(f"checkpoint tensor {name} is listed in {INDEX_FILE} under "
-                                              f"{file.name}, but that file does not contain it")
-                    known = [(p, s) for p, s in targets if p in params]
-                    if not known:
-                        unexpected.append(name)
-                        bar.update()
-                        continue
-                    tensor = shard.get_tensor(name)
-                    report.tensors_read.append(name)
-                    report.bytes_read += tensor.numel() * tensor.element_size()
-                    for param_name, shard_id in known:
-                        param = params[param_name]
-                        try:
-                            param.weight_loader(param, tensor, shard_id)
-                        except CheckpointError as exc:
-                            raise CheckpointError(f"checkpoint tensor {name}{where}: {exc}") from None
-                        written[param_name].add(shard_id)
-                    bar.update()
+    return by_file
+
+
+class _Loading:
+    """The state of one stage's load: the pieces written per parameter, the owned tensors that found no
+    parameter, and what was read (`LoadReport`)."""
+
+    def __init__(self, params: dict, where: str):
+        self.params, self.where = params, where
+        self.written: dict[str, set] = defaultdict(set)
+        self.unexpected: list[str] = []
+        self.report = LoadReport()
+
+    def read_shard(self, file: Path, items: list[tuple[str, list]], bar) -> None:
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint shard {file} listed in the index does not exist")
+        with safe_open(str(file), framework="pt") as shard:
+            present = set(shard.keys())
+            for name, targets in items:
+                if name not in present:
+                    raise CheckpointError(f"checkpoint tensor {name} is listed in {INDEX_FILE} under "
+                                          f"{file.name}, but that file does not contain it")
+                known = [(p, s) for p, s in targets if p in self.params]
+                if known:
+                    self.load_tensor(name, shard.get_tensor(name), known)
+                else:
+                    self.unexpected.append(name)
+                bar.update()
+
+    def load_tensor(self, name: str, tensor, known: list[tuple[str, object]]) -> None:
+        self.report.tensors_read.append(name)
+        self.report.bytes_read += tensor.numel() * tensor.element_size()
+        for param_name, shard_id in known:
+            param = self.params[param_name]
+            try:
+                param.weight_loader(param, tensor, shard_id)
+            except CheckpointError as exc:
+                raise CheckpointError(f"checkpoint tensor {name}{self.where}: {exc}") from None
+            self.written[param_name].add(shard_id)
+
+
+def _missing(model, params: dict, written: dict[str, set]) -> list[str]:
+    """The checkpoint names of every parameter piece never written."""
     missing = []
     for param_name, param in params.items():
         done = written.get(param_name, set())
@@ -98,17 +134,9 @@ def load_weights(model, model_path: str | Path, stage_label: str = "", progress:
             # a whole expert stack: name the fused tensor rather than every per-expert piece
             missing.append(f"{model.checkpoint_name_of(param_name, None)} (or its per-expert tensors)")
             continue
-        for shard_id in param.shard_ids:
-            if shard_id not in done:
-                missing.append(model.checkpoint_name_of(param_name, shard_id))
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s) {_listing(missing)} (parameters never written)")
-    if unexpected:
-        problems.append(f"unexpected tensor(s) {_listing(unexpected)} map to no parameter of the model")
-    if problems:
-        raise CheckpointError(f"checkpoint {model_path}{where}: " + "; ".join(problems))
-    return report
+        missing.extend(model.checkpoint_name_of(param_name, shard_id) for shard_id in param.shard_ids
+                       if shard_id not in done)
+    return missing
 
 
 def _listing(names: list[str], limit: int = 8) -> str:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from tandem.errors import ConfigError
+from tandem.quantization import Fp8Config
 
 _UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -45,7 +46,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--pp-size", type=int, default=1, help="Pipeline stages (default: 1).")
     parser.add_argument("--tp-size", type=int, default=1, help="Tensor-parallel ranks per stage (default: 1).")
     parser.add_argument("--dtype", default="auto",
-                        help="Weight dtype: auto (the config's), bf16, fp16 or fp32 (default: auto).")
+                        help="Weight dtype: auto (the config's), bf16, fp16, fp32, or fp8: block-wise FP8 linear "
+                             "weights (128x128 blocks unless config.json's quantization_config says otherwise) "
+                             "with the config's dtype for the rest (default: auto; an FP8 checkpoint's "
+                             "quantization_config is always read).")
     parser.add_argument("--gpu-memory", default="80GB",
                         help="Memory of each device, e.g. 80GB or 80GiB (default: 80GB).")
     parser.add_argument("--mem-fraction-static", type=float, default=None,
@@ -100,6 +104,7 @@ def build_plan(args) -> dict:
         "given_max_running_requests": args.max_running_requests,
         "radix_cache": not args.disable_radix_cache,
         "context_length": config.context_length,
+        "quantization": model_config.quantization.describe() if model_config.quantization else None,
         "model_weight_bytes": model_weight_bytes(costs), "plans": plans,
         "fits": fits, "layouts_searched_up_to": MAX_DEVICES,
         "fitting_layouts": [dict(dataclasses.asdict(layout), partition=list(layout.partition), text=layout.describe())
@@ -112,13 +117,19 @@ def _engine_config(args):
     from tandem.config import DEFAULT_MEM_FRACTION, EngineArgs, EngineConfig
     from tandem.models.registry import load_model_config
 
+    model_config = load_model_config(args.model)
+    dtype_name = args.dtype
+    if dtype_name == "fp8":  # the weights' format; activations and everything unquantized keep the config's dtype
+        dtype_name = "auto"
+        if model_config.quantization is None:
+            model_config = dataclasses.replace(model_config, quantization=Fp8Config())
     engine_args = EngineArgs(model_path=str(args.model), tp_size=args.tp_size, pp_size=args.pp_size,
-                             dtype=args.dtype, context_length=args.context_length,
+                             dtype=dtype_name, context_length=args.context_length,
                              max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
                              mem_fraction_static=args.mem_fraction_static or DEFAULT_MEM_FRACTION["cuda"],
                              page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
                              disable_radix_cache=args.disable_radix_cache)
-    return EngineConfig.resolve(engine_args, load_model_config(args.model))
+    return EngineConfig.resolve(engine_args, model_config)
 
 
 def _plan_partition(spec, pp_size: int, costs, settings, memory: int) -> dict:
@@ -150,7 +161,8 @@ def render(plan: dict) -> str:
               else f"pools sized from {plan['mem_fraction_static']} x {memory}")
     lines = [
         f"{plan['model']} ({plan['architecture']}): {plan['num_layers']} layers ({kinds}){moe}",
-        f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}; {sizing}; pages of {plan['page_size']} "
+        f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}"
+        f"{'; weights ' + plan['quantization'] if plan['quantization'] else ''}; {sizing}; pages of {plan['page_size']} "
         f"tokens; radix cache {'on' if plan['radix_cache'] else 'off'}; context length {plan['context_length']:,}",
         f"whole model weights (one TP rank): {fmt_bytes(plan['model_weight_bytes'])}",
         "figures are per device (TP rank 0); the activation reserve is an estimate (the engine measures its own)",

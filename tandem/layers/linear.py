@@ -50,6 +50,7 @@ class ColumnParallelLinear(_LocalLinear):
 
     def __init__(self, tp: GroupInfo, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
+        self.tp = tp
         self.out_local = divide(out_features, tp.size, "output features")
         self.weight = new_param(self.out_local, in_features, weight_loader=sharded_loader(0, tp))
         self.bias = new_param(self.out_local, weight_loader=sharded_loader(0, tp)) if bias else None

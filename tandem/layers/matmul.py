@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tandem.layers.fp8 import fp8_linear, is_fp8
+
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 DECODE, PREFILL = "decode", "prefill"
 DECODE_MAX_ROWS = 64  # inputs with at most this many rows are decode-sized
@@ -126,6 +128,8 @@ def cpu_path(dtype: torch.dtype, cls: str) -> str:
 def uses_native_kernel(weight: torch.Tensor, rows: int) -> bool:
     """Whether `linear` computes a product of `rows` input rows with `weight` by torch's own kernel for
     the weight's dtype (so batched forms of it, such as grouped GEMMs, are fast too)."""
+    if is_fp8(weight):
+        return False  # block-scaled FP8 (layers/fp8.py): dequantized a block of rows at a time
     if weight.dtype not in HALF_DTYPES or weight.device.type != "cpu":
         return True
     return cpu_path(weight.dtype, shape_class(rows)) == NATIVE
@@ -146,6 +150,8 @@ def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if is_fp8(weight):
+        return fp8_linear(x, weight, bias)
     if not uses_native_kernel(weight, x.numel() // max(1, x.shape[-1])):
         return _upcast_linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tandem.errors import CheckpointError
+from tandem.layers.fp8 import expert_weight
 from tandem.layers.linear import ReplicatedLinear, divide
 from tandem.layers.matmul import linear, uses_native_kernel
 from tandem.layers.weights import check_shape, new_param, shard_of
@@ -133,8 +134,8 @@ class StackedExperts(nn.Module):
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
-            gate, up = linear(rows[start:start + count], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            out[start:start + count] = linear(F.silu(gate) * up, self.down_proj[expert])
+            gate, up = linear(rows[start:start + count], expert_weight(self.gate_up_proj, expert)).chunk(2, dim=-1)
+            out[start:start + count] = linear(F.silu(gate) * up, expert_weight(self.down_proj, expert))
             start += count
         return out
 

@@ -12,18 +12,10 @@ import torch.nn as nn
 from tandem.config import ModelConfig
 from tandem.layers.embedding import ParallelLMHead
 from tandem.layers.forward_batch import ForwardBatch
+from tandem.models.checkpoint_names import DENSE_PACKED, FUSED_EXPERT, PER_EXPERT, checkpoint_name
 from tandem.models.common import BlockSpec, DecoderModel
 from tandem.parallel.layout import ParallelLayout
 from tandem.parallel.partition import PPMissingLayer
-
-
-# checkpoint name piece -> (parameter name piece, shard id)
-DENSE_PACKED = {
-    ".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"), ".v_proj.": (".qkv_proj.", "v"),
-    ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
-}
-PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-FUSED_EXPERT = re.compile(r"\.experts\.(gate_up_proj|down_proj)(\.weight)?$")
 
 
 class CausalLM(nn.Module):
@@ -85,10 +77,10 @@ class CausalLM(nn.Module):
         match = PER_EXPERT.search(name)
         if match:
             expert, which = int(match.group(1)), match.group(2)
-            base = name[: match.start()] + ".experts."
+            base, scale = name[: match.start()] + ".experts.", match.group(3) or ""  # FP8 block scales
             if which == "down_proj":
-                return [(base + "down_proj", expert)]
-            return [(base + "gate_up_proj", (expert, 0 if which == "gate_proj" else 1))]
+                return [(base + "down_proj" + scale, expert)]
+            return [(base + "gate_up_proj" + scale, (expert, 0 if which == "gate_proj" else 1))]
         match = FUSED_EXPERT.search(name)
         if match:
             return [(name[: match.start()] + ".experts." + match.group(1), None)]
@@ -117,18 +109,4 @@ class CausalLM(nn.Module):
 
     def checkpoint_name_of(self, param_name: str, shard) -> str:
         """The checkpoint tensor expected to fill `shard` of a parameter (for error messages)."""
-        name = param_name
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
-        elif ".experts.gate_up_proj" in name and shard is not None:
-            expert, part = shard
-            name = name.replace(".experts.gate_up_proj", f".experts.{expert}.{('gate_proj', 'up_proj')[part]}.weight")
-        elif ".experts.down_proj" in name and shard is not None:
-            name = name.replace(".experts.down_proj", f".experts.{shard}.down_proj.weight")
-        else:
-            for piece, (param_piece, piece_shard) in DENSE_PACKED.items():
-                if param_piece in name and piece_shard == shard and ".linear_attn." not in name:
-                    name = name.replace(param_piece, piece)
-                    break
-        prefix = self.config.weight_prefix
-        return prefix + name[len("model."):] if name.startswith("model.") else name
+        return checkpoint_name(self.config, param_name, shard)

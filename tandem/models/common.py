@@ -22,6 +22,7 @@ from tandem.layers.moe import SparseMoE
 from tandem.layers.norm import RMSNorm
 from tandem.layers.paged_attention import paged_attention
 from tandem.layers.rotary import RotaryEmbedding
+from tandem.models.fp8_weights import quantize_layer
 from tandem.parallel.layout import GroupInfo, ParallelLayout
 from tandem.parallel.partition import PPMissingLayer, make_layers
 
@@ -148,7 +149,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = (VocabParallelEmbedding(tp, config.vocab_size, config.hidden_size)
                              if pp.is_first else PPMissingLayer("embed_tokens"))
         self.start, self.end, self.layers = make_layers(
-            layout, config.num_layers, lambda i: DecoderLayer(tp, config, spec, i))
+            layout, config.num_layers, lambda i: quantize_layer(DecoderLayer(tp, config, spec, i), config, i))
         self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centred=spec.zero_centred_norm)
                      if pp.is_last else PPMissingLayer("norm"))
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.partial_rotary_factor,

@@ -44,6 +44,7 @@ from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.layers.rotary import RotaryEmbedding
 from tandem.layers.span import Span
 from tandem.models.common import DecoderLayer
+from tandem.models.fp8_weights import quantize_layer
 from tandem.models.registry import building_on, get_model_class, load_model_config
 from tandem.parallel.layout import GroupInfo
 from tandem.runtime.memory.sizing import StageCacheShape
@@ -120,7 +121,9 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
 
 def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
     for p in module.parameters():
-        if p.is_floating_point():
+        if p.dtype == torch.float8_e4m3fn:  # drawn in float32 and rounded: torch has no FP8 normal_
+            p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, 0.02, generator=generator))
+        elif p.is_floating_point():
             p.normal_(0.0, 0.02, generator=generator)
 
 
@@ -168,7 +171,8 @@ class _Probe:
         for i in range(model.num_layers):
             self.kinds.setdefault((model.layer_types[i], model.is_moe_layer(i)), i)
         with building_on(dtype, device):
-            self.layers = {i: DecoderLayer(alone, model, spec, i) for i in self.kinds.values()}
+            # FP8 layers for an FP8 checkpoint, as its stages hold them
+            self.layers = {i: quantize_layer(DecoderLayer(alone, model, spec, i), model, i) for i in self.kinds.values()}
             self.embed = VocabParallelEmbedding(alone, model.vocab_size, model.hidden_size)
             self.norm = RMSNorm(model.hidden_size, model.rms_norm_eps, zero_centred=spec.zero_centred_norm)
             self.head = ParallelLMHead(alone, model.vocab_size, model.hidden_size)
