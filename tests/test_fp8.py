@@ -23,7 +23,7 @@ import torch
 from support.checkpoints import checkpoint_tensor_names
 from support.fp8_checkpoints import dequantize_blocks, dequantized_checkpoint, quantize_blocks, quantize_checkpoint
 from support.reference import hf_greedy
-from tandem.config import EngineArgs
+from tandem.config import EngineArgs, EngineConfig
 from tandem.engine import Engine
 from tandem.errors import CheckpointError, ConfigError
 from tandem.layers import matmul
@@ -298,7 +298,7 @@ def test_the_latency_probe_times_fp8_layers(fp8_model, monkeypatch):
     monkeypatch.setattr(matmul, "fp8_linear", lambda x, w, b=None: shapes.append(tuple(w.shape)) or real(x, w, b))
     config = load_model_config(fp8_dir)
     args = EngineArgs(model_path=str(fp8_dir), dtype="float32", max_running_requests=2, context_length=16)
-    timing = time_decode_parts(config, args, reps=1)
+    timing = time_decode_parts(EngineConfig.resolve(args, config), reps=1)
     assert len(timing.layer_seconds) == config.num_layers
     expert = (2 * config.moe_intermediate_size, config.hidden_size)
     assert expert in shapes and (config.hidden_size, config.num_heads * config.head_dim) in shapes  # experts, o_proj

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from tandem.cli import main as cli_main
-from tandem.config import EngineArgs, ModelConfig
-from tandem.runtime.planning import planner
+from tandem.config import EngineArgs, EngineConfig, ModelConfig
+from tandem.runtime.planning.resolve import resolve_partition
+from tandem.runtime.planning.sizing import PoolSettings, plan_stages
+from tandem.runtime.planning.stage_costs import costs_for, model_weight_bytes
 
 CONFIG = Path(__file__).parent / "data" / "configs" / "Qwen3.5-397B-A17B" / "config.json"
 BLOCK = 128
@@ -58,19 +60,20 @@ def fp8_dir(tmp_path_factory) -> Path:
 
 def test_fp8_checkpoint_plan_counts_one_byte_per_weight_plus_block_scales(fp8_dir):
     config = ModelConfig.from_hf(fp8_dir)
-    costs = planner.costs_for(config, EngineArgs(model_path=str(fp8_dir), pp_size=2))
+    costs = costs_for(EngineConfig.resolve(EngineArgs(model_path=str(fp8_dir), pp_size=2), config))
     expected = hand_fp8_bytes(json.loads((fp8_dir / "config.json").read_text()))
-    assert planner.model_weight_bytes(costs) == expected
-    settings = planner.PoolSettings(page_size=16, max_total_tokens=4096, max_running_requests=16,
-                                    slots_per_request=2, mem_fraction=0.88)
-    counts = planner.resolve_partition("auto", 2, costs.num_layers, lambda: costs, lambda: settings)
-    assert sum(s.weight_bytes for s in planner.plan_stages(costs, counts, settings)) == expected
+    assert model_weight_bytes(costs) == expected
+    settings = PoolSettings(page_size=16, max_total_tokens=4096, max_running_requests=16,
+                            slots_per_request=2, mem_fraction=0.88)
+    counts = resolve_partition("auto", 2, costs.num_layers, lambda: costs, lambda: settings)
+    assert sum(s.weight_bytes for s in plan_stages(costs, counts, settings)) == expected
 
 
 def test_dtype_fp8_plans_a_bf16_config_as_its_fp8_release(fp8_dir, capsys):
     plans = []
     for argv in (["plan", str(CONFIG), "--dtype", "fp8"], ["plan", str(fp8_dir)]):
-        assert cli_main(argv + ["--json"]) == 0
+        # eight stages of 80 GB hold the FP8 weights (exit 0: the layout fits; it would exit 1 otherwise)
+        assert cli_main(argv + ["--pp-size", "8", "--gpu-memory", "80GB", "--json"]) == 0
         plans.append(json.loads(capsys.readouterr().out))
     expected = hand_fp8_bytes(json.loads(CONFIG.read_text()))
     for plan in plans:
