@@ -55,7 +55,7 @@ class ModelRunner:
 
     def __init__(self, engine_config: EngineConfig, layout: ParallelLayout, progress: bool = True, local_ranks: int = 1):
         args, model_config = engine_config.args, engine_config.model
-        self.engine_config, self.args, self.config, self.layout = engine_config, args, model_config, layout
+        self.args, self.config, self.layout = args, model_config, layout
         self.dtype = engine_config.dtype
         self.mem_fraction = engine_config.mem_fraction
         self.device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
