@@ -348,6 +348,15 @@ class Engine:
         self.restarts += 1
         logger.warning("the ranks are back (restart %d); resuming %d request(s)", self.restarts, len(requeued))
 
+    def flush_cache(self) -> bool:
+        """Empty the radix prefix cache (thread-safe): True; False, with nothing done, while any request runs
+        or waits (their pages are in use). Nothing holds a page when no request does, so every page is free."""
+        with self._lock:
+            if self.scheduler.has_work:
+                return False
+            self.scheduler.cache.reset()
+        return True
+
     def cache_stats(self) -> dict:
         """Cache use and counters (pages, running/waiting requests, preemptions, prefix-cache hits), read
         consistently."""

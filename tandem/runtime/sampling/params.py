@@ -82,6 +82,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # SGLang/HF: divides positive / multiplies negative logits of seen tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     n: int = 1  # completions per prompt (expanded into n requests before scheduling; see for_choice)
+    # structured output (SGLang's names; at most one): a JSON schema (JSON text), a regular expression, or an
+    # EBNF grammar in xgrammar's dialect; applied from the first token, or only after the first occurrence of
+    # constraint_after_token_id in the output (e.g. after a reasoning parser's `</think>`)
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    constraint_after_token_id: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +143,10 @@ class SamplingParams:
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         self.logit_bias = self._checked_logit_bias()
         check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        # NOTE: a stand-in until the structured-output branch (which enforces them) is merged: refused, never
+        # silently ignored
+        for name in ("json_schema", "regex", "ebnf"):
+            check(getattr(self, name) is None, f"{name}: grammar-constrained decoding is not in this build")
 
     def _checked_logit_bias(self) -> dict[int, float]:
         if not isinstance(self.logit_bias, dict):
