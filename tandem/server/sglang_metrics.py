@@ -2,16 +2,14 @@
 dashboards built for SGLang work unchanged. Counters and histograms follow the same request events as
 `metrics.Metrics`; gauges are set from the engine's statistics when /metrics is scraped.
 
-| series | meaning |
-|---|---|
-| `sglang:prompt_tokens_total`, `sglang:generation_tokens_total` | tokens of admitted prompts / generated |
-| `sglang:num_requests_total` | requests finished |
-| `sglang:time_to_first_token_seconds`, `sglang:inter_token_latency_seconds`,
-  `sglang:e2e_request_latency_seconds` | histograms |
-| `sglang:num_running_reqs`, `sglang:num_queue_reqs` | running / waiting requests |
-| `sglang:num_used_tokens`, `sglang:token_usage` | KV tokens in use (pages x page size), and that over the pool |
-| `sglang:cache_hit_rate` | prefix-cache hit tokens over queried prompt tokens |
-| `sglang:max_total_num_tokens` | the KV pool's capacity in tokens |"""
+- `sglang:prompt_tokens_total`, `sglang:generation_tokens_total`: tokens of admitted prompts / generated
+- `sglang:num_requests_total`: requests finished
+- histograms `sglang:time_to_first_token_seconds`, `sglang:inter_token_latency_seconds`,
+  `sglang:e2e_request_latency_seconds`
+- `sglang:num_running_reqs`, `sglang:num_queue_reqs`: running / waiting requests
+- `sglang:num_used_tokens`, `sglang:token_usage`: KV tokens in use (pages x page size), and that over the pool
+- `sglang:cache_hit_rate`: prefix-cache hit tokens over queried prompt tokens
+- `sglang:max_total_num_tokens`: the KV pool's capacity in tokens"""
 
 from __future__ import annotations
 
