@@ -41,8 +41,7 @@ TOOL_SCHEMA = {
 }
 # a valid output, fed token by token to advance the 32 matchers through a realistic sequence of states
 TOOL_OUTPUT = json.dumps({"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 3,
-                                                               "include_hourly": True, "tags": ["a", "b"]}},
-                         separators=(",", ":"))
+                                                               "include_hourly": True, "tags": ["a", "b"]}})
 REGEX = r"(\+|-)?[0-9]{1,6}(\.[0-9]{1,4})?"
 CHOICES = ["positive", "negative", "neutral"]
 QWEN_VOCAB = 151_643
@@ -128,7 +127,8 @@ def bench_llguidance(tokenizer, vocab: int, output_ids: list[int], rows: int, re
 
     lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
     schema = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(TOOL_SCHEMA),
-                                                           defaults={"whitespace_flexible": False})
+                                                           defaults={"whitespace_flexible": False,
+                                                                     "item_separator": ", ", "key_separator": ": "})
     regex = llguidance.LLMatcher.grammar_from_regex(REGEX)
     choice = llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(s) for s in CHOICES))
 

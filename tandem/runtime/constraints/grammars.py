@@ -5,7 +5,8 @@ grammar_backends.json has the comparison with llguidance behind that choice).
 worker thread, off the step loop, and keeps the result by its key (kind, text): requests with the same
 grammar share one compile. JSON schemas are compiled without free whitespace (xgrammar's
 `any_whitespace=False`, as vLLM's `disable_any_whitespace`: separators are exactly ", " and ": "), so a
-model cannot loop on blanks. A grammar that fails to compile is a `ConfigError` carrying the compiler's
+model cannot loop on blanks (and after `schema_fixes`, which works around an xgrammar bug with
+length-bounded strings). A grammar that fails to compile is a `ConfigError` carrying the compiler's
 message."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from tandem.errors import ConfigError
+from tandem.runtime.constraints.schema_fixes import fix_length_bounded_strings
 
 MAX_CACHED_GRAMMARS = 1024
 COMPILE_THREADS = 1  # the step loop and the ranks need the other cores
@@ -63,7 +65,8 @@ class GrammarCache:
         kind, text = key
         try:
             if kind == "json_schema":
-                return self._compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+                return self._compiler.compile_json_schema(fix_length_bounded_strings(text), any_whitespace=False,
+                                                          strict_mode=True)
             if kind == "regex":
                 return self._compiler.compile_regex(text)
             if kind == "ebnf":
