@@ -3,7 +3,8 @@ one rank, one process per rank otherwise), tokenizes, schedules and runs request
 
 Besides `generate`, its public surface is what the server uses, so that nothing outside reaches into its
 parts: `model_path`, `context_length`, `tokenizer`, `prompts` (a `PromptBuilder`), `error`,
-`add_request`, `check_constraint`, `abort_request`, `abort_all`, `start_background_loop`, `loop_running`, `health()`,
+`add_request`, `check_constraint`, `grammar_future`, `abort_request`, `abort_all`, `start_background_loop`,
+`loop_running`, `health()`,
 `stage_report()`, `queue_stats()`, `fault_stats()`, `wait_failed()`, `model_info()`, `text_of`, `decode`,
 `token_texts` and `shutdown`.
 
@@ -157,6 +158,11 @@ class Engine:
         cached by grammar): ConfigError with the compiler's message if it does not compile. A request queued
         without this check waits for its grammar in the queue, and ends with that error instead."""
         self.constraints.compile(params)
+
+    def grammar_future(self, key: tuple[str, str]):
+        """A concurrent.futures.Future of the compile of constraint `key` (`SamplingParams.constraint`), for
+        callers that must not block (the server awaits it); its exception is a ConfigError."""
+        return self.constraints.grammars.future(key)
 
     # ---- the step loop -------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:

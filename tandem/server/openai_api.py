@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tandem.server.bridge import EngineBridge, TextStream, Tracked, wait_finished
+from tandem.server.constraints import constrain
 from tandem.server.limits import check_caps
 from tandem.server.logprobs import (
     MAX_CHAT_TOP_LOGPROBS,
@@ -190,6 +191,7 @@ async def completions(body: CompletionRequest, request: Request):
     params = [sampling_params(body, max_new_tokens_for(body.max_tokens, len(ids), bridge.context_length,
                                                        DEFAULT_MAX_NEW_TOKENS), vocab_size)
               for ids in prompts]
+    params = await constrain(request, bridge, params, "completions")
     n = params[0].n
     runs = body.best_of or n
     want_logprobs = body.logprobs is not None
@@ -254,8 +256,6 @@ async def completions(body: CompletionRequest, request: Request):
 def check_chat_options(body: ChatCompletionRequest) -> None:
     if body.tools:
         raise APIError("tools are not supported", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError("only response_format type 'text' is supported", param="response_format")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_CHAT_TOP_LOGPROBS:
         raise APIError(f"top_logprobs must be between 0 and {MAX_CHAT_TOP_LOGPROBS}, got {body.top_logprobs}",
                        param="top_logprobs")
@@ -278,6 +278,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     # no limit asked: the rest of the context (as vLLM and SGLang do for chat)
     params = sampling_params(body, max_new_tokens_for(requested, len(ids), bridge.context_length, None, param),
                              bridge.engine.prompts.vocab_size)
+    params = await constrain(request, bridge, params, "chat")
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     queue: asyncio.Queue = asyncio.Queue()
     trackeds = submit_all(bridge, *expand_choices([ids], [params], params.n), queue, "chat",

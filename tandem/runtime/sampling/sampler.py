@@ -1,6 +1,6 @@
 """The sampler: per-request token history, then one batched pass over a step's [B, V] logits —
-penalties and logit_bias, the structured-output token mask, greedy argmax or temperature + top-k + min-p + top-p sampling, reported logprobs —
-with numeric failures confined to the row they happen in.
+penalties and logit_bias, the structured-output token mask, greedy argmax or temperature + top-k + min-p +
+top-p sampling, reported logprobs — with numeric failures confined to the row they happen in.
 
 Protocol (per request key, on the rank that samples):
   begin(key, params, prompt_len)   when the request's cache starts at position 0 (again, after preemption

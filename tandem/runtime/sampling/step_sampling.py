@@ -1,7 +1,7 @@
 """What the last stage does with a step's final hidden states: one `compute_logits` over the rows that end a
 request's tokens and the prompt rows that want logprobs (one vocabulary all-gather across TP ranks), the
-sampler over the former (with the step's structured-output token mask), prompt logprobs over the latter, gathered into the step's `StepOutput`. Shared by
-`ModelRunner` and the `auto-latency` probe, which times exactly this path."""
+sampler over the former (with the step's structured-output token mask), prompt logprobs over the latter,
+gathered into the step's `StepOutput`. Shared by `ModelRunner` and the `auto-latency` probe, which times exactly this path."""
 
 from __future__ import annotations
 
