@@ -14,17 +14,24 @@ import json
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from tandem.server import constraints
 from tandem.server.bridge import EngineBridge, TextStream, Tracked, wait_finished
 from tandem.server.limits import check_caps
 from tandem.server.protocol import APIError, check_known_fields
 from tandem.server.sampling import check_unsupported, finish_reason
+
+# request fields `constraints.constrain` reads from the raw body (structured output); every other field a body
+# carries beyond its model is refused by `check_known_fields`
+CONSTRAINT_FIELDS = ("response_format", "json_schema", "regex", "ebnf", "structured_outputs", "guided_json",
+                     "guided_regex", "guided_grammar", "guided_choice", "guided_decoding_backend",
+                     *constraints.REFUSED)
 
 
 def begin_call(body, request: Request) -> tuple[EngineBridge, str]:
     """The checks every OpenAI call starts with; returns the bridge and the served model name."""
     bridge: EngineBridge = request.app.state.bridge
     model = check_model(request, body.model)
-    check_known_fields(body)
+    check_known_fields(body, handled=CONSTRAINT_FIELDS)
     check_unsupported(body)
     check_caps(body)
     bridge.check_healthy()

@@ -33,10 +33,11 @@ from tandem.server.calls import (
 )
 from tandem.server.chat_output import ChoiceOutput, message_of
 from tandem.server.chat_prompt import ChatSettings, chat_prompt_ids, check_template_kwargs, template_messages
+from tandem.server.constraints import constrain
 from tandem.server.logprobs import MAX_CHAT_TOP_LOGPROBS, chat_logprobs
 from tandem.server.protocol import APIError, ChatCompletionRequest
 from tandem.server.reasoning import REASONING_PARSERS, opens_reasoning
-from tandem.server.sampling import config_error, finish_reason, max_new_tokens_for, sampling_params
+from tandem.server.sampling import finish_reason, max_new_tokens_for, sampling_params
 from tandem.server.tools.grammar import tool_call_ebnf
 from tandem.server.tools.spec import Tool, ToolPlan, plan_tools
 
@@ -45,8 +46,6 @@ CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf")
 
 
 def check_chat_options(body: ChatCompletionRequest) -> None:
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError("only response_format type 'text' is supported", param="response_format")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_CHAT_TOP_LOGPROBS:
         raise APIError(f"top_logprobs must be between 0 and {MAX_CHAT_TOP_LOGPROBS}, got {body.top_logprobs}",
                        param="top_logprobs")
@@ -72,8 +71,9 @@ def _end_token_id(tokenizer, end: str) -> int:
     return ids[0]
 
 
-def force_tool_call(params, plan: ToolPlan, settings: ChatSettings, tokenizer, after_reasoning: bool):
-    """`params` with the grammar of tool_choice `required` / named (unchanged for none / auto)."""
+async def force_tool_call(bridge, params, plan: ToolPlan, settings: ChatSettings, tokenizer, after_reasoning: bool):
+    """`params` with the grammar of tool_choice `required` / named (unchanged for none / auto), compiled
+    before the request is queued (awaited off the event loop, as `constraints.constrain` does)."""
     if not plan.forced:
         return params
     given = [f for f in CONSTRAINT_FIELDS if getattr(params, f, None) is not None]
@@ -88,9 +88,12 @@ def force_tool_call(params, plan: ToolPlan, settings: ChatSettings, tokenizer, a
     fmt = REASONING_PARSERS[settings.reasoning_parser] if settings.reasoning_parser else None
     after = _end_token_id(tokenizer, fmt.end) if after_reasoning and fmt is not None else None
     try:
-        return replace(params, ebnf=ebnf, constraint_after_token_id=after)
-    except ConfigError as exc:
-        raise config_error(exc) from None
+        params = replace(params, ebnf=ebnf, constraint_after_token_id=after)
+        params.validate_vocab(bridge.engine.prompts.vocab_size)
+        await asyncio.wrap_future(bridge.engine.grammar_future(params.constraint))
+    except ConfigError as exc:  # the grammar did not compile (xgrammar's message)
+        raise APIError(f"the tools cannot be enforced: {exc}", param="tools", code="invalid_grammar") from None
+    return params
 
 
 class _ChatCall:
@@ -172,7 +175,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     # no limit asked: the rest of the context (as vLLM and SGLang do for chat)
     params = sampling_params(body, max_new_tokens_for(requested, len(ids), bridge.context_length, None, param),
                              prompts.vocab_size)
-    params = force_tool_call(params, plan, settings, prompts.tokenizer, inside)
+    params = await constrain(request, bridge, params, "chat")
+    params = await force_tool_call(bridge, params, plan, settings, prompts.tokenizer, inside)
     queue: asyncio.Queue = asyncio.Queue()
     trackeds = submit_all(bridge, *expand_choices([ids], [params], params.n), queue, "chat",
                           top_logprobs_num=(body.top_logprobs or 0) if body.logprobs else 0,

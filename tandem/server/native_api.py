@@ -20,6 +20,7 @@ from tandem.prompts import build_result
 from tandem.runtime.sampling.params import SamplingParams
 from tandem.server.bridge import EngineBridge, Tracked
 from tandem.server.calls import client_gone, expand_choices, sse, submit_all, wait_all
+from tandem.server.constraints import constrain
 from tandem.server.limits import check_caps
 from tandem.server.protocol import APIError, GenerateRequest, check_known_fields
 from tandem.server.sampling import config_error, max_new_tokens_for
@@ -69,7 +70,7 @@ async def generate(body: GenerateRequest, request: Request):
                                                "input_ids")
     if not prompts:
         raise APIError("no prompt given", param="text" if body.text is not None else "input_ids")
-    params = _params(bridge, body, prompts)
+    params = await constrain(request, bridge, _params(bridge, body, prompts), "generate")
     if body.stream and (batch or params[0].n > 1):
         raise APIError("stream=true takes one prompt and n = 1", param="stream")
     if body.top_logprobs_num < 0:

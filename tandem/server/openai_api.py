@@ -26,6 +26,7 @@ from tandem.server.calls import (
     usage,
     wait_all,
 )
+from tandem.server.constraints import constrain
 from tandem.server.logprobs import MAX_COMPLETION_LOGPROBS, completion_logprobs, echoed_prompt
 from tandem.server.protocol import APIError, CompletionRequest
 from tandem.server.sampling import DEFAULT_MAX_NEW_TOKENS, finish_reason, max_new_tokens_for, sampling_params
@@ -99,6 +100,7 @@ async def completions(body: CompletionRequest, request: Request):
     params = [sampling_params(body, max_new_tokens_for(body.max_tokens, len(ids), bridge.context_length,
                                                        DEFAULT_MAX_NEW_TOKENS), vocab_size)
               for ids in prompts]
+    params = await constrain(request, bridge, params, "completions")
     n = params[0].n
     runs = body.best_of or n
     want_logprobs = body.logprobs is not None

@@ -31,10 +31,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
-def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+def unknown_fields(model: BaseModel, prefix: str = "", handled: tuple[str, ...] = ()) -> list[str]:
     """Dotted names of the fields `model` (and the models inside it: messages, stream_options) carries beyond
     its declared ones, null ones aside."""
-    names = [prefix + k for k, v in (model.model_extra or {}).items() if v is not None]
+    names = [prefix + k for k, v in (model.model_extra or {}).items() if v is not None and k not in handled]
     for name in type(model).model_fields:
         value = getattr(model, name)
         if isinstance(value, BaseModel):
@@ -46,9 +46,10 @@ def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
     return names
 
 
-def check_known_fields(body: BaseModel) -> None:
-    """400 naming the first field of `body` that Tandem does not implement."""
-    unknown = unknown_fields(body)
+def check_known_fields(body: BaseModel, handled: tuple[str, ...] = ()) -> None:
+    """400 naming the first field of `body` that Tandem does not implement (`handled`: top-level fields that
+    another module reads from the raw body)."""
+    unknown = unknown_fields(body, handled=handled)
     if unknown:
         raise APIError(f"{unknown[0]} is not supported by this server (Tandem does not implement it; see "
                        f"docs/server.md for the fields it accepts)", param=unknown[0], code="unsupported_field")

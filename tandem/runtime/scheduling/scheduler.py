@@ -36,6 +36,7 @@ from tandem.errors import ConfigError
 from tandem.layers.span import Span
 from tandem.runtime.sampling.params import SamplingParams
 from tandem.runtime.scheduling.cache_manager import CacheManager
+from tandem.runtime.scheduling.constraint_hooks import ConstraintHooks
 from tandem.runtime.scheduling.detokenizer import StopStringWatch
 from tandem.runtime.step import StepInput, StepOutput, admits_request
 
@@ -129,8 +130,9 @@ def shared_pages(a: list[int], b: list[int], page_size: int) -> int:
 
 class Scheduler:
     def __init__(self, cache: CacheManager, context_length: int, chunk_size: int, eos_token_ids=(),
-                 decode_text: Callable[[list[int]], str] | None = None):
+                 decode_text: Callable[[list[int]], str] | None = None, constraints: ConstraintHooks | None = None):
         self.chunk_size = chunk_size
+        self.constraints = constraints  # structured output (grammar readiness, masks, matchers); None: refused
         self.use_cache(cache, context_length)
         self.eos_token_ids = set(eos_token_ids)
         self.decode_text = decode_text
@@ -155,6 +157,8 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.validate(req)
+        if req.params.constraint is not None and self.constraints is None:
+            raise ConfigError(f"{req.params.constraint[0]}: structured output is not available in this scheduler")
         if req.params.max_new_tokens == 0 and not req.input_logprobs_wanted:
             req.finish_reason = {"type": "length", "length": 0}
             return
@@ -180,6 +184,8 @@ class Scheduler:
             req.num_cached = req.num_planned = 0
             req.snapshot_points = set()
             req.unsent_pages, req.fresh_table = [], False
+            if self.constraints is not None:
+                self.constraints.reset(req)
         self.cache.reset()
         self.waiting.extendleft(reversed(requeued))
         self.running.clear()
@@ -204,6 +210,9 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and len(self.running) < self.cache.max_running_requests:
             req = self.waiting[i]
+            if not self._grammar_ready(req):  # waits for its grammar without holding up the others
+                i += req in self.waiting
+                continue
             admitted = self._try_admit(req)
             if admitted is None:  # waits for a running request to cache its prefix
                 i += 1
@@ -212,6 +221,18 @@ class Scheduler:
                 break  # no room: later requests do not overtake it
             del self.waiting[i]
             self.running.append(req)
+
+    def _grammar_ready(self, req: Request) -> bool:
+        """Whether req's grammar (if any) is compiled; a grammar that does not compile ends req (abort)."""
+        if self.constraints is None or req.params.constraint is None:
+            return True
+        try:
+            return self.constraints.ready(req)
+        except ConfigError as exc:
+            self._finish(req, {"type": "abort", "message": str(exc)})
+            if req.on_update is not None:
+                req.on_update(req)
+            return False
 
     def _try_admit(self, req: Request) -> bool | None:
         ids = req.all_ids
@@ -302,6 +323,8 @@ class Scheduler:
         self.cache.release(req)
         req.num_cached = req.num_planned = 0
         req.snapshot_points = set()
+        if self.constraints is not None:
+            self.constraints.reset(req)  # rebuilt from its output tokens when it runs again
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
@@ -398,12 +421,14 @@ class Scheduler:
         want_logprobs = [r.output_logprobs_wanted for r in reqs]
         # the ranks keep a request's params from the step that (re)admits it on them
         params = [r.params if admits_request(s, f) else None for r, s, f in zip(reqs, spans, fresh)]
+        masks = self.constraints.masks(reqs, sample) if self.constraints is not None else None
         return StepInput(spans, ids, sample, params, [r.rid for r in reqs], new_pages, fresh,
                          restores, resets, snapshots, released, input_logprobs=wants if any(wants) else None,
                          next_ids=next_ids if any(wants) else None, prompt_lens=[len(r.prompt_ids) for r in reqs],
                          top_logprobs_num=tops if any(tops) else None,
                          want_logprobs=None if all(want_logprobs) else want_logprobs,
-                         histories=histories if any(h is not None for h in histories) else None)
+                         histories=histories if any(h is not None for h in histories) else None,
+                         bitmask_rows=masks[0] if masks else None, token_bitmask=masks[1] if masks else None)
 
     def process(self, step: StepInput, reqs: list[Request], out: StepOutput) -> list[Request]:
         """Apply a step's results; returns the requests it gave a token (some of them now finished).
@@ -438,7 +463,8 @@ class Scheduler:
             req.output_logprobs.append(out.logprobs[i])
             if req.top_logprobs_num:
                 req.output_top_logprobs.append(list(out.top_logprobs[i] or []) if out.top_logprobs else [])
-            reason = self._finish_reason(req, token)
+            grammar_end = self.constraints.accept(req, token) if self.constraints is not None else None
+            reason = self._finish_reason(req, token) or grammar_end
             if reason:
                 self._finish(req, reason)
             updated.append(req)
@@ -472,6 +498,8 @@ class Scheduler:
             self.cache.release(req)
         if req.admissions:
             self._released.append(req.rid)
+        if self.constraints is not None:
+            self.constraints.release(req)
 
     # ---- statistics ---------------------------------------------------------------------------------------
     def stats(self) -> dict:
