@@ -109,9 +109,9 @@ def test_regex_ebnf_and_choice_outputs_are_valid(client, server):
              ({"structured_outputs": {"choice": CHOICES}}, "|".join(CHOICES)),
              ({"guided_choice": CHOICES}, "|".join(CHOICES))]
     for extra, pattern in cases:
-        chat = client.chat.completions.create(model=MODEL, messages=USER, n=4, temperature=1.0, max_tokens=40,
+        chat = client.chat.completions.create(model=MODEL, messages=USER, n=3, temperature=1.0, max_tokens=40,
                                               extra_body=extra)
-        plain = client.completions.create(model=MODEL, prompt="Hello", n=4, temperature=1.0, max_tokens=40,
+        plain = client.completions.create(model=MODEL, prompt="Hello", n=3, temperature=1.0, max_tokens=40,
                                           extra_body=extra)
         texts = [c.message.content for c in chat.choices] + [c.text for c in plain.choices]
         assert all(re.fullmatch(pattern, t) for t in texts), (extra, texts)
@@ -126,13 +126,6 @@ def test_regex_ebnf_and_choice_outputs_are_valid(client, server):
                 assert re.fullmatch(pattern, result["text"]), result["text"]
             else:
                 check_json(result["text"])
-
-
-def test_choice_outputs_cover_the_choices(client):
-    out = client.completions.create(model=MODEL, prompt="Hello", n=24, temperature=1.0, max_tokens=10,
-                                    extra_body={"guided_choice": CHOICES})
-    texts = {c.text for c in out.choices}
-    assert texts <= set(CHOICES) and len(texts) >= 2
 
 
 def test_greedy_streamed_equals_non_streamed(client):
