@@ -170,7 +170,8 @@ def test_bad_grammars_raise_config_errors_with_the_compilers_message(tracker):
 
 
 def test_length_bounded_strings_refuse_control_characters(tracker, tokenizer):
-    """xgrammar alone accepts a raw U+0003 inside a string with maxLength (invalid JSON); the rewrite refuses it."""
+    """xgrammar alone accepts a raw U+0003 inside a string with maxLength (invalid JSON), and surrogates (invalid
+    UTF-8); the rewrite refuses both."""
     schema = json.dumps({"type": "object", "properties": {"s": {"type": "string", "maxLength": 5}},
                          "required": ["s"], "additionalProperties": False})
     params = SamplingParams(json_schema=schema)
@@ -179,10 +180,26 @@ def test_length_bounded_strings_refuse_control_characters(tracker, tokenizer):
     for token in prefix:
         req.output_ids.append(token)
         assert tracker.accept(req, token) is None
-    control = tokenizer.convert_tokens_to_ids(chr(0x100 + 3))  # the byte-level symbol of byte 0x03
+    control = tokenizer.convert_tokens_to_ids(bytes_to_unicode()[3])  # the byte-level symbol of byte 0x03
     allowed = _allowed(tracker, req)
     assert tokenizer.decode([control]) == "\x03" and control not in allowed
     assert tokenizer.encode("a")[0] in allowed
+    # nor UTF-8-encoded surrogates (ED A0 80 is U+D800): after ED, A0 is refused, 9F (U+D7C0..) is not
+    byte = lambda b: tokenizer.convert_tokens_to_ids(bytes_to_unicode()[b])
+    req.output_ids.append(byte(0xED))
+    assert tracker.accept(req, byte(0xED)) is None
+    allowed = _allowed(tracker, req)
+    assert byte(0xA0) not in allowed and byte(0x9F) in allowed
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte -> the character that stands for it in the vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b], extra = chr(256 + extra), extra + 1
+    return mapping
 
 
 # ---- request fields ------------------------------------------------------------------------------------
