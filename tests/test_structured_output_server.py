@@ -202,7 +202,8 @@ def test_grammar_requests_survive_a_killed_rank(server):
 @pytest.mark.parametrize("endpoint, body, param", [
     ("/v1/chat/completions", {"messages": USER, "response_format": json_schema_format({"type": 5})},
      "json_schema"),
-    ("/v1/completions", {"prompt": "a", "extra": 0, "regex": "(ab"}, "regex"),
+    ("/v1/completions", {"prompt": "a", "regex": "(ab"}, "regex"),
+    ("/v1/completions", {"prompt": "a", "extra": 0, "regex": "[0-9]"}, "extra"),  # refused before any grammar
     ("/v1/completions", {"prompt": "a", "guided_grammar": "root ::= missing"}, "ebnf"),
     ("/v1/chat/completions", {"messages": USER, "guided_json": "{not json"}, "json_schema"),
     ("/v1/chat/completions", {"messages": USER, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
