@@ -24,13 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grammar_backends import TOOL_SCHEMA, build_tokenizer, cpu_name  # noqa: E402
+from grammar_backends import TOOL_SCHEMA, build_tokenizer, cpu_name
 
-from tandem.bench import random_prompts  # noqa: E402
-from tandem.engine import Engine  # noqa: E402
-from tandem.runtime.sampling.params import SamplingParams  # noqa: E402
-from tandem.runtime.sampling.token_mask import TokenMask, apply_token_mask, unpack_bitmask  # noqa: E402
-from tandem.runtime.scheduling.scheduler import Request  # noqa: E402
+from tandem.bench import random_prompts
+from tandem.engine import Engine
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.sampling.token_mask import TokenMask, apply_token_mask, unpack_bitmask
+from tandem.runtime.scheduling.scheduler import Request
 
 SCHEMA = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},

@@ -161,8 +161,22 @@ def test_unconstrained_requests_in_constrained_batches_equal_their_solo_runs(cli
 
 
 def test_preempted_grammar_requests_stay_valid(server):
+    """Outputs of about 65-100 tokens (32 digits and their separators), each admitted with a reserve of half
+    its max_tokens: together they outgrow the 160-token pool, and the newest are retracted and resumed."""
+    digits = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 32,
+              "maxItems": 32}
     before = metric(server, "tandem_preemptions")
-    asyncio.run(_batch(server, 8, []))  # 8 x (prompt + up to 100 tokens) in a 160-token pool
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                                      timeout=300) as aclient:
+            return await asyncio.gather(*[aclient.completions.create(
+                model=MODEL, prompt="The cat", temperature=1.0, max_tokens=120,
+                extra_body={"json_schema": json.dumps(digits)}) for _ in range(5)])
+
+    for out in asyncio.run(run()):
+        assert out.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(out.choices[0].text), digits)
     assert metric(server, "tandem_preemptions") > before
 
 

@@ -27,6 +27,7 @@ the queue and are prefilled again from their prompt plus the tokens they already
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from tandem.runtime.scheduling.cache_manager import CacheManager
 from tandem.runtime.scheduling.constraint_hooks import ConstraintHooks
 from tandem.runtime.scheduling.detokenizer import StopStringWatch
 from tandem.runtime.step import StepInput, StepOutput, admits_request
+
+logger = logging.getLogger("tandem")
 
 DECODE_RESERVE_RATIO = 0.5
 IN_BATCH_MIN_SHARED_TOKENS = 32
@@ -230,8 +233,11 @@ class Scheduler:
             return self.constraints.ready(req)
         except ConfigError as exc:
             self._finish(req, {"type": "abort", "message": str(exc)})
-            if req.on_update is not None:
-                req.on_update(req)
+            if req.on_update is not None:  # no step will report it: tell its owner now
+                try:
+                    req.on_update(req)
+                except Exception:
+                    logger.exception("on_update of request %s failed", req.rid)
             return False
 
     def _try_admit(self, req: Request) -> bool | None:
