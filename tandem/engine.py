@@ -3,7 +3,8 @@ one rank, one process per rank otherwise), tokenizes, schedules and runs request
 
 Besides `generate`, its public surface is what the server uses, so that nothing outside reaches into its
 parts: `model_path`, `context_length`, `tokenizer`, `prompts` (a `PromptBuilder`), `error`,
-`add_request`, `abort_request`, `abort_all`, `start_background_loop`, `loop_running`, `health()`,
+`add_request`, `check_constraint`, `grammar_future`, `abort_request`, `abort_all`, `start_background_loop`,
+`loop_running`, `health()`,
 `stage_report()`, `queue_stats()`, `fault_stats()`, `wait_failed()`, `model_info()`, `text_of`, `decode`,
 `token_texts` and `shutdown`.
 
@@ -30,6 +31,7 @@ from tandem.errors import ConfigError, RankFailedError
 from tandem.loader import checkpoint_weight_map
 from tandem.models.registry import load_model_config
 from tandem.prompts import PromptBuilder, build_result, output_text
+from tandem.runtime.constraints.tracker import ConstraintTracker
 from tandem.runtime.memory.sizing import is_hybrid
 from tandem.runtime.planning.resolve import engine_partition
 from tandem.runtime.sampling.params import SamplingParams
@@ -80,8 +82,10 @@ class Engine:
         self.rank_failures = 0
         self.restarts = 0
         capacity = self.executor.capacity
+        self.constraints = ConstraintTracker(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(self._cache_manager(capacity), capacity.context_length, self.args.chunked_prefill_size,
-                                   self.eos_token_ids, self.decode if self.tokenizer is not None else None)
+                                   self.eos_token_ids, self.decode if self.tokenizer is not None else None,
+                                   constraints=self.constraints)
         # the scheduler's limits follow a restart of the ranks, and so do the prompts' checks
         self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, self.scheduler.check_prompt)
         logger.info("engine capacity: %d KV tokens (the minimum over stages) in pages of %d, up to %d running "
@@ -119,6 +123,8 @@ class Engine:
             params = [SamplingParams.from_dict(sampling_params)] * len(prompts)
         if not isinstance(top_logprobs_num, int) or isinstance(top_logprobs_num, bool) or top_logprobs_num < 0:
             raise ConfigError(f"top_logprobs_num must be a non-negative integer, got {top_logprobs_num!r}")
+        for p in params:
+            self.check_constraint(p)
         reqs = [Request(ids, p.for_choice(j), input_logprobs_wanted=return_logprob and logprob_start_len >= 0,
                         top_logprobs_num=top_logprobs_num if return_logprob else 0,
                         output_logprobs_wanted=return_logprob)
@@ -155,6 +161,17 @@ class Engine:
         for req in reqs:
             self.scheduler.add(req)
         self._run_steps(stop_when_idle=True)
+
+    def check_constraint(self, params: SamplingParams) -> None:
+        """Compile the grammar of `params` (json_schema, regex or ebnf), if any, waiting for it (compiles are
+        cached by grammar): ConfigError with the compiler's message if it does not compile. A request queued
+        without this check waits for its grammar in the queue, and ends with that error instead."""
+        self.constraints.compile(params)
+
+    def grammar_future(self, key: tuple[str, str]):
+        """A concurrent.futures.Future of the compile of constraint `key` (`SamplingParams.constraint`), for
+        callers that must not block (the server awaits it); its exception is a ConfigError."""
+        return self.constraints.grammars.future(key)
 
     # ---- the step loop -------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -348,6 +365,15 @@ class Engine:
         self.restarts += 1
         logger.warning("the ranks are back (restart %d); resuming %d request(s)", self.restarts, len(requeued))
 
+    def flush_cache(self) -> bool:
+        """Empty the radix prefix cache (thread-safe): True; False, with nothing done, while any request runs
+        or waits (their pages are in use). Nothing holds a page when no request does, so every page is free."""
+        with self._lock:
+            if self.scheduler.has_work:
+                return False
+            self.scheduler.cache.reset()
+        return True
+
     def cache_stats(self) -> dict:
         """Cache use and counters (pages, running/waiting requests, preemptions, prefix-cache hits), read
         consistently."""
@@ -378,6 +404,8 @@ class Engine:
 
     def shutdown(self) -> None:
         self._stopping = True
+        if getattr(self, "constraints", None) is not None:
+            self.constraints.shutdown()
         self._stop_requested.set()
         if self._loop_thread is not None:
             self._wake.set()

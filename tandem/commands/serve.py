@@ -16,6 +16,8 @@ import threading
 
 from tandem.commands.engine_flags import add_engine_flags, engine_kwargs
 from tandem.server.limits import DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_MAX_REQUEST_BODY
+from tandem.server.reasoning import REASONING_PARSERS
+from tandem.server.tools.formats import TOOL_CALL_PARSERS
 
 logger = logging.getLogger("tandem")
 ENGINE_FAILED_EXIT_CODE = 1
@@ -26,7 +28,7 @@ def add_parser(sub) -> None:
     parser = sub.add_parser(
         "serve", help="Serve the OpenAI-compatible HTTP API.",
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /generate, "
-                    "/health and /metrics (see docs/server.md).")
+                    "/tokenize, /health, /metrics and SGLang's other endpoints (see docs/server.md).")
     add_engine_flags(parser)
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
     parser.add_argument("--port", type=int, default=30000, help="Port to listen on (default: 30000).")
@@ -45,7 +47,21 @@ def add_parser(sub) -> None:
     parser.add_argument("--max-request-body", type=int, default=DEFAULT_MAX_REQUEST_BODY,
                         help="Largest request body in bytes; a larger one gets 413 (default: "
                              f"{DEFAULT_MAX_REQUEST_BODY}).")
+    _add_chat_flags(parser)
     parser.set_defaults(run=run)
+
+
+def _add_chat_flags(parser) -> None:
+    parser.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
+                        help="Parse tool calls out of chat answers in this format: qwen3_coder (Qwen3-Coder, "
+                             "Qwen3.5) or hermes (Qwen2.5, Qwen3). Needed for `tools` (default: none).")
+    parser.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                        help="Split <think>...</think> into reasoning_content: qwen3 (Qwen3, Qwen3.5; "
+                             "default: none).")
+    parser.add_argument("--chat-template", default=None,
+                        help="A Jinja chat template file to use instead of the tokenizer's.")
+    parser.add_argument("--enable-metrics", action="store_true",
+                        help="Accepted for SGLang's launch scripts: /metrics is always served.")
 
 
 class _StopRequested(BaseException):
@@ -56,25 +72,21 @@ def _raise_stop(signum, frame):
     raise _StopRequested(signal.Signals(signum).name)
 
 
-def run(args) -> int:
-    from tandem.engine import Engine, run_worker_node
-
-    if args.node_rank > 0:
-        return run_worker_node(**engine_kwargs(args))
-
+def _server_class():
     import uvicorn
-
-    from tandem.server import create_app
-    from tandem.server.limits import ServerLimits
 
     class Server(uvicorn.Server):
         """uvicorn's server, except that a captured signal is not re-raised once the server has stopped:
         `run` returns normally, so the engine's shutdown (and its exit code 0) are ours. On the first
         signal, open requests get the grace period, then are ended with an error (`begin_shutdown`)."""
 
+        def __init__(self, config, bridge, grace_s: float):
+            super().__init__(config)
+            self.bridge, self.grace_s = bridge, grace_s
+
         def handle_exit(self, sig, frame):
             if not self.should_exit:
-                app.state.bridge.begin_shutdown(args.graceful_shutdown_timeout)
+                self.bridge.begin_shutdown(self.grace_s)
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
@@ -90,36 +102,60 @@ def run(args) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+    return Server
+
+
+def _serve(engine, args, limits, chat) -> int:
+    """Serve `engine` until a signal, or until the engine gives up (exit code 1)."""
+    import uvicorn
+
+    from tandem.server import create_app
+
+    app = create_app(engine, served_model_name=args.served_model_name, limits=limits, chat=chat)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=args.graceful_shutdown_timeout + WRITE_ERRORS_S,
+                            access_log=False)
+    server = _server_class()(config, app.state.bridge, args.graceful_shutdown_timeout)
+    failed = []
+
+    def stop_when_engine_fails():
+        error = engine.wait_failed()
+        if error is not None and not server.should_exit:
+            failed.append(error)
+            logger.error("the engine gave up, stopping the server: %s", error)
+            server.should_exit = True
+
+    threading.Thread(target=stop_when_engine_fails, name="tandem-engine-watch", daemon=True).start()
+    server.run()
+    if not server.started:
+        logger.error("the server did not start (is port %d free?)", args.port)
+        return 1
+    if failed:
+        logger.error("exiting with code %d: %s", ENGINE_FAILED_EXIT_CODE, failed[0])
+        return ENGINE_FAILED_EXIT_CODE
+    return 0
+
+
+def run(args) -> int:
+    from tandem.engine import Engine, run_worker_node
+
+    if args.node_rank > 0:
+        return run_worker_node(**engine_kwargs(args))
+
+    from tandem.server.chat_prompt import ChatSettings, load_chat_template
+    from tandem.server.limits import ServerLimits
+
+    # settings first: a bad flag is an error before any rank starts
     limits = ServerLimits(api_key=args.api_key or None, max_queued_requests=args.max_queued_requests,
                           max_request_body=args.max_request_body)
+    chat = ChatSettings(tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                        chat_template=load_chat_template(args.chat_template))
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     engine = None
     try:
         engine = Engine(**engine_kwargs(args))
         signal.signal(signal.SIGTERM, previous)
-        app = create_app(engine, served_model_name=args.served_model_name, limits=limits)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                                timeout_graceful_shutdown=args.graceful_shutdown_timeout + WRITE_ERRORS_S,
-                                access_log=False)
-        server = Server(config)
-        failed = []
-
-        def stop_when_engine_fails():
-            error = engine.wait_failed()
-            if error is not None and not server.should_exit:
-                failed.append(error)
-                logger.error("the engine gave up, stopping the server: %s", error)
-                server.should_exit = True
-
-        threading.Thread(target=stop_when_engine_fails, name="tandem-engine-watch", daemon=True).start()
-        server.run()
-        if not server.started:
-            logger.error("the server did not start (is port %d free?)", args.port)
-            return 1
-        if failed:
-            logger.error("exiting with code %d: %s", ENGINE_FAILED_EXIT_CODE, failed[0])
-            return ENGINE_FAILED_EXIT_CODE
-        return 0
+        return _serve(engine, args, limits, chat)
     except (_StopRequested, KeyboardInterrupt) as exc:
         logger.info("stopped while loading the model (%s)", exc or "SIGINT")
         return 130 if isinstance(exc, KeyboardInterrupt) else 143

@@ -51,6 +51,11 @@ class StepInput(msgspec.Struct):
     # per span: for a request (re)admitted past position 0 that uses penalties, its tokens before the span
     # (the sampler's token history of a prefix-cache hit); None elsewhere
     histories: list[list[int] | None] | None = None
+    # structured output, decided by the driver alone: the spans whose sampled token a grammar constrains, and
+    # their packed allowed-token bitmasks, int32 [len(bitmask_rows), ceil(V / 32)] as little-endian bytes (bit j
+    # of word w allows token 32 w + j); the last stage applies them after penalties and logit_bias
+    bitmask_rows: list[int] | None = None
+    token_bitmask: bytes | None = None
 
 
 class StepOutput(msgspec.Struct):

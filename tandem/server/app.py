@@ -1,6 +1,6 @@
 """The FastAPI application: routes (openai_api, native_api), OpenAI-style errors and the engine's life.
 
-`create_app(engine, limits=ServerLimits(...))` serves an already loaded `Engine`, using only its public
+`create_app(engine, limits=ServerLimits(...), chat=ChatSettings(...))` serves an already loaded `Engine`, using only its public
 surface (see tandem.engine): at startup it records each stage's cache sizes for /metrics and starts the
 engine's step thread; at shutdown it shuts the engine down (every rank process exits). `RequestGuard`
 (tandem.server.limits) checks the API key and the body size before any route runs. Every error is
@@ -10,6 +10,7 @@ answered as OpenAI does, {"error": {"message", "type", "param", "code"}}: FastAP
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.prompts import PromptError
 from tandem.server.bridge import EngineBridge
+from tandem.server.chat_prompt import ChatSettings
 from tandem.server.limits import RequestGuard, ServerLimits
 from tandem.server.metrics import Metrics
 from tandem.server.protocol import APIError
@@ -52,39 +54,7 @@ def _error_response(request: Request, error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=getattr(error, "headers", None))
 
 
-def create_app(engine, served_model_name: str | None = None, shutdown_engine: bool = True,
-               limits: ServerLimits | None = None) -> FastAPI:
-    """An app serving `engine` within `limits` (default: no API key, the default bounds). The engine's
-    step loop starts with the app; with `shutdown_engine` the engine is shut down when the app stops."""
-    model_path = str(engine.model_path)
-    name = served_model_name or Path(model_path).name or model_path
-    limits = limits or ServerLimits()
-    metrics = Metrics()
-    bridge = EngineBridge(engine, metrics, limits)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if not engine.loop_running and engine.health()[0]:
-            metrics.set_stages(engine.stage_report())  # static cache sizes, read once
-        engine.start_background_loop()
-        logger.info("serving %s as %r", model_path, name)
-        try:
-            yield
-        finally:
-            bridge.close()
-            if shutdown_engine:
-                logger.info("shutting down the engine")
-                engine.shutdown()
-
-    app = FastAPI(title="Tandem", lifespan=lifespan)
-    app.add_middleware(RequestGuard, limits=limits, on_reject=lambda reason: metrics.rejected.labels(reason).inc())
-    app.state.bridge = bridge
-    app.state.metrics = metrics
-    app.state.served_model_name = name
-    app.state.model_path = model_path
-    app.state.model_names = {name, model_path}
-    app.state.created = int(time.time())
-
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return _error_response(request, exc)
@@ -109,8 +79,56 @@ def create_app(engine, served_model_name: str | None = None, shutdown_engine: bo
         logger.exception("error while serving %s", request.url.path)
         return _error_response(request, APIError(f"internal error: {exc}", status=500, type="server_error"))
 
-    from tandem.server import native_api, openai_api
 
-    app.include_router(openai_api.router)
-    app.include_router(native_api.router)
+def _lifespan(engine, bridge: EngineBridge, metrics: Metrics, name: str, shutdown_engine: bool):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not engine.loop_running and engine.health()[0]:
+            metrics.set_stages(engine.stage_report())  # static cache sizes, read once
+        engine.start_background_loop()
+        logger.info("serving %s as %r", engine.model_path, name)
+        try:
+            yield
+        finally:
+            bridge.close()
+            if shutdown_engine:
+                logger.info("shutting down the engine")
+                engine.shutdown()
+
+    return lifespan
+
+
+def server_settings(engine, name: str, chat: ChatSettings, limits: ServerLimits) -> dict:
+    """What /get_server_info reports: the engine's arguments and the server's own (never the API key)."""
+    args = getattr(engine, "args", None)
+    args = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else {}
+    return {**args, "served_model_name": name, "tool_call_parser": chat.tool_call_parser,
+            "reasoning_parser": chat.reasoning_parser, "chat_template": chat.chat_template is not None,
+            "api_key": limits.api_key is not None, "max_queued_requests": limits.max_queued_requests,
+            "max_request_body": limits.max_request_body}
+
+
+def create_app(engine, served_model_name: str | None = None, shutdown_engine: bool = True,
+               limits: ServerLimits | None = None, chat: ChatSettings | None = None) -> FastAPI:
+    """An app serving `engine` within `limits` (default: no API key, the default bounds), with the chat
+    options `chat` (tool-call and reasoning parsers, chat template; default none). The engine's step loop
+    starts with the app; with `shutdown_engine` the engine is shut down when the app stops."""
+    model_path = str(engine.model_path)
+    name = served_model_name or Path(model_path).name or model_path
+    limits, chat = limits or ServerLimits(), chat or ChatSettings()
+    metrics = Metrics(model_name=name)
+    bridge = EngineBridge(engine, metrics, limits)
+    app = FastAPI(title="Tandem", lifespan=_lifespan(engine, bridge, metrics, name, shutdown_engine))
+    app.add_middleware(RequestGuard, limits=limits, on_reject=lambda reason: metrics.rejected.labels(reason).inc())
+    app.state.bridge, app.state.metrics, app.state.chat = bridge, metrics, chat
+    app.state.served_model_name, app.state.model_path = name, model_path
+    app.state.model_names = {name, model_path}
+    app.state.created = int(time.time())
+    app.state.server_info = server_settings(engine, name, chat, limits)
+    _install_error_handlers(app)
+
+    from tandem.server import chat_api, native_api, openai_api, server_api
+
+    for module in (openai_api, chat_api, native_api, server_api):
+        app.include_router(module.router)
     return app

@@ -54,11 +54,9 @@ class Tracked:
             if n > self._seen and self.metrics is not None:
                 if self._seen == 0:
                     self.first_token_time = now
-                    self.metrics.ttft.observe(now - self.arrival)
+                    self.metrics.first_token(now - self.arrival)
                 else:
-                    gap = (now - self._last_token_time) / (n - self._seen)
-                    for _ in range(n - self._seen):
-                        self.metrics.itl.observe(gap)
+                    self.metrics.inter_token((now - self._last_token_time) / (n - self._seen), n - self._seen)
                 self._last_token_time = now
             self._seen = max(self._seen, n)
             finished_now = req.finished and not self._done

@@ -11,19 +11,23 @@ all stages), so page and slot use are the same on all stages; the bytes in use d
 KV pool covers only its full-attention layers and its state pool only its linear-attention layers.
 
 Engine counters (preemptions, prefix-cache queries and hits) are kept by the engine's scheduler and exported
-as Prometheus counters by a collector that reads them at scrape time."""
+as Prometheus counters by a collector that reads them at scrape time. The same events also feed the series
+of SGLang's names (`sglang_metrics.py`)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from tandem.server.sglang_metrics import SGLangMetrics
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0, 300.0)
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, model_name: str = "default"):
         self.registry = registry = CollectorRegistry()
+        self.sglang = SGLangMetrics(registry, model_name, _LATENCY_BUCKETS)
         self.requests = Counter("tandem_requests", "Requests admitted to the engine.", ["endpoint"],
                                 registry=registry)
         self.finished = Counter("tandem_requests_finished", "Requests finished, by finish reason.",
@@ -70,6 +74,17 @@ class Metrics:
     def request_started(self, tracked) -> None:
         self.requests.labels(tracked.endpoint).inc()
         self.prompt_tokens.inc(len(tracked.req.prompt_ids))
+        self.sglang.prompt_tokens.inc(len(tracked.req.prompt_ids))
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.sglang.ttft.observe(seconds)
+
+    def inter_token(self, seconds: float, count: int) -> None:
+        """`count` tokens arrived `seconds` apart each."""
+        for _ in range(count):
+            self.itl.observe(seconds)
+            self.sglang.itl.observe(seconds)
 
     def request_finished(self, tracked, now: float) -> None:
         req = tracked.req
@@ -77,6 +92,9 @@ class Metrics:
         self.finished.labels("error" if reason.get("message") else reason.get("type", "unknown")).inc()
         self.generation_tokens.inc(len(req.output_ids))
         self.e2e.observe(now - tracked.arrival)
+        self.sglang.generation_tokens.inc(len(req.output_ids))
+        self.sglang.e2e.observe(now - tracked.arrival)
+        self.sglang.num_requests.inc()
 
     # ---- gauges (refreshed on scrape) --------------------------------------------------------------
     def set_stages(self, reports: list[dict]) -> None:
@@ -90,6 +108,7 @@ class Metrics:
 
     def refresh(self, engine, healthy: bool = True) -> None:
         stats = self.engine_stats = engine.cache_stats()
+        self.sglang.refresh(stats)
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         faults = engine.fault_stats()

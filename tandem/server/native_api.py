@@ -19,9 +19,10 @@ from tandem.errors import ConfigError
 from tandem.prompts import build_result
 from tandem.runtime.sampling.params import SamplingParams
 from tandem.server.bridge import EngineBridge, Tracked
+from tandem.server.calls import client_gone, expand_choices, sse, submit_all, wait_all
+from tandem.server.constraints import constrain
 from tandem.server.limits import check_caps
-from tandem.server.openai_api import client_gone, expand_choices, sse, submit_all, wait_all
-from tandem.server.protocol import APIError, GenerateRequest
+from tandem.server.protocol import APIError, GenerateRequest, check_known_fields
 from tandem.server.sampling import config_error, max_new_tokens_for
 
 router = APIRouter()
@@ -62,13 +63,14 @@ def _result(bridge: EngineBridge, t: Tracked, body: GenerateRequest, rid: str) -
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request):
     bridge: EngineBridge = request.app.state.bridge
+    check_known_fields(body)
     check_caps(body)
     bridge.check_healthy()
     prompts, batch = await bridge.run_blocking(bridge.engine.prompts.from_either, body.text, body.input_ids, "text",
                                                "input_ids")
     if not prompts:
         raise APIError("no prompt given", param="text" if body.text is not None else "input_ids")
-    params = _params(bridge, body, prompts)
+    params = await constrain(request, bridge, _params(bridge, body, prompts), "generate")
     if body.stream and (batch or params[0].n > 1):
         raise APIError("stream=true takes one prompt and n = 1", param="stream")
     if body.top_logprobs_num < 0:

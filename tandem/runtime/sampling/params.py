@@ -11,6 +11,9 @@ means anything, and every value must fit the 64-bit integers of the step message
 `n` > 1 asks for several completions of one prompt: each is its own request with `for_choice(j)`'s params
 (choice j of a seeded request draws with seed + j, so the choices differ and each is reproducible).
 
+`json_schema`, `regex` and `ebnf` (at most one) constrain the output to a grammar; the driver compiles it
+and sends each step a token mask (see `tandem.runtime.constraints`). Here they are only checked to be strings.
+
 Every `ConfigError` message starts with the name of the field it is about."""
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ MAX_TOKEN_ID = 2 ** 31  # no vocabulary comes near it
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty: [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 MAX_N = 128  # OpenAI's limit on completions per prompt
+CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf")
 
 
 def normalize_seed(seed: int) -> int:
@@ -82,6 +86,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # SGLang/HF: divides positive / multiplies negative logits of seen tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     n: int = 1  # completions per prompt (expanded into n requests before scheduling; see for_choice)
+    # structured output (SGLang's names; at most one): a JSON schema (JSON text), a regular expression, or an
+    # EBNF grammar in xgrammar's dialect; applied from the first token, or only after the first occurrence of
+    # constraint_after_token_id in the output (e.g. after a reasoning parser's `</think>`)
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    constraint_after_token_id: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +147,21 @@ class SamplingParams:
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         self.logit_bias = self._checked_logit_bias()
         check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        given = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        for name in given:
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{name} must be a non-empty string, got {value!r}"[:200])
+        if len(given) > 1:
+            raise ConfigError(f"{given[0]}: at most one of {list(CONSTRAINT_FIELDS)} may be set, got {given}")
+        after = self.constraint_after_token_id
+        if after is not None and not (_is_int(after) and 0 <= after < MAX_TOKEN_ID):
+            raise ConfigError(f"constraint_after_token_id must be a token id, got {after!r}")
+        if after is not None and not given:
+            raise ConfigError(f"constraint_after_token_id needs one of {list(CONSTRAINT_FIELDS)}")
 
     def _checked_logit_bias(self) -> dict[int, float]:
         if not isinstance(self.logit_bias, dict):
@@ -154,6 +180,9 @@ class SamplingParams:
     def validate_vocab(self, vocab_size: int) -> None:
         """ConfigError if a logit_bias token id is outside the model's vocabulary [0, vocab_size)."""
         outside = sorted(t for t in self.logit_bias if t >= vocab_size)
+        if self.constraint_after_token_id is not None and self.constraint_after_token_id >= vocab_size:
+            raise ConfigError(f"constraint_after_token_id {self.constraint_after_token_id} is outside the "
+                              f"vocabulary (ids 0..{vocab_size - 1})")
         if outside:
             raise ConfigError(f"logit_bias token id(s) {outside[:10]} are outside the vocabulary "
                               f"(ids 0..{vocab_size - 1})")
@@ -163,6 +192,15 @@ class SamplingParams:
         seed = None if self.seed is None else normalize_seed(self.seed + index)
         return replace(self, n=1, seed=seed, logit_bias=dict(self.logit_bias), stop=list(self.stop),
                        stop_token_ids=list(self.stop_token_ids))
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(field name, text) of the request's structured-output constraint, or None: the grammar cache key."""
+        for name in CONSTRAINT_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
 
     @property
     def greedy(self) -> bool:

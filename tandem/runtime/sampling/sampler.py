@@ -1,6 +1,6 @@
 """The sampler: per-request token history, then one batched pass over a step's [B, V] logits —
-penalties and logit_bias, greedy argmax or temperature + top-k + min-p + top-p sampling, reported logprobs —
-with numeric failures confined to the row they happen in.
+penalties and logit_bias, the structured-output token mask, greedy argmax or temperature + top-k + min-p +
+top-p sampling, reported logprobs — with numeric failures confined to the row they happen in.
 
 Protocol (per request key, on the rank that samples):
   begin(key, params, prompt_len)   when the request's cache starts at position 0 (again, after preemption
@@ -28,6 +28,7 @@ from tandem.runtime.sampling.filters import filter_probs
 from tandem.runtime.sampling.logprobs import TopLogprobs, gather_logprobs
 from tandem.runtime.sampling.params import SamplingParams
 from tandem.runtime.sampling.penalties import TokenHistory, apply_logit_bias, apply_penalties
+from tandem.runtime.sampling.token_mask import TokenMask, apply_token_mask
 
 __all__ = ["SampleResult", "Sampler", "SamplingParams", "draw_seed"]
 
@@ -88,10 +89,11 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], keys: Sequence[Hashable],
                top_logprobs_num: Sequence[int] | None = None,
-               want_logprobs: Sequence[bool] | None = None) -> SampleResult:
+               want_logprobs: Sequence[bool] | None = None, token_mask: TokenMask | None = None) -> SampleResult:
         """logits [B, V]: row i is the next-token logits of request keys[i] with params[i]; row i also
         reports the top top_logprobs_num[i] alternatives (default: none), and the chosen token's logprob
-        where want_logprobs[i] or top_logprobs_num[i] > 0 (default: every row)."""
+        where want_logprobs[i] or top_logprobs_num[i] > 0 (default: every row). `token_mask` (structured
+        output) limits its rows to their allowed tokens, after penalties and logit_bias."""
         top_nums, wants = _logprob_requests(logits.shape[0], params, keys, top_logprobs_num, want_logprobs)
         histories = [self._history(key) for key in keys]
         for key, p, history in zip(keys, params, histories):
@@ -101,6 +103,10 @@ class Sampler:
         # a row's logsumexp is finite exactly when its maximum is: no NaN, no +Inf, not all -Inf
         raw_ok = logits.amax(dim=-1).isfinite()
         adjusted, adjusted_ok, bias_errors = _adjust(logits, params, histories)
+        if token_mask is not None:
+            adjusted = apply_token_mask(adjusted, logits, token_mask)
+            index = torch.tensor(token_mask.rows, device=logits.device)
+            adjusted_ok[index] = adjusted[index].amax(dim=-1).isfinite()
         tokens, distribution_ok = self._choose(adjusted, params, histories)
         ok_flags = torch.stack([raw_ok, adjusted_ok, distribution_ok]).tolist()
         chosen_logprobs, tops = self._logprobs(logits, tokens, top_nums, wants)

@@ -1,7 +1,7 @@
 """What the last stage does with a step's final hidden states: one `compute_logits` over the rows that end a
 request's tokens and the prompt rows that want logprobs (one vocabulary all-gather across TP ranks), the
-sampler over the former, prompt logprobs over the latter, gathered into the step's `StepOutput`. Shared by
-`ModelRunner` and the `auto-latency` probe, which times exactly this path."""
+sampler over the former (with the step's structured-output token mask), prompt logprobs over the latter,
+gathered into the step's `StepOutput`. Shared by `ModelRunner` and the `auto-latency` probe, which times exactly this path."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from tandem.layers.forward_batch import ForwardBatch
 from tandem.runtime.sampling.logprobs import grouped_token_logprobs
 from tandem.runtime.sampling.sampler import Sampler
+from tandem.runtime.sampling.token_mask import step_token_mask
 from tandem.runtime.step import StepInput, StepOutput
 
 
@@ -33,9 +34,10 @@ def sample_step(compute_logits: Callable[[torch.Tensor], torch.Tensor], sampler:
     tops: list = [None] * num_spans
     errors: list = [None] * num_spans
     if sampled:
+        mask = step_token_mask(step.bitmask_rows, step.token_bitmask, sampled, logits.shape[-1], logits.device)
         result = sampler.sample(logits[:len(sampled)], [params[step.keys[i]] for i in sampled],
                                 [step.keys[i] for i in sampled], [top_nums[i] for i in sampled],
-                                [want_logprobs[i] for i in sampled])
+                                [want_logprobs[i] for i in sampled], token_mask=mask)
         for j, i in enumerate(sampled):
             tokens[i], logprobs[i] = result.tokens[j], result.logprobs[j]
             tops[i], errors[i] = result.top_logprobs[j], result.errors[j]

@@ -12,26 +12,37 @@ same prefix again; for hybrid models that request is also told to snapshot its s
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 
+from tandem.errors import ConfigError
 from tandem.runtime.scheduling.cache_manager import CacheManager
+from tandem.runtime.scheduling.constraint_hooks import ConstraintHooks
 from tandem.runtime.scheduling.queues import Counters, Queues
 from tandem.runtime.scheduling.radix_cache import MatchResult
 from tandem.runtime.scheduling.request import Request, RequestLimits, shared_pages
+
+logger = logging.getLogger("tandem")
 
 DECODE_RESERVE_RATIO = 0.5
 IN_BATCH_MIN_SHARED_TOKENS = 32
 
 
 class AdmissionManager:
-    def __init__(self, queues: Queues, cache: CacheManager, limits: RequestLimits, counters: Counters):
+    def __init__(self, queues: Queues, cache: CacheManager, limits: RequestLimits, counters: Counters,
+                 constraints: ConstraintHooks | None = None, finish: Callable[[Request, dict], None] | None = None):
         self.queues, self.cache, self.limits, self.counters = queues, cache, limits, counters
+        self.constraints, self.finish = constraints, finish
 
     def admit(self) -> None:
         waiting, running = self.queues.waiting, self.queues.running
         i = 0
         while i < len(waiting) and len(running) < self.cache.max_running_requests:
             req = waiting[i]
+            if not self._grammar_ready(req):  # waits for its grammar without holding up the others
+                i += req in waiting
+                continue
             admitted = self._try_admit(req)
             if admitted is None:  # waits for a running request to cache its prefix
                 i += 1
@@ -40,6 +51,21 @@ class AdmissionManager:
                 break  # no room: later requests do not overtake it
             del waiting[i]
             running.append(req)
+
+    def _grammar_ready(self, req: Request) -> bool:
+        """Whether req's grammar (if any) is compiled; a grammar that does not compile ends req (abort)."""
+        if self.constraints is None or req.params.constraint is None:
+            return True
+        try:
+            return self.constraints.ready(req)
+        except ConfigError as exc:
+            self.finish(req, {"type": "abort", "message": str(exc)})
+            if req.on_update is not None:  # no step will report it: tell its owner now
+                try:
+                    req.on_update(req)
+                except Exception:
+                    logger.exception("on_update of request %s failed", req.rid)
+            return False
 
     def _try_admit(self, req: Request) -> bool | None:
         ids = req.all_ids

@@ -13,8 +13,9 @@ from tandem.runtime.scheduling.request import Request
 
 
 class PreemptionManager:
-    def __init__(self, queues: Queues, cache: CacheManager, counters: Counters):
+    def __init__(self, queues: Queues, cache: CacheManager, counters: Counters, constraints=None):
         self.queues, self.cache, self.counters = queues, cache, counters
+        self.constraints = constraints  # ConstraintHooks or None
 
     def ensure_page(self, req: Request, busy) -> bool:
         """A page for req's next token, retracting the newest running requests if none is left. False when req
@@ -34,5 +35,7 @@ class PreemptionManager:
         self.queues.running.remove(req)
         self.cache.release(req)
         req.forget_progress()
+        if self.constraints is not None:
+            self.constraints.reset(req)  # rebuilt from its output tokens when it runs again
         self.queues.waiting.appendleft(req)
         self.counters.preemptions += 1

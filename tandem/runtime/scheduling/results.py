@@ -23,8 +23,9 @@ from tandem.runtime.step import StepInput, StepOutput
 
 class ResultHandler:
     def __init__(self, queues: Queues, cache: CacheManager, limits: RequestLimits, eos_token_ids,
-                 decode_text: Callable[[list[int]], str] | None):
+                 decode_text: Callable[[list[int]], str] | None, constraints=None):
         self.queues, self.cache, self.limits = queues, cache, limits
+        self.constraints = constraints  # ConstraintHooks or None
         self.eos_token_ids, self.decode_text = eos_token_ids, decode_text
 
     def process(self, step: StepInput, reqs: list[Request], out: StepOutput) -> list[Request]:
@@ -66,7 +67,8 @@ class ResultHandler:
         req.output_logprobs.append(out.logprobs[i])
         if req.top_logprobs_num:
             req.output_top_logprobs.append(list(out.top_logprobs[i] or []) if out.top_logprobs else [])
-        reason = self._finish_reason(req, token)
+        grammar_end = self.constraints.accept(req, token) if self.constraints is not None else None
+        reason = self._finish_reason(req, token) or grammar_end
         if reason:
             self.finish(req, reason)
 
@@ -96,3 +98,5 @@ class ResultHandler:
             self.cache.release(req)
         if req.admissions:
             self.queues.released.append(req.rid)
+        if self.constraints is not None:
+            self.constraints.release(req)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tandem.errors import ConfigError
 from tandem.runtime.scheduling.admission import AdmissionManager
 from tandem.runtime.scheduling.cache_manager import CacheManager
+from tandem.runtime.scheduling.constraint_hooks import ConstraintHooks
 from tandem.runtime.scheduling.preemption import PreemptionManager
 from tandem.runtime.scheduling.queues import Counters, Queues
 from tandem.runtime.scheduling.request import Request, RequestLimits
@@ -29,8 +31,9 @@ __all__ = ["Request", "Scheduler"]  # Request is imported from here by the serve
 
 class Scheduler:
     def __init__(self, cache: CacheManager, context_length: int, chunk_size: int, eos_token_ids=(),
-                 decode_text: Callable[[list[int]], str] | None = None):
+                 decode_text: Callable[[list[int]], str] | None = None, constraints: ConstraintHooks | None = None):
         self.chunk_size = chunk_size
+        self.constraints = constraints  # structured output (grammar readiness, masks, matchers); None: refused
         self.eos_token_ids = set(eos_token_ids)
         self.decode_text = decode_text
         self.queues = Queues()
@@ -41,10 +44,12 @@ class Scheduler:
         """Plan with `cache` (a fresh one after the ranks were restarted, when nothing runs) and its limits."""
         self.cache = cache
         self.limits = RequestLimits(context_length, cache.max_total_tokens)
-        self.admission = AdmissionManager(self.queues, cache, self.limits, self.counters)
-        self.preemption = PreemptionManager(self.queues, cache, self.counters)
-        self.planner = StepPlanner(self.queues, cache, self.preemption, self.chunk_size)
-        self.results = ResultHandler(self.queues, cache, self.limits, self.eos_token_ids, self.decode_text)
+        self.results = ResultHandler(self.queues, cache, self.limits, self.eos_token_ids, self.decode_text,
+                                     self.constraints)
+        self.admission = AdmissionManager(self.queues, cache, self.limits, self.counters, self.constraints,
+                                          self.results.finish)
+        self.preemption = PreemptionManager(self.queues, cache, self.counters, self.constraints)
+        self.planner = StepPlanner(self.queues, cache, self.preemption, self.chunk_size, self.constraints)
 
     @property
     def max_len(self) -> int:
@@ -71,6 +76,8 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.check_prompt(len(req.prompt_ids))
+        if req.params.constraint is not None and self.constraints is None:
+            raise ConfigError(f"{req.params.constraint[0]}: structured output is not available in this scheduler")
         if req.params.max_new_tokens == 0 and not req.input_logprobs_wanted:
             req.finish_reason = {"type": "length", "length": 0}
             return
@@ -94,6 +101,8 @@ class Scheduler:
         self.cache.reset(requeued)
         for req in requeued:
             req.forget_progress()
+            if self.constraints is not None:
+                self.constraints.reset(req)  # rebuilt from its output tokens when it runs again
         self.queues.waiting.extendleft(reversed(requeued))
         self.queues.running.clear()
         self.queues.released.clear()  # the fresh ranks hold no state for them

@@ -19,8 +19,10 @@ from tandem.runtime.step import StepInput, admits_request
 
 
 class StepPlanner:
-    def __init__(self, queues: Queues, cache: CacheManager, preemption: PreemptionManager, chunk_size: int):
+    def __init__(self, queues: Queues, cache: CacheManager, preemption: PreemptionManager, chunk_size: int,
+                 constraints=None):
         self.queues, self.cache, self.preemption, self.chunk_size = queues, cache, preemption, chunk_size
+        self.constraints = constraints  # ConstraintHooks or None: the token masks of the step's constrained rows
 
     def plan(self, busy, num_micro_batches: int) -> tuple[StepInput, list[Request]] | None:
         running = self.queues.running
@@ -78,14 +80,17 @@ class StepPlanner:
             if snapshot is not None:
                 snapshots.append(snapshot)
         reqs = [req for req, _ in chosen]
+        sample = [s.prefix_len + s.num_tokens == r.num_tokens and r.params.max_new_tokens > 0
+                  for r, s in zip(reqs, spans)]
+        masks = self.constraints.masks(reqs, sample) if self.constraints is not None else None
         return StepInput(
-            spans, ids, [s.prefix_len + s.num_tokens == r.num_tokens and r.params.max_new_tokens > 0
-                         for r, s in zip(reqs, spans)],
+            spans, ids, sample,
             # the ranks keep a request's params from the step that (re)admits it on them
             [r.params if admits_request(s, f) else None for r, s, f in zip(reqs, spans, fresh)],
             [r.rid for r in reqs], new_pages, fresh, restores, resets, snapshots, self.queues.take_released(),
             prompt_lens=[len(r.prompt_ids) for r in reqs],
             histories=histories if any(h is not None for h in histories) else None,
+            bitmask_rows=masks[0] if masks else None, token_bitmask=masks[1] if masks else None,
             **_logprob_fields(reqs, spans))
 
 
