@@ -8,9 +8,10 @@ Both workloads send one request at a time, as the users of one system prompt or 
 - system prompt: U users, each a 300-token system prompt plus a distinct 64-token question, 8 new tokens;
 - chat: C conversations of T turns; turn k's prompt is turn k-1's prompt, its 32-token answer and a new
   64-token message.
-Reported per workload: seconds, prompt tokens, tokens served by the prefix cache, mean time to first token.
-Each configuration runs in its own process (`--worker`) with the tree's `tandem` first on sys.path and one
-torch thread."""
+Reported per workload: CPU seconds of the (single-threaded, in-process) engine, wall seconds, prompt tokens,
+tokens served by the prefix cache, mean time to first token. Ratios are of CPU seconds: on a shared machine
+wall time follows the load of other processes, the work done does not. Each configuration runs in its own
+process (`--worker`) with the tree's `tandem` first on sys.path and one torch thread."""
 
 from __future__ import annotations
 
@@ -72,20 +73,20 @@ def system_prompt_workload(engine, seed: int) -> dict:
     rng = random.Random(seed)
     system = [rng.randrange(10, VOCAB) for _ in range(SYSTEM)]
     totals = {"prompt_tokens": 0, "cached_tokens": 0, "ttft": []}
-    start = time.perf_counter()
+    start = time.perf_counter(), time.process_time()
     for _ in range(USERS):
         prompt = system + [rng.randrange(10, VOCAB) for _ in range(QUESTION)]
         _, cached, ttft = timed(engine, prompt, 8)
         totals["prompt_tokens"] += len(prompt)
         totals["cached_tokens"] += cached
         totals["ttft"].append(ttft)
-    return summary(totals, time.perf_counter() - start)
+    return summary(totals, start)
 
 
 def chat_workload(engine, seed: int) -> dict:
     rng = random.Random(seed)
     totals = {"prompt_tokens": 0, "cached_tokens": 0, "ttft": []}
-    start = time.perf_counter()
+    start = time.perf_counter(), time.process_time()
     for _ in range(CONVERSATIONS):
         history = [rng.randrange(10, VOCAB) for _ in range(SYSTEM)]
         for _ in range(TURNS):
@@ -95,12 +96,13 @@ def chat_workload(engine, seed: int) -> dict:
             totals["cached_tokens"] += cached
             totals["ttft"].append(ttft)
             history = prompt + answer
-    return summary(totals, time.perf_counter() - start)
+    return summary(totals, start)
 
 
-def summary(totals: dict, seconds: float) -> dict:
+def summary(totals: dict, start: tuple[float, float]) -> dict:
     ttft = totals.pop("ttft")
-    return {**totals, "seconds": seconds, "ttft_mean_ms": 1000 * sum(ttft) / len(ttft)}
+    return {**totals, "seconds": time.perf_counter() - start[0], "cpu_seconds": time.process_time() - start[1],
+            "ttft_mean_ms": 1000 * sum(ttft) / len(ttft)}
 
 
 def worker(model: str, radix: bool, seed: int) -> dict:
@@ -128,6 +130,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--models-dir", default="/tmp/tandem-bench-models")
+    parser.add_argument("--only", help="measure only this model (by name)")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--model")
     parser.add_argument("--no-radix", action="store_true")
@@ -143,22 +146,26 @@ def main() -> int:
     trees = {"this tree": here} | ({"baseline": args.baseline_tree.resolve()} if args.baseline_tree else {})
     configs = [(tree, radix) for tree in trees for radix in (True, False) if radix or tree == "this tree"]
     for name, model in build_models(Path(args.models_dir)).items():
+        if args.only and name != args.only:
+            continue
         runs: dict[str, list[dict]] = {f"{tree}, radix {'on' if radix else 'off'}": [] for tree, radix in configs}
         for rep in range(args.reps):  # alternately, so that a slow spell of the machine hits every configuration
             for tree, radix in configs:
                 runs[f"{tree}, radix {'on' if radix else 'off'}"].append(run_worker(trees[tree], model, radix, rep))
         result = {"workload": "hybrid system prompt and chat turns, one request at a time", "model": name,
+                  "load_average_before": os.getloadavg(),
                   "dtype": "bfloat16", "machine": machine_info(), "reps": args.reps, "trees": {k: str(v) for k, v in
                   trees.items()}, "runs": runs, "best": best_of(runs)}
         result["ratios"] = ratios(result["best"])
+        result["load_average_after"] = os.getloadavg()
         Path(args.out, f"hybrid_turns_{name}.json").write_text(json.dumps(result, indent=2))
         print(name, json.dumps(result["ratios"], indent=1))
     return 0
 
 
 def best_of(runs: dict[str, list[dict]]) -> dict:
-    """Per configuration and workload, the repetition with the fewest seconds (the least disturbed)."""
-    return {label: {w: min((r[w] for r in reps), key=lambda x: x["seconds"]) for w in ("system_prompt", "chat")}
+    """Per configuration and workload, the repetition with the fewest CPU seconds."""
+    return {label: {w: min((r[w] for r in reps), key=lambda x: x["cpu_seconds"]) for w in ("system_prompt", "chat")}
             for label, reps in runs.items()}
 
 
@@ -168,12 +175,10 @@ def ratios(best: dict) -> dict:
     for w in ("system_prompt", "chat"):
         on, off = best["this tree, radix on"][w], best["this tree, radix off"][w]
         out[w] = {"cached_fraction": on["cached_tokens"] / on["prompt_tokens"],
-                  "seconds_off_over_on": off["seconds"] / on["seconds"],
-                  "ttft_off_over_on": off["ttft_mean_ms"] / on["ttft_mean_ms"]}
+                  "cpu_seconds_off_over_on": off["cpu_seconds"] / on["cpu_seconds"]}
         if base is not None:
             out[w] |= {"baseline_cached_fraction": base[w]["cached_tokens"] / base[w]["prompt_tokens"],
-                       "seconds_baseline_over_this": base[w]["seconds"] / on["seconds"],
-                       "ttft_baseline_over_this": base[w]["ttft_mean_ms"] / on["ttft_mean_ms"]}
+                       "cpu_seconds_baseline_over_this": base[w]["cpu_seconds"] / on["cpu_seconds"]}
     return out
 
 
