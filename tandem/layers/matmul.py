@@ -146,6 +146,8 @@ def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):  # a quantized weight module (layers/weight_only.py) computes itself
+        return weight(x, bias)
     if not uses_native_kernel(weight, x.numel() // max(1, x.shape[-1])):
         return _upcast_linear(x, weight, bias)
     return F.linear(x, weight, bias)
