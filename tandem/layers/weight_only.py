@@ -10,8 +10,8 @@ Each rank quantizes its own TP shard after its weights are loaded; the quantized
 
 Formats (torchao's): int8wo is symmetric per output channel, w ~ q * scale (q in [-127, 127]); int4wo-g is
 asymmetric per group of g input features, w ~ (q - 8) * scale + zero (q in [0, 15], zero = min + 8 * scale),
-scales and zeros stored in the model dtype. Quantization rounds with those stored (rounded) scales, so every
-path computes with exactly the same weight values.
+int8 scales stored in the model dtype, int4 scales and zeros in bf16 (the int4 kernel's). Quantization rounds
+with those stored (rounded) scales, so every path computes with exactly the same weight values.
 
 Kernels, measured on a 2-core AMD EPYC without avx512 (AVX2; bench/results/weight_only_kernels.json):
 torch's `_weight_int8pack_mm` with bf16 activations reads the int8 weight once per product and is 4-5x faster
@@ -88,7 +88,7 @@ class Int8WeightOnly(nn.Module):
 
 class Int4WeightOnly(nn.Module):
     """An [out, in] weight as packed int4 (torch's CPU int4pack layout) with a scale and a zero per group of
-    `group_size` input features and output channel, `scales_and_zeros` [in / group, out, 2] in the model dtype."""
+    `group_size` input features and output channel, `scales_and_zeros` [in / group, out, 2] in bf16."""
 
     def __init__(self, weight: torch.Tensor, group_size: int):
         super().__init__()
@@ -96,8 +96,9 @@ class Int4WeightOnly(nn.Module):
         self.group_size = group_size
         groups = weight.detach().float().reshape(n, k // group_size, group_size)  # [out, groups, group]
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-6).to(weight.dtype)
-        zero = (lo + 8 * scale.float()).to(weight.dtype)
+        # bf16 scales and zeros whatever the model dtype: the kernel takes them in its activation dtype, bf16
+        scale = ((hi - lo) / 15).clamp(min=1e-6).to(torch.bfloat16)
+        zero = (lo + 8 * scale.float()).to(torch.bfloat16)
         base = zero.float() - 8 * scale.float()  # the value q = 0 stands for
         q = torch.round((groups - base.unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp(0, 15)
         q = q.to(torch.int32).reshape(n, k)
@@ -108,8 +109,8 @@ class Int4WeightOnly(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()  # [rows, in]
-        sz = self.scales_and_zeros.to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, sz).to(x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        out = out.to(x.dtype)
         if bias is not None:
             out = out + bias
         return out.reshape(*shape[:-1], self.out_features)
