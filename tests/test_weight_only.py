@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from support.checkpoints import checkpoint_tensor_names
+from tandem.cli import main
 from tandem.config import EngineArgs, WeightOnlySpec
 from tandem.engine import Engine
 from tandem.errors import ConfigError
@@ -212,3 +214,14 @@ def test_int4_group_must_divide_the_tp_shard(ckpt):
     # llama's down_proj has 96 input features: 48 per rank at tp2, not a multiple of 32
     with pytest.raises(Exception, match="down_proj has 48 input features per rank"):
         run(ckpt("llama", dtype="bfloat16"), PROMPTS[:1], torchao_config="int4wo-32", tp_size=2)
+
+
+def test_eval_of_bundled_model_greedy_equal(capsys):
+    """`tandem eval` of the bundled model (float32, Qwen3.5-MoE, pp1): the int8wo and int4wo-32 runs' greedy
+    answers equal the unquantized run's on 20 held-out problems."""
+    model = str(Path(__file__).resolve().parents[1] / "models" / "default")
+    outputs = []
+    for flags in ((), ("--torchao-config", "int8wo"), ("--torchao-config", "int4wo-32")):
+        assert main(["eval", "--model-path", model, "--configs", "pp1", "--limit", "20", "--json", *flags]) == 0
+        outputs.append([o["output_ids"] for o in json.loads(capsys.readouterr().out)["configs"][0]["outputs"]])
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
