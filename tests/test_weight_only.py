@@ -34,8 +34,9 @@ NEW = 8
 BF16_NOISE = 3  # a quantized bf16 run may be this many times as far from its exact weights as bf16 is from fp32
 INT8_TOL = 1.0  # nats: int8wo vs the bf16 run, the logprobs of the bf16 run's own prompt and greedy tokens
 # checkpoint tensors that become int8 / int4 (the stacked MoE experts, router, GDN in_proj_a/b do not)
-QUANTIZED = re.compile(r"layers\.(\d+)\.(self_attn|linear_attn|mlp|mlp\.shared_expert)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|in_proj_qkv|"
-                       r"in_proj_z|out_proj)\.weight$")
+QUANTIZED = re.compile(r"layers\.(\d+)\.(self_attn|linear_attn|mlp|mlp\.shared_expert)\."
+                       r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|in_proj_qkv|in_proj_z|out_proj)"
+                       r"\.weight$")
 
 
 def test_flag_values():
