@@ -38,6 +38,16 @@ def best_times(fns: dict, repeats: int) -> dict:
     return {name: seconds * 1e6 for name, seconds in best.items()}
 
 
+def products(x, w, int8, int4) -> dict:
+    n, k = int8.qweight.shape
+    return {
+        "bf16_path": lambda: linear(x, w),
+        "int8_kernel": lambda: torch.ops.aten._weight_int8pack_mm(x, int8.qweight, int8.scales),
+        "int8_block_path": lambda: weight_only._blockwise(x.float(), n, k, lambda s, r: int8.qweight[s:s + r].float()),
+        "int4_kernel": lambda: int4(x),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "weight_only_kernels.json"))
@@ -47,16 +57,9 @@ def main() -> int:
     torch.manual_seed(0)
     w = torch.randn(N, K).bfloat16()
     int8, int4 = weight_only.Int8WeightOnly(w), weight_only.Int4WeightOnly(w, 128)
-    n, k = int8.qweight.shape
     rows_out = []
     for rows in ROWS:
-        x = torch.randn(rows, K).bfloat16()
-        fns = {
-            "bf16_path": lambda: linear(x, w),
-            "int8_kernel": lambda: torch.ops.aten._weight_int8pack_mm(x, int8.qweight, int8.scales),
-            "int8_block_path": lambda: weight_only._blockwise(x.float(), n, k, lambda s, r: int8.qweight[s:s + r].float()),
-            "int4_kernel": lambda: int4(x),
-        }
+        fns = products(torch.randn(rows, K).bfloat16(), w, int8, int4)
         rows_out.append({"rows": rows, "us": best_times(fns, args.repeats)})
         print(rows, {name: round(us) for name, us in rows_out[-1]["us"].items()}, flush=True)
     result = {"shape": [N, K], "threads": 1, "machine": machine_info(), "loadavg": os.getloadavg(),
