@@ -112,8 +112,8 @@ def bench_tandem(path: Path, batches: list[int], reps: int) -> dict:
 
 def logprob_agreement(path: Path) -> dict:
     """Max / mean |logprob difference| of the bf16 run's greedy tokens (and prompts) under int8wo and int4wo."""
-    prompts = random_prompts(4, INPUT_LEN, VOCAB, seed=3)
-    params = {"temperature": 0, "max_new_tokens": 32}
+    prompts = random_prompts(2, INPUT_LEN, VOCAB, seed=3)
+    params = {"temperature": 0, "max_new_tokens": 16}
     with Engine(path, dtype="bfloat16", progress=False, max_total_tokens=4096) as engine:
         base = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True, logprob_start_len=0)
     texts = [p + o["output_ids"] for p, o in zip(prompts, base)]
@@ -132,6 +132,13 @@ def logprob_agreement(path: Path) -> dict:
     return out
 
 
+def timed_part(fn, *args) -> dict:
+    """fn(*args)'s result with when it ran and the load average before and after (the machine is shared)."""
+    started, load = time.strftime("%Y-%m-%d %H:%M:%S"), os.getloadavg()
+    result = fn(*args)
+    return {**result, "started": started, "loadavg_before": load, "loadavg_after": os.getloadavg()}
+
+
 def run_json(cmd: list[str], env: dict | None = None, timeout: int = 3600) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -145,45 +152,51 @@ def main() -> int:
     parser.add_argument("--root", default="/tmp/tandem-weight-only-bench")
     parser.add_argument("--out", default=str(BENCH / "results"))
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--output-len", type=int, default=OUTPUT_LEN)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--models", default="llama-0.5b,qwen3.5-0.5b")
+    parser.add_argument("--parts", default="tandem,llama.cpp,vllm",
+                        help="which engines to run; the others' figures already in the result file are kept")
     parser.add_argument("--llamacpp-python", default=None)
     parser.add_argument("--llamacpp-src", default=None)
     parser.add_argument("--vllm-python", default=None)
     parser.add_argument("--vllm-error", default=None, help="why vLLM could not be run here, recorded as is")
     args = parser.parse_args()
+    global OUTPUT_LEN
+    OUTPUT_LEN = args.output_len
     torch.set_num_threads(1)
     batches = [int(b) for b in args.batches.split(",")]
     paths = build_models(Path(args.root))
+    parts = args.parts.split(",")
     for name in args.models.split(","):
         path = paths[name]
-        uptime = os.getloadavg()
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        result = {"model": name, "parameters": parameter_count(path), "dtype": "bfloat16",
-                  "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "threads": 1, "machine": machine_info(),
-                  "started": started, "loadavg_at_start": uptime, "tandem": bench_tandem(path, batches, args.reps)}
-        if args.llamacpp_python:
+        out = Path(args.out) / f"weight_only_{name}.json"
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result.update({"model": name, "parameters": parameter_count(path), "dtype": "bfloat16",
+                       "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "threads": 1, "machine": machine_info()})
+        if "tandem" in parts:
+            result["tandem"] = timed_part(bench_tandem, path, batches, args.reps)
+            result["logprobs_vs_bf16"] = logprob_agreement(path)
+            tandem = result["tandem"]
+            result["speedup_vs_tandem_bf16"] = {spec: {b: tandem[spec]["decode_tokens_per_s"][b] /
+                                                       tandem["bf16"]["decode_tokens_per_s"][b] for b in batches}
+                                                for spec in tandem if spec in SPECS or spec == "bf16"}
+        if "llama.cpp" in parts and args.llamacpp_python:
             gguf = path.with_suffix(".gguf")
             if not gguf.exists():
                 subprocess.run([sys.executable, str(BENCH / "gguf_convert.py"), str(path), str(gguf), "--src",
                                 args.llamacpp_src], check=True, capture_output=True)
-            result["llama.cpp"] = run_json([args.llamacpp_python, str(BENCH / "llamacpp_decode.py"), str(path),
-                                            "--gguf-bf16", str(gguf), "--batches", args.batches,
-                                            "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN)])
+            result["llama.cpp"] = timed_part(run_json, [
+                args.llamacpp_python, str(BENCH / "llamacpp_decode.py"), str(path), "--gguf-bf16", str(gguf),
+                "--batches", args.batches, "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN)])
             print(f"[llama.cpp {name}] {result['llama.cpp']}", flush=True)
-        if args.vllm_python:
-            result["vllm"] = run_json([args.vllm_python, str(BENCH / "vllm_decode.py"), str(path), "--batches",
-                                       args.batches, "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN)])
+        if "vllm" in parts and args.vllm_python:
+            result["vllm"] = timed_part(run_json, [
+                args.vllm_python, str(BENCH / "vllm_decode.py"), str(path), "--batches", args.batches,
+                "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN)])
             print(f"[vllm {name}] {result['vllm']}", flush=True)
-        elif args.vllm_error:
+        elif "vllm" in parts and args.vllm_error:
             result["vllm"] = {"error": args.vllm_error}
-        result["logprobs_vs_bf16"] = logprob_agreement(path)
-        result["loadavg_at_end"] = os.getloadavg()
-        tandem = result["tandem"]
-        result["speedup_vs_tandem_bf16"] = {spec: {b: tandem[spec]["decode_tokens_per_s"][b] /
-                                                   tandem["bf16"]["decode_tokens_per_s"][b] for b in batches}
-                                            for spec in tandem}
-        out = Path(args.out) / f"weight_only_{name}.json"
         out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}", flush=True)
     return 0
