@@ -148,6 +148,7 @@ def run_json(cmd: list[str], env: dict | None = None, timeout: int = 3600) -> di
 
 
 def main() -> int:
+    global OUTPUT_LEN
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/tmp/tandem-weight-only-bench")
     parser.add_argument("--out", default=str(BENCH / "results"))
@@ -162,7 +163,6 @@ def main() -> int:
     parser.add_argument("--vllm-python", default=None)
     parser.add_argument("--vllm-error", default=None, help="why vLLM could not be run here, recorded as is")
     args = parser.parse_args()
-    global OUTPUT_LEN
     OUTPUT_LEN = args.output_len
     torch.set_num_threads(1)
     batches = [int(b) for b in args.batches.split(",")]
