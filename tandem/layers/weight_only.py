@@ -13,11 +13,13 @@ asymmetric per group of g input features, w ~ (q - 8) * scale + zero (q in [0, 1
 int8 scales stored in the model dtype, int4 scales and zeros in bf16 (the int4 kernel's). Quantization rounds
 with those stored (rounded) scales, so every path computes with exactly the same weight values.
 
-Kernels, measured on a 2-core AMD EPYC without avx512 (AVX2; bench/results/weight_only_kernels.json):
-torch's `_weight_int8pack_mm` with bf16 activations reads the int8 weight once per product and is 4-5x faster
-than the bf16 upcast path at 1 row, but its cost grows linearly with the rows (no reuse of the weight across
-rows), so above `INT8_KERNEL_MAX_ROWS` rows the int8 weight is converted a block at a time to float32 and
-multiplied there (as `matmul`'s upcast path does for bf16). The kernel's float32 / float16 inputs take a slow
+Kernels, measured on this project's 2-core AMD EPYC VM without avx512 (AVX2; bench/weight_only_kernels.py,
+one [4864, 896] linear, one thread): torch's `_weight_int8pack_mm` with bf16 activations reads the int8
+weight once per product and takes 0.2-0.45x the bf16 upcast path's time at 1 row, but its cost grows
+linearly with the rows (it does not reuse the weight across rows); the float32 block path (the int8 weight
+converted a block at a time, as `matmul`'s upcast path does for bf16) overtakes it between 6 and 16 rows.
+So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path.
+The kernel's float32 / float16 inputs take a slow
 reference loop, so those dtypes always take the block path. `_weight_int4pack_mm_for_cpu` has AVX2/AVX512
 code for bf16 activations only: other dtypes are rounded to bf16 around it. torchao itself adds no faster CPU
 kernel for these formats (its int8 weight-only CPU path dequantizes the whole weight per call), so it is not
