@@ -18,12 +18,12 @@ one [4864, 896] linear, one thread): torch's `_weight_int8pack_mm` with bf16 act
 weight once per product and takes 0.2-0.45x the bf16 upcast path's time at 1 row, but its cost grows
 linearly with the rows (it does not reuse the weight across rows); the float32 block path (the int8 weight
 converted a block at a time, as `matmul`'s upcast path does for bf16) overtakes it between 6 and 16 rows.
-So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path.
-The kernel's float32 / float16 inputs take a slow
-reference loop, so those dtypes always take the block path. `_weight_int4pack_mm_for_cpu` has AVX2/AVX512
-code for bf16 activations only: other dtypes are rounded to bf16 around it. torchao itself adds no faster CPU
-kernel for these formats (its int8 weight-only CPU path dequantizes the whole weight per call), so it is not
-a dependency. The row threshold is a constant, not a per-process measurement, so that every rank and every
+So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path. The
+kernel's float32 / float16 inputs take a slow reference loop, so those dtypes always take the block path.
+`_weight_int4pack_mm_for_cpu` has AVX2/AVX512 code for bf16 activations only: other dtypes are rounded to
+bf16 around it. torchao itself adds no faster CPU kernel for these formats (its int8 weight-only CPU path
+converts the whole weight to the activation dtype per call), so it is not a dependency. The row threshold
+is a constant, not a per-process measurement, so that every rank and every
 run takes the same path for the same step (pp runs stay bit-identical to pp=1)."""
 
 from __future__ import annotations
