@@ -31,6 +31,32 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel takes
+
+
+@dataclass(frozen=True)
+class WeightOnlySpec:
+    """A `--torchao-config` value Tandem implements: int8wo, or int4wo-<group> (layers/weight_only.py)."""
+
+    name: str
+    bits: int
+    group_size: int | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> WeightOnlySpec | None:
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(f"torchao_config must be a string, got {value!r}")
+        if value == "int8wo":
+            return cls(value, 8)
+        kind, _, group = value.partition("-")
+        if kind == "int4wo" and group.isdigit() and int(group) in INT4_GROUP_SIZES:
+            return cls(value, 4, int(group))
+        groups = " | ".join(f"int4wo-{g}" for g in INT4_GROUP_SIZES)
+        raise ConfigError(f"unsupported torchao_config {value!r}; Tandem implements int8wo | {groups}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The decoder-only text model, normalised across families."""
@@ -207,6 +233,7 @@ class EngineArgs:
     max_rank_restarts: int = 3  # restarts of the ranks allowed within rank_restart_window; one more failure is final
     rank_restart_window: float = 300.0  # seconds
     log_level: str = "info"
+    torchao_config: str = ""  # weight-only quantization at load: int8wo | int4wo-<group> (CPU only)
 
     def __post_init__(self) -> None:
         optional = ("max_running_requests", "max_total_tokens", "context_length")
@@ -239,6 +266,11 @@ class EngineArgs:
             raise ConfigError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
         if self.world_size % self.nnodes:
             raise ConfigError(f"tp_size*pp_size={self.world_size} is not divisible by nnodes={self.nnodes}")
+        if self.weight_only() is not None and self.device != "cpu":
+            raise ConfigError(f"torchao_config {self.torchao_config!r} is implemented for device='cpu' only")
+
+    def weight_only(self) -> WeightOnlySpec | None:
+        return WeightOnlySpec.parse(self.torchao_config)
 
     @property
     def world_size(self) -> int:

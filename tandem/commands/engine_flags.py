@@ -38,6 +38,9 @@ HELP = {
                          "one more failure stops the engine (the server exits non-zero).",
     "rank_restart_window": "Seconds over which --max-rank-restarts counts restarts.",
     "log_level": "Logging level (debug, info, warning).",
+    "torchao_config": "Weight-only quantization of the linear layers at load, per stage (CPU): int8wo (int8 per "
+                      "output channel) or int4wo-<group> (int4 per group of 32, 64, 128 or 256 inputs); "
+                      "default: none.",
 }
 
 

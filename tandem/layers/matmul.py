@@ -150,6 +150,8 @@ def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):  # a quantized weight module (layers/weight_only.py) computes itself
+        return weight(x, bias)
     if is_fp8(weight):
         return fp8_linear(x, weight, bias)
     if not uses_native_kernel(weight, x.numel() // max(1, x.shape[-1])):

@@ -20,6 +20,7 @@ from tandem.config import EngineConfig
 from tandem.errors import ConfigError
 from tandem.layers.forward_batch import ForwardBatch
 from tandem.layers.paged_metadata import PagedAttentionMetadata
+from tandem.layers.weight_only import quantize_linears_
 from tandem.loader import load_weights
 from tandem.models.registry import build_model
 from tandem.parallel import comm
@@ -77,6 +78,7 @@ class ModelRunner:
                               f"{self.mem_fraction} x {gb(self.device_memory)}; use more pipeline "
                               f"stages or TP ranks")
         self.load_report = load_weights(self.model, args.model_path, layout.label, progress=progress)
+        quantize_linears_(self.model, args.weight_only(), layout.label)
         if args.max_total_tokens is None:
             self.activation_reserve = measure_activation_reserve(
                 self, self._dry_run_context(), args.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS)
