@@ -148,12 +148,13 @@ def main() -> int:
     for name, model in build_models(Path(args.models_dir)).items():
         if args.only and name != args.only:
             continue
+        load_before = os.getloadavg()
         runs: dict[str, list[dict]] = {f"{tree}, radix {'on' if radix else 'off'}": [] for tree, radix in configs}
         for rep in range(args.reps):  # alternately, so that a slow spell of the machine hits every configuration
             for tree, radix in configs:
                 runs[f"{tree}, radix {'on' if radix else 'off'}"].append(run_worker(trees[tree], model, radix, rep))
         result = {"workload": "hybrid system prompt and chat turns, one request at a time", "model": name,
-                  "load_average_before": os.getloadavg(),
+                  "load_average_before": load_before,
                   "dtype": "bfloat16", "machine": machine_info(), "reps": args.reps, "trees": {k: str(v) for k, v in
                   trees.items()}, "runs": runs, "best": best_of(runs)}
         result["ratios"] = ratios(result["best"])
