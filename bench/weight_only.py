@@ -182,7 +182,7 @@ def main() -> int:
                                                        tandem["bf16"]["decode_tokens_per_s"][b] for b in batches}
                                                 for spec in tandem if spec in SPECS or spec == "bf16"}
         if "llama.cpp" in parts and args.llamacpp_python:
-            gguf = path.with_suffix(".gguf")
+            gguf = path.parent / f"{path.name}.gguf"
             if not gguf.exists():
                 subprocess.run([sys.executable, str(BENCH / "gguf_convert.py"), str(path), str(gguf), "--src",
                                 args.llamacpp_src], check=True, capture_output=True)
