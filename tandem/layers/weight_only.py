@@ -15,7 +15,7 @@ with those stored (rounded) scales, so every path computes with exactly the same
 
 Kernels, measured on this project's 2-core AMD EPYC VM without avx512 (AVX2; bench/weight_only_kernels.py,
 one [4864, 896] linear, one thread): torch's `_weight_int8pack_mm` with bf16 activations reads the int8
-weight once per product and takes 0.2-0.45x the bf16 upcast path's time at 1 row, but its cost grows
+weight once per product and takes 0.2-0.55x the bf16 upcast path's time at 1 row, but its cost grows
 linearly with the rows (it does not reuse the weight across rows); the float32 block path (the int8 weight
 converted a block at a time, as `matmul`'s upcast path does for bf16) overtakes it between 8 and 12 rows.
 So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path. The
