@@ -17,6 +17,7 @@ bf16 run's own greedy tokens, against the bf16 run's."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -94,19 +95,24 @@ def decode_rate(result, batch: int) -> float:
 
 
 def bench_tandem(path: Path, batches: list[int], reps: int) -> dict:
-    """Decode tokens/s per (torchao_config, batch), best of `reps`, and each config's weight bytes."""
-    out = {}
-    for spec in SPECS:
-        with Engine(path, dtype="bfloat16", progress=False, torchao_config=spec, max_total_tokens=16384,
-                    max_running_requests=max(batches)) as engine:
+    """Decode tokens/s per (torchao_config, batch), best of `reps` taken alternately over the configs (the
+    machine is shared: alternating spreads other processes' load over all of them), and weight bytes."""
+    out = {spec or "bf16": {"decode_tokens_per_s": {}} for spec in SPECS}
+    with contextlib.ExitStack() as stack:
+        engines = {spec or "bf16": stack.enter_context(Engine(
+            path, dtype="bfloat16", progress=False, torchao_config=spec, max_total_tokens=16384,
+            max_running_requests=max(batches))) for spec in SPECS}
+        for label, engine in engines.items():
             bench_engine(engine, random_prompts(1, INPUT_LEN, VOCAB, seed=9), 4)  # warm-up
-            rates = {}
-            for batch in batches:
-                prompts = random_prompts(batch, INPUT_LEN, VOCAB, seed=batch)
-                rates[batch] = max(decode_rate(bench_engine(engine, prompts, OUTPUT_LEN), batch) for _ in range(reps))
-            out[spec or "bf16"] = {"decode_tokens_per_s": rates,
-                                   "weight_bytes": engine.stage_report()[0]["weight_bytes"]}
-        print(f"[tandem {path.name} {spec or 'bf16'}] {out[spec or 'bf16']}", flush=True)
+            out[label]["weight_bytes"] = engine.stage_report()[0]["weight_bytes"]
+        for batch in batches:
+            prompts = random_prompts(batch, INPUT_LEN, VOCAB, seed=batch)
+            for _ in range(reps):
+                for label, engine in engines.items():
+                    rate = decode_rate(bench_engine(engine, prompts, OUTPUT_LEN), batch)
+                    rates = out[label]["decode_tokens_per_s"]
+                    rates[batch] = max(rates.get(batch, 0.0), rate)
+            print(f"[tandem {path.name} batch {batch}] {out}", flush=True)
     return out
 
 
@@ -182,7 +188,7 @@ def main() -> int:
                                                        tandem["bf16"]["decode_tokens_per_s"][b] for b in batches}
                                                 for spec in tandem if spec in SPECS or spec == "bf16"}
         if "llama.cpp" in parts and args.llamacpp_python:
-            gguf = path.with_suffix(".gguf")
+            gguf = path.parent / f"{path.name}.gguf"
             if not gguf.exists():
                 subprocess.run([sys.executable, str(BENCH / "gguf_convert.py"), str(path), str(gguf), "--src",
                                 args.llamacpp_src], check=True, capture_output=True)

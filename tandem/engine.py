@@ -371,7 +371,7 @@ class Engine:
         with self._lock:
             if self.scheduler.has_work:
                 return False
-            self.scheduler.cache.reset()
+            self.scheduler.cache.reset([])
         return True
 
     def cache_stats(self) -> dict:

@@ -15,9 +15,9 @@ with those stored (rounded) scales, so every path computes with exactly the same
 
 Kernels, measured on this project's 2-core AMD EPYC VM without avx512 (AVX2; bench/weight_only_kernels.py,
 one [4864, 896] linear, one thread): torch's `_weight_int8pack_mm` with bf16 activations reads the int8
-weight once per product and takes 0.2-0.45x the bf16 upcast path's time at 1 row, but its cost grows
+weight once per product and takes 0.2-0.55x the bf16 upcast path's time at 1 row, but its cost grows
 linearly with the rows (it does not reuse the weight across rows); the float32 block path (the int8 weight
-converted a block at a time, as `matmul`'s upcast path does for bf16) overtakes it between 6 and 16 rows.
+converted a block at a time, as `matmul`'s upcast path does for bf16) overtakes it between 8 and 12 rows.
 So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path. The
 kernel's float32 / float16 inputs take a slow reference loop, so those dtypes always take the block path.
 `_weight_int4pack_mm_for_cpu` has AVX2/AVX512 code for bf16 activations only: other dtypes are rounded to
@@ -41,7 +41,7 @@ from tandem.layers.linear import RowParallelLinear, _LocalLinear
 
 logger = logging.getLogger("tandem")
 
-INT8_KERNEL_MAX_ROWS = 6  # int8 kernel up to this many rows, the float32 block path above (crossover measured)
+INT8_KERNEL_MAX_ROWS = 8  # int8 kernel up to this many rows, the float32 block path above (crossover measured)
 BLOCK_BYTES = 1 << 20  # float32 bytes of weight converted at a time on the block path
 KEEP_UNQUANTIZED = ("in_proj_a", "in_proj_b")
 
