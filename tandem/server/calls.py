@@ -22,9 +22,7 @@ from tandem.server.sampling import check_unsupported, finish_reason
 
 # request fields `constraints.constrain` reads from the raw body (structured output); every other field a body
 # carries beyond its model is refused by `check_known_fields`
-CONSTRAINT_FIELDS = ("response_format", "json_schema", "regex", "ebnf", "structured_outputs", "guided_json",
-                     "guided_regex", "guided_grammar", "guided_choice", "guided_decoding_backend",
-                     *constraints.REFUSED)
+CONSTRAINT_FIELDS = constraints.REQUEST_FIELDS
 
 
 def begin_call(body, request: Request) -> tuple[EngineBridge, str]:

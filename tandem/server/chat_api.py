@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from tandem.errors import ConfigError
+from tandem.runtime.sampling.params import CONSTRAINT_FIELDS
 from tandem.server.calls import (
     begin_call,
     client_gone,
@@ -42,7 +43,6 @@ from tandem.server.tools.grammar import tool_call_ebnf
 from tandem.server.tools.spec import Tool, ToolPlan, plan_tools
 
 router = APIRouter()
-CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf")
 
 
 def check_chat_options(body: ChatCompletionRequest) -> None:

@@ -20,6 +20,7 @@ import json
 from dataclasses import replace
 
 from tandem.errors import ConfigError
+from tandem.runtime.sampling.params import CONSTRAINT_FIELDS
 from tandem.server.protocol import APIError
 
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
@@ -105,6 +106,16 @@ def _structured_outputs(value) -> dict[str, tuple[str, str]]:
     return found
 
 
+# vLLM's older guided_* fields -> (SamplingParams field, its value)
+GUIDED = {"guided_json": lambda v, p: ("json_schema", _schema_text(v, p)),
+          "guided_regex": lambda v, p: ("regex", _text(v, p)),
+          "guided_grammar": lambda v, p: ("ebnf", _text(v, p)),
+          "guided_choice": lambda v, p: ("ebnf", choice_grammar(v, p))}
+# every request body field `constraint_fields` reads (the server's unknown-field check leaves them to it)
+REQUEST_FIELDS = ("response_format", *CONSTRAINT_FIELDS, "structured_outputs", *GUIDED, "guided_decoding_backend",
+                  *REFUSED)
+
+
 def constraint_fields(body: dict, endpoint: str) -> dict:
     """The constraint sampling params asked for by a chat / completions request body ({} for none)."""
     found: dict[str, tuple[str, str]] = {}
@@ -115,16 +126,12 @@ def constraint_fields(body: dict, endpoint: str) -> dict:
         constraint = _response_format(body["response_format"])
         if constraint:
             found["response_format"] = constraint
-    for name in ("json_schema", "regex", "ebnf"):
+    for name in CONSTRAINT_FIELDS:  # SGLang's own fields, named as SamplingParams names them
         if body.get(name) is not None:
             found[name] = (name, _schema_text(body[name], name) if name == "json_schema" else _text(body[name], name))
     if body.get("structured_outputs") is not None:
         found.update(_structured_outputs(body["structured_outputs"]))
-    guided = {"guided_json": lambda v, p: ("json_schema", _schema_text(v, p)),
-              "guided_regex": lambda v, p: ("regex", _text(v, p)),
-              "guided_grammar": lambda v, p: ("ebnf", _text(v, p)),
-              "guided_choice": lambda v, p: ("ebnf", choice_grammar(v, p))}
-    for name, make in guided.items():
+    for name, make in GUIDED.items():
         if body.get(name) is not None:
             found[name] = make(body[name], name)
     _backend(body.get("guided_decoding_backend"), "guided_decoding_backend")
