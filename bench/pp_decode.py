@@ -72,6 +72,7 @@ def decode_run(engine: Engine, num_requests: int, input_len: int, output_len: in
         busy.append(sum(b - a for a, b in inside) / (end - start) if end > start else 0.0)
     return {"decode_tokens_per_s": tokens / (end - start) if end > start else 0.0, "stage_busy": busy,
             "window_s": end - start, "cpu_s": cpu, "output_tokens": sum(len(t) for t in times),
+            "layers": [[r["layer_start"], r["layer_end"]] for r in reports],  # the split the partition chose
             "turnaround_ms": turnaround_ms(reports, engine.num_micro_batches, start, end)}
 
 
@@ -110,7 +111,8 @@ def describe(result: dict) -> str:
     cpu = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in result.items() if k != "run")
     gaps = sorted(run["turnaround_ms"])
     turn = f", turnaround ms p50 {gaps[len(gaps) // 2]:.2f} (n={len(gaps)})" if gaps else ""
-    return (f"{run['decode_tokens_per_s']:.0f} tok/s, busy {[round(b, 2) for b in run['stage_busy']]}, "
+    return (f"{run['decode_tokens_per_s']:.0f} tok/s, layers {run['layers']}, "
+            f"busy {[round(b, 2) for b in run['stage_busy']]}, "
             f"cpu ms/token {cpu}{turn}")
 
 
@@ -130,7 +132,8 @@ def summarize(results: list[dict]) -> dict:
             "turnaround_ms_p90": gaps[int(len(gaps) * 0.9)] if gaps else None,
             "wall_tokens_per_s": statistics.median(wall), "wall_min": min(wall), "wall_max": max(wall),
             "cpu_ms_per_token": {k: round(v * 1e3, 3) for k, v in cpu.items()},
-            "cpu_bound_tokens_per_s": 1 / max(cpu[k] for k in stages), "stage_busy": busy}
+            "cpu_bound_tokens_per_s": 1 / max(cpu[k] for k in stages), "stage_busy": busy,
+            "layers": results[0]["run"]["layers"]}
 
 
 def parse_label(label: str) -> tuple[int, int, str | None]:

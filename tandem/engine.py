@@ -8,12 +8,12 @@ parts: `model_path`, `context_length`, `tokenizer`, `prompts` (a `PromptBuilder`
 `stage_report()`, `queue_stats()`, `fault_stats()`, `wait_failed()`, `model_info()`, `text_of`, `decode`,
 `token_texts` and `shutdown`.
 
-A failed world is restarted, not abandoned: when a rank dies or raises (or the executor fails in any other
-way), the step loop logs the cause, stops every rank, starts a fresh set with the same layout (weights
-reloaded) and puts every unfinished request back at the front of the queue (`Scheduler.requeue_all`), to
-be prefilled again from its prompt plus the tokens it already produced. Clients only see a pause: the
-sampler rebuilds each request's token history from position 0 and seeded draws depend only on (seed, token
-number), so outputs are the same as without the fault. After `max_rank_restarts` restarts within
+A failed world is restarted, not abandoned (`tandem.recovery.RankRecovery`): when a rank dies or raises (or
+the executor fails in any other way), the step loop logs the cause, stops every rank, starts a fresh set with
+the same layout (weights reloaded) and puts every unfinished request back at the front of the queue
+(`Scheduler.requeue_all`), to be prefilled again from its prompt plus the tokens it already produced. Clients
+only see a pause: the sampler rebuilds each request's token history from position 0 and seeded draws depend
+only on (seed, token number), so outputs are the same as without the fault. After `max_rank_restarts` restarts within
 `rank_restart_window` seconds, the next failure is final: `error` is set, every request is aborted with the
 cause and `wait_failed()` returns it."""
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Self
 
@@ -31,6 +30,7 @@ from tandem.errors import ConfigError, RankFailedError
 from tandem.loader import checkpoint_weight_map
 from tandem.models.registry import load_model_config
 from tandem.prompts import PromptBuilder, build_result, output_text
+from tandem.recovery import RankRecovery, World
 from tandem.runtime.constraints.tracker import ConstraintTracker
 from tandem.runtime.memory.sizing import is_hybrid
 from tandem.runtime.planning.resolve import engine_partition
@@ -77,10 +77,7 @@ class Engine:
         self._wake = threading.Event()
         self.error: BaseException | None = None
         self._failed = threading.Event()
-        self._recovering: str | None = None  # the cause, while the ranks are being restarted
-        self._restart_times: list[float] = []  # monotonic times of recent restarts
-        self.rank_failures = 0
-        self.restarts = 0
+        self.recovery = RankRecovery(self.args.max_rank_restarts, self.args.rank_restart_window)
         capacity = self.executor.capacity
         self.constraints = ConstraintTracker(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(self._cache_manager(capacity), capacity.context_length, self.args.chunked_prefill_size,
@@ -237,17 +234,15 @@ class Engine:
             return False, str(self.error)
         if self.executor is None:
             return False, "the engine is shut down"
-        recovering = self._recovering
+        recovering = self.recovery.recovering
         if recovering is not None:
             return False, f"restarting the ranks after a failure: {recovering}"
         dead = self.executor.dead_ranks()
         return (False, "; ".join(dead)) if dead else (True, "")
 
     def fault_stats(self) -> dict:
-        """{"rank_failures", "restarts", "recovering"}: failures seen, restarts that succeeded, and whether
-        a restart is under way."""
-        return {"rank_failures": self.rank_failures, "restarts": self.restarts,
-                "recovering": self._recovering is not None}
+        """{"rank_failures", "restarts", "recovering"} (`RankRecovery.stats`)."""
+        return self.recovery.stats()
 
     def wait_failed(self, timeout: float | None = None) -> BaseException | None:
         """Block until the engine has given up (returns the error) or `timeout` passed (returns None)."""
@@ -320,50 +315,26 @@ class Engine:
                     logger.exception("on_update of request %s failed", req.rid)
 
     def _recover(self, failure: Exception) -> None:
-        """Replace the failed world by a fresh one with the same layout and requeue every running request;
-        raise RankFailedError instead when the last `max_rank_restarts` restarts all fall within
-        `rank_restart_window` seconds (or a restart is abandoned at shutdown)."""
-        cause = str(failure) if isinstance(failure, RankFailedError) else f"{type(failure).__name__}: {failure}"
-        requeued: list[Request] = []
-        while True:
-            self.rank_failures += 1
-            logger.error("rank failure #%d: %s", self.rank_failures, cause)
-            with self._lock:
-                self._recovering = cause
-                requeued += self.scheduler.requeue_all()
-            with contextlib.suppress(Exception):  # stop whatever is left of the failed world
-                self.executor.shutdown(graceful=False)
-            now = time.monotonic()
-            window = self.args.rank_restart_window
-            self._restart_times = [t for t in self._restart_times if now - t < window]
-            if len(self._restart_times) >= self.args.max_rank_restarts:
-                self.error = RankFailedError(f"giving up: {len(self._restart_times)} restart(s) of the ranks in the "
-                                             f"last {window:g} s (--max-rank-restarts {self.args.max_rank_restarts}); "
-                                             f"last failure: {cause}")
-                self._recovering = None
-                raise self.error
-            self._restart_times.append(now)
-            logger.warning("restarting the ranks (restart %d); %d request(s) will be prefilled again",
-                           self.restarts + 1, len(requeued))
-            try:
-                executor = self._start_executor(progress=False)
-            except Exception as exc:
-                if self._stopping:  # shutdown abandoned the restart
-                    return
-                cause = f"the restart failed: {exc}"
-                continue
-            break
-        if self._stopping:
-            executor.shutdown()
-            return
+        """Replace the failed world (`RankRecovery`); a final failure becomes the engine's `error`."""
+        try:
+            self.recovery.recover(failure, World(
+                requeue=self._requeue_all, stop_failed=lambda: self.executor.shutdown(graceful=False),
+                start=lambda: self._start_executor(progress=False), install=self._install_executor,
+                stopping=lambda: self._stopping))
+        except RankFailedError as exc:
+            self.error = exc
+            raise
+
+    def _requeue_all(self) -> list[Request]:
+        with self._lock:
+            return self.scheduler.requeue_all()
+
+    def _install_executor(self, executor) -> None:
         with self._lock:
             self.executor = executor
             # the fresh pools may be sized differently (memory-derived sizing): nothing is cached or running
             # now, so the scheduler simply takes the new capacity
             self.scheduler.use_cache(self._cache_manager(executor.capacity), executor.capacity.context_length)
-            self._recovering = None
-        self.restarts += 1
-        logger.warning("the ranks are back (restart %d); resuming %d request(s)", self.restarts, len(requeued))
 
     def flush_cache(self) -> bool:
         """Empty the radix prefix cache (thread-safe): True; False, with nothing done, while any request runs

@@ -272,6 +272,24 @@ def test_hostile_request_gets_200_or_4xx_and_the_server_goes_on(guarded, case):
     assert canary(guarded) == guarded.canary
 
 
+OUTSIDE_VOCAB = {"400": 5.0}  # the model's vocabulary is 320 tokens
+
+
+@pytest.mark.parametrize("path, body, param", [
+    (None, _with(logit_bias=OUTSIDE_VOCAB), "logit_bias"),
+    (None, _with(logit_bias=OUTSIDE_VOCAB, stream=True, n=2), "logit_bias"),
+    (CHAT, _chat([{"role": "user", "content": "hi"}], logit_bias=OUTSIDE_VOCAB), "logit_bias"),
+    (GEN, {"text": ["a", "b"], "sampling_params": [{}, {"logit_bias": OUTSIDE_VOCAB}]}, "sampling_params.logit_bias"),
+], ids=["completions", "completions-streamed-n2", "chat", "generate-second-prompt"])
+def test_logit_bias_outside_the_vocabulary_is_a_400_naming_the_field(guarded, path, body, param):
+    # the engine's one vocabulary check (Engine.add_request), turned into a 400 naming the field by the bridge
+    resp = post(guarded, path or "/v1/completions", body)
+    assert resp.status_code == 400, resp.text[:1000]
+    error = resp.json()["error"]
+    assert error["param"] == param and "outside the vocabulary" in error["message"], error
+    assert canary(guarded) == guarded.canary
+
+
 # ---- a rank killed during load ---------------------------------------------------------------------
 
 async def _completion_stream(client: httpx.AsyncClient, body: dict, started: asyncio.Event) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tandem.layers.fp8 import fp8_linear, is_fp8
+from tandem.layers.fp8 import FP8_DTYPE, fp8_linear, is_fp8
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 DECODE, PREFILL = "decode", "prefill"
@@ -152,7 +152,7 @@ def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):  # a quantized weight module (layers/weight_only.py) computes itself
         return weight(x, bias)
-    if is_fp8(weight):
+    if weight.dtype == FP8_DTYPE:
         return fp8_linear(x, weight, bias)
     if not uses_native_kernel(weight, x.numel() // max(1, x.shape[-1])):
         return _upcast_linear(x, weight, bias)

@@ -25,11 +25,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from tandem.errors import ConfigError
 from tandem.runtime.sampling.sampler import RAW_LOGITS_ERROR, SamplingParams
 from tandem.runtime.scheduling.scheduler import Request
 from tandem.server.detokenize import TextStream  # noqa: F401 (the endpoints import it from here)
 from tandem.server.limits import QueueFullError, ServerLimits
 from tandem.server.protocol import APIError
+from tandem.server.sampling import config_error
 
 logger = logging.getLogger("tandem.server")
 
@@ -141,7 +143,9 @@ class EngineBridge:
         tracked = Tracked(req, index, queue, asyncio.get_running_loop(), self.metrics, endpoint)
         req.on_update = tracked.on_update
         try:
-            self.engine.add_request(req)
+            self.engine.add_request(req)  # the one check of the params against the vocabulary
+        except ConfigError as exc:
+            raise config_error(exc, openai_names=endpoint != "generate") from None
         except ValueError as exc:
             raise APIError(str(exc)) from None
         except Exception as exc:

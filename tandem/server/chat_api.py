@@ -89,7 +89,6 @@ async def force_tool_call(bridge, params, plan: ToolPlan, settings: ChatSettings
     after = _end_token_id(tokenizer, fmt.end) if after_reasoning and fmt is not None else None
     try:
         params = replace(params, ebnf=ebnf, constraint_after_token_id=after)
-        params.validate_vocab(bridge.engine.prompts.vocab_size)
         await asyncio.wrap_future(bridge.engine.grammar_future(params.constraint))
     except ConfigError as exc:  # the grammar did not compile (xgrammar's message)
         raise APIError(f"the tools cannot be enforced: {exc}", param="tools", code="invalid_grammar") from None
@@ -173,8 +172,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     # no limit asked: the rest of the context (as vLLM and SGLang do for chat)
-    params = sampling_params(body, max_new_tokens_for(requested, len(ids), bridge.context_length, None, param),
-                             prompts.vocab_size)
+    params = sampling_params(body, max_new_tokens_for(requested, len(ids), bridge.context_length, None, param))
     params = await constrain(request, bridge, params, "chat")
     params = await force_tool_call(bridge, params, plan, settings, prompts.tokenizer, inside)
     queue: asyncio.Queue = asyncio.Queue()

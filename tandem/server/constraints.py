@@ -156,8 +156,6 @@ async def constrain(request, bridge, params, endpoint: str):
         if fields:
             try:
                 items = [replace(p, **fields) for p in items]
-                for p in items:
-                    p.validate_vocab(bridge.engine.prompts.vocab_size)
             except ConfigError as exc:
                 raise APIError(str(exc), param=next(iter(fields))) from None
     for key in {p.constraint for p in items if p.constraint is not None}:

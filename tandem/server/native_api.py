@@ -47,10 +47,6 @@ def _params(bridge: EngineBridge, body: GenerateRequest, prompts: list[list[int]
         if "max_new_tokens" in values:  # the default (16) is cut at the context length instead
             max_new_tokens_for(params.max_new_tokens, len(ids), bridge.context_length, None,
                                "sampling_params.max_new_tokens")
-        try:
-            params.validate_vocab(bridge.engine.prompts.vocab_size)
-        except ConfigError as exc:
-            raise config_error(exc, openai_names=False) from None
         out.append(params)
     return out
 

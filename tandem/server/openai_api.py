@@ -96,9 +96,8 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError(f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {body.logprobs}",
                        param="logprobs")
     prompts = await bridge.run_blocking(bridge.engine.prompts.from_prompt, body.prompt, "prompt")
-    vocab_size = bridge.engine.prompts.vocab_size
     params = [sampling_params(body, max_new_tokens_for(body.max_tokens, len(ids), bridge.context_length,
-                                                       DEFAULT_MAX_NEW_TOKENS), vocab_size)
+                                                       DEFAULT_MAX_NEW_TOKENS))
               for ids in prompts]
     params = await constrain(request, bridge, params, "completions")
     n = params[0].n

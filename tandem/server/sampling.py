@@ -67,7 +67,7 @@ def max_new_tokens_for(requested: int | None, prompt_len: int, context_length: i
     return requested
 
 
-def sampling_params(body, max_new_tokens: int, vocab_size: int) -> SamplingParams:
+def sampling_params(body, max_new_tokens: int) -> SamplingParams:
     """The request's SamplingParams (n included: the endpoint makes one engine request per completion)."""
     values = {"max_new_tokens": max_new_tokens, "ignore_eos": body.ignore_eos}
     for name in _PASSED:
@@ -76,7 +76,6 @@ def sampling_params(body, max_new_tokens: int, vocab_size: int) -> SamplingParam
             values[name] = value
     try:
         params = SamplingParams.from_dict(values)
-        params.validate_vocab(vocab_size)
     except ConfigError as exc:
         raise config_error(exc) from None
     return params

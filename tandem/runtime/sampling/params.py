@@ -196,6 +196,8 @@ class SamplingParams:
     @property
     def constraint(self) -> tuple[str, str] | None:
         """(field name, text) of the request's structured-output constraint, or None: the grammar cache key."""
+        if self.json_schema is None and self.regex is None and self.ebnf is None:
+            return None  # the common case, asked for every request of every step: no getattr loop
         for name in CONSTRAINT_FIELDS:
             value = getattr(self, name)
             if value is not None:
