@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tandem.errors import ConfigError
 from tandem.runtime.sampling.params import SamplingParams
@@ -42,7 +43,7 @@ class RequestLimits:
     context_length: int
     max_total_tokens: int
 
-    @property
+    @cached_property  # read for every request of every step
     def max_len(self) -> int:
         """Tokens (prompt + output) one request may reach."""
         return min(self.context_length, self.max_total_tokens)

@@ -67,7 +67,8 @@ class ResultHandler:
         req.output_logprobs.append(out.logprobs[i])
         if req.top_logprobs_num:
             req.output_top_logprobs.append(list(out.top_logprobs[i] or []) if out.top_logprobs else [])
-        grammar_end = self.constraints.accept(req, token) if self.constraints is not None else None
+        constrained = self.constraints is not None and req.params.constraint is not None
+        grammar_end = self.constraints.accept(req, token) if constrained else None
         reason = self._finish_reason(req, token) or grammar_end
         if reason:
             self.finish(req, reason)
