@@ -19,6 +19,8 @@ import torch
 from tandem.config import EngineConfig
 from tandem.errors import ConfigError
 from tandem.layers.forward_batch import ForwardBatch
+from tandem.layers.gated_delta_net import commit_verified
+from tandem.layers.gdn_verify import VerifyLedger
 from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.layers.weight_only import quantize_linears_
 from tandem.loader import load_weights
@@ -89,6 +91,7 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         self.sampler = Sampler()
         self.page_tables: dict = {}
+        self.verify_ledger = VerifyLedger()  # this stage's verify spans awaiting their commit
         self.params: dict = {}  # request key -> SamplingParams, from the step that (re)admitted it
         self._pending_sends: list = []
         # wall-clock (start, end) of each step's computation, excluding the waits for the previous stage (its
@@ -201,6 +204,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _execute(self, step: StepInput) -> StepOutput | None:
         pp = self.layout.pp
+        self._apply_speculation(step)
         for key in step.release_keys:
             self.sampler.release(key)
             self.page_tables.pop(key, None)
@@ -213,7 +217,9 @@ class ModelRunner:
         if step.state_restores:
             self.state_pool.copy([src for src, _ in step.state_restores], [dst for _, dst in step.state_restores])
         self.state_pool.reset(step.state_resets)
-        batch = ForwardBatch.build(step.spans, step.input_ids, self.device)
+        verify = [i for i in range(len(step.spans)) if step.num_drafts(i)]
+        batch = ForwardBatch.build(step.spans, step.input_ids, self.device, verify=verify,
+                                   verify_ledger=self.verify_ledger)
         batch.kv_pool, batch.state_pool = self.kv_pool, self.state_pool
         if self.shape.attn_layers:
             batch.attn = PagedAttentionMetadata.build([self.page_tables[key] for key in step.keys],
@@ -235,6 +241,16 @@ class ModelRunner:
             return None
         self._observe(step)
         return self._sample(step, batch, hidden)
+
+    def _apply_speculation(self, step: StepInput) -> None:
+        """Before anything reads a state slot or a page table: the linear-attention states of judged verify
+        spans moved on to their accepted length (or their spans forgotten), page tables cut back to it."""
+        if step.spec_commits:
+            commit_verified(self.model, self.state_pool, self.verify_ledger, dict(step.spec_commits))
+        self.verify_ledger.discard(step.spec_discards)
+        for key, num_pages in step.page_trims:
+            if key in self.page_tables:
+                del self.page_tables[key][num_pages:]
 
     def finish_sends(self) -> None:
         """Wait until the next stage has taken what this stage sent it; raises if the next stage is gone (a gloo
