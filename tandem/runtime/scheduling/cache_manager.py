@@ -168,6 +168,14 @@ class CacheManager:
             return self._track(req.cache, start)
         return None
 
+    def max_drafts(self, req: Request) -> int | None:
+        """Hybrid with a prefix cache: the drafts a verify span from req.num_cached may carry so that, all
+        accepted, the next span starts at the next page boundary, where the state can be tracked (states exist
+        at accepted boundaries only); None: no limit."""
+        if not (self.hybrid and self.track_interval):
+            return None
+        return (req.num_cached // self.page_size + 1) * self.page_size - req.num_cached - 1
+
     def trim(self, handle: CacheHandle, num_pages: int) -> bool:
         """Free the request's own pages past its first `num_pages` (rejected drafts' positions); True when
         some were freed (the ranks' page table must be cut the same way)."""

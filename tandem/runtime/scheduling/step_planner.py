@@ -10,7 +10,9 @@ cached as soon as it is planned (`CacheManager.cache_chunk`). The step carries t
 
 Speculative decoding (`Speculation`): a decoding request's step becomes a verify span of its last token plus
 up to `speculative_num_steps` drafts, fewer where its max_new_tokens, the context or the step's token budget
-end sooner, or where no page is free for them (drafts never retract another request); the step also carries
+end sooner, where no page is free for them (drafts never retract another request) or, hybrid with a prefix
+cache, where a fully accepted run would pass a page boundary (states can be tracked only where a verify span
+starts, `CacheManager.max_drafts`); the step also carries
 the commits, discards and page trims of verify spans judged since the last step."""
 
 from __future__ import annotations
@@ -64,8 +66,11 @@ class StepPlanner:
         """The drafts of a decoding request's verify span, with pages for them ([] without speculation)."""
         if self.speculation is None:
             return []
-        room = min(req.params.max_new_tokens - len(req.output_ids), self.limits.max_len - req.num_tokens)
-        drafts = self.speculation.drafts_for(req, min(self.speculation.num_steps, room - 1, budget - 1))
+        room = min(req.params.max_new_tokens - len(req.output_ids), self.limits.max_len - req.num_tokens) - 1
+        aligned = self.cache.max_drafts(req)
+        if aligned is not None:
+            room = min(room, aligned)
+        drafts = self.speculation.drafts_for(req, min(self.speculation.num_steps, room, budget - 1))
         handle, page = req.cache, self.cache.page_size
         short = self.cache.pages_for(req.num_cached + 1 + len(drafts)) - len(handle.pages)
         if short > 0 and not self.cache.extend(handle, short):
