@@ -10,9 +10,9 @@ Cache use per stage: every stage holds the same pages and state slots (the drive
 all stages), so page and slot use are the same on all stages; the bytes in use differ because each stage's
 KV pool covers only its full-attention layers and its state pool only its linear-attention layers.
 
-Engine counters (preemptions, prefix-cache queries and hits, speculative verify passes and drafts) are kept by the engine's scheduler and exported
-as Prometheus counters by a collector that reads them at scrape time. The same events also feed the series
-of SGLang's names (`sglang_metrics.py`)."""
+Engine counters (preemptions, prefix-cache queries and hits, speculative verify passes and drafts) are kept
+by the engine's scheduler and exported as Prometheus counters by a collector that reads them at scrape time.
+The same events also feed the series of SGLang's names (`sglang_metrics.py`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 request's tokens and the prompt rows that want logprobs (one vocabulary all-gather across TP ranks), the
 sampler over the former (with the step's structured-output token mask), prompt logprobs over the latter,
 gathered into the step's `StepOutput`; verify spans (speculative decoding) have logits at every one of
-their positions, judged by `verify_step.judge_spans`. Shared by `ModelRunner` and the `auto-latency` probe, which times exactly this path."""
+their positions, judged by `verify_step.judge_spans`. Shared by `ModelRunner` and the `auto-latency` probe,
+which times exactly this path."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def sample_step(compute_logits: Callable[[torch.Tensor], torch.Tensor], sampler:
     input_lps = input_tops = None
     if step.input_logprobs and any(step.input_logprobs):
         input_lps, input_tops = [None] * num_spans, [None] * num_spans
-        groups = grouped_token_logprobs(logits[len(sampled):len(logits) - num_verify_rows], [t for _, targets in scored for t in targets],
+        prompt_rows = logits[len(sampled):len(logits) - num_verify_rows]
+        groups = grouped_token_logprobs(prompt_rows, [t for _, targets in scored for t in targets],
                                         [len(targets) for _, targets in scored], [top_nums[i] for i, _ in scored])
         for (i, _), group in zip(scored, groups):
             input_lps[i], input_tops[i] = group.logprobs, group.top_logprobs
