@@ -239,3 +239,31 @@ def test_defaults_follow_sglang_chain():
     spec = SpeculativeConfig.resolve(EngineArgs(model_path="x", speculative_algorithm="NGRAM",
                                                 speculative_num_draft_tokens=6))
     assert (spec.algorithm, spec.num_steps, spec.ngram_min, spec.ngram_max) == ("NGRAM", 5, 1, 12)
+
+
+def test_server_reports_acceptance_and_refuses_with_400(ckpt):
+    """/generate's meta_info carries SGLang's spec_* fields, /metrics the acceptance counters (Tandem's and
+    sglang:spec_accept_*), and a refused combination is a 400 naming it."""
+    from fastapi.testclient import TestClient
+
+    from tandem.server import create_app
+
+    model_dir = ckpt("llama", with_tokenizer=True)
+    reference = plain_run(model_dir, [prompts()[0]])[0]["output_ids"]
+    engine = Engine(model_dir, dtype="float32", progress=False, **SPEC)
+    spec = engine.scheduler.speculation
+    spec.drafts_for = lambda req, k: list(reference[len(req.output_ids):][:max(k, 0)])
+    with TestClient(create_app(engine)) as http:
+        resp = http.post("/generate", json={"input_ids": prompts()[0], "sampling_params": GREEDY})
+        assert resp.status_code == 200, resp.text
+        meta = resp.json()["meta_info"]
+        assert resp.json()["output_ids"] == reference
+        # every pass fully accepted: 1 token from the prefill, then 4 per pass, the last pass cut to fit 24
+        assert meta["spec_verify_ct"] == 6 and meta["spec_accepted_drafts"] == 17
+        assert meta["spec_accept_rate"] == 1.0 and meta["spec_accept_length"] == (17 + 6) / 6
+        text = http.get("/metrics").text
+        assert "tandem_spec_accepted_drafts_total 17.0" in text and "tandem_spec_verify_passes_total 6.0" in text
+        assert f'sglang:spec_accept_length{{model_name="{model_dir.name}"}} {(17 + 6) / 6}' in text
+        resp = http.post("/generate", json={"input_ids": [5, 6], "sampling_params": {**GREEDY,
+                                                                                     "frequency_penalty": 0.3}})
+        assert resp.status_code == 400 and "speculative decoding" in resp.text
