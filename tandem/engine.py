@@ -29,7 +29,7 @@ from typing import Self
 from tandem.config import EngineArgs, EngineConfig
 from tandem.errors import ConfigError, RankFailedError
 from tandem.loader import checkpoint_weight_map
-from tandem.models.registry import load_model_config
+from tandem.models.registry import has_mtp_head, load_model_config
 from tandem.prompts import PromptBuilder, build_result, output_text
 from tandem.runtime.constraints.tracker import ConstraintTracker
 from tandem.runtime.memory.sizing import is_hybrid
@@ -61,9 +61,10 @@ class Engine:
         self.model_config = load_model_config(model_path)
         self.config = EngineConfig.resolve(self.args, self.model_config)
         speculative = self.config.speculative
-        if speculative is not None and speculative.algorithm == "NEXTN":
-            raise ConfigError("speculative_algorithm NEXTN / MTP: the last stage's MTP drafter is not available in "
-                              "this build yet; use NGRAM")
+        if speculative is not None and speculative.algorithm == "NEXTN" and not has_mtp_head(self.model_config):
+            raise ConfigError(f"speculative_algorithm NEXTN / MTP needs a checkpoint with a multi-token-prediction "
+                              f"head (Qwen3.5 families, mtp_num_hidden_layers > 0); {model_path} "
+                              f"({self.model_config.architecture}) has none: use NGRAM")
         self.partition = engine_partition(self.config)
         checkpoint_weight_map(model_path)  # fail before starting anything if there is no checkpoint
         self.tokenizer = load_tokenizer(self.args.model_path)

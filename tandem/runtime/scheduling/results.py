@@ -55,6 +55,8 @@ class ResultHandler:
             elif req.params.max_new_tokens == 0 and req.num_cached >= len(req.prompt_ids):  # scored, nothing to add
                 self.finish(req, {"type": "length", "length": 0})
             elif out.tokens[i] is not None:
+                if out.next_drafts and out.next_drafts[i] is not None:  # NEXTN: the next verify span's drafts
+                    req.next_drafts = list(out.next_drafts[i])
                 self._append_token(req, out, i)
             else:
                 continue

@@ -50,6 +50,9 @@ class Speculation:
         self.ngram = NgramDrafter(num_steps, ngram_min, ngram_max) if algorithm == "NGRAM" else None
         self.counters = SpecCounters()
         self.pending = Pending()
+        # NEXTN: the MTP head's chain writes its KV at positions up to num_steps - 1 past the last final one,
+        # in the request's own pages: a step that samples needs pages for that many more tokens
+        self.chain_tokens = num_steps - 1 if algorithm == "NEXTN" else 0
 
     @staticmethod
     def check(req: Request) -> None:

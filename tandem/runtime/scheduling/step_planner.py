@@ -46,13 +46,17 @@ class StepPlanner:
                 break
             pending = req.num_tokens - req.num_planned
             drafts: list[int] = []
+            chain = self.speculation.chain_tokens if self.speculation is not None else 0
             if req.num_planned and pending == 1 and not in_flight:  # decoding
-                if not self.preemption.ensure_page(req, busy):
+                if not self.preemption.ensure_page(req, busy, req.num_cached + 1 + chain):
                     continue
-                drafts = self._drafts(req, budget)
+                drafts = self._drafts(req, budget, chain)
                 n = 1 + len(drafts)
             elif budget > 0:
                 n = self.cache.chunk_end(req, req.num_planned + min(pending, budget)) - req.num_planned
+                if chain and req.num_planned + n == req.num_tokens \
+                        and not self.preemption.ensure_page(req, busy, req.num_tokens + chain):
+                    continue
             else:
                 continue
             budget -= n
@@ -62,7 +66,7 @@ class StepPlanner:
             return None
         return self._build(chosen), [req for req, _, _ in chosen]
 
-    def _drafts(self, req: Request, budget: int) -> list[int]:
+    def _drafts(self, req: Request, budget: int, chain: int) -> list[int]:
         """The drafts of a decoding request's verify span, with pages for them ([] without speculation)."""
         if self.speculation is None:
             return []
@@ -72,9 +76,9 @@ class StepPlanner:
             room = min(room, aligned)
         drafts = self.speculation.drafts_for(req, min(self.speculation.num_steps, room, budget - 1))
         handle, page = req.cache, self.cache.page_size
-        short = self.cache.pages_for(req.num_cached + 1 + len(drafts)) - len(handle.pages)
+        short = self.cache.pages_for(req.num_cached + 1 + len(drafts) + chain) - len(handle.pages)
         if short > 0 and not self.cache.extend(handle, short):
-            drafts = drafts[:len(handle.pages) * page - req.num_cached - 1]  # what the pages it has hold
+            drafts = drafts[:len(handle.pages) * page - req.num_cached - 1 - chain]  # what its pages hold
         return drafts
 
     @staticmethod
