@@ -71,19 +71,28 @@ def assert_same(got: list[dict], expected: list[dict], tolerance: float) -> None
         assert g_lp.shape == e_lp.shape and float((g_lp - e_lp).abs().max()) < tolerance
 
 
-FAST = [("llama", {}, {}), ("qwen3_5", {}, {}), ("qwen3_5", {}, {"pp_size": 2}), ("llama", {}, {"tp_size": 2})]
-SLOW = [("qwen3_5_moe", {}, {}), ("qwen3_5_moe", {"multimodal": True, "fused_experts": True}, {"pp_size": 2}),
-        ("qwen3_5", {}, {"pp_size": 3}), ("qwen3_5", {}, {"tp_size": 2, "pp_size": 2}), ("llama", {}, {"pp_size": 2}),
-        ("qwen3_5", {}, {"tp_size": 2})]
-LAYOUTS = [pytest.param(*case, id=f"{case[0]}-{case[2]}") for case in FAST] + \
-          [pytest.param(*case, id=f"{case[0]}-{case[1]}-{case[2]}", marks=pytest.mark.slow) for case in SLOW]
+NEXTN = {"speculative_algorithm": "NEXTN", "speculative_num_steps": 3}
+MTP = {"add_mtp": True}
+FAST = [("llama", {}, {}, SPEC), ("qwen3_5", {}, {}, SPEC), ("qwen3_5", {}, {"pp_size": 2}, SPEC),
+        ("llama", {}, {"tp_size": 2}, SPEC), ("qwen3_5", MTP, {"pp_size": 2}, NEXTN)]
+SLOW = [("qwen3_5_moe", {}, {}, SPEC), ("qwen3_5_moe", {"multimodal": True, "fused_experts": True}, {"pp_size": 2}, SPEC),
+        ("qwen3_5", {}, {"pp_size": 3}, SPEC), ("qwen3_5", {}, {"tp_size": 2, "pp_size": 2}, SPEC),
+        ("llama", {}, {"pp_size": 2}, SPEC), ("qwen3_5", {}, {"tp_size": 2}, SPEC), ("qwen3_5", MTP, {}, NEXTN),
+        ("qwen3_5_moe", {**MTP, "multimodal": True, "fused_experts": True}, {"pp_size": 2}, NEXTN),
+        ("qwen3_5_moe", MTP, {"tp_size": 2}, NEXTN), ("qwen3_5", MTP, {"pp_size": 3}, NEXTN),
+        ("qwen3_5", MTP, {"tp_size": 2, "pp_size": 2}, NEXTN)]
+LAYOUTS = [pytest.param(*case, id=f"{case[0]}-{case[2]}-{case[3]['speculative_algorithm']}") for case in FAST] + \
+          [pytest.param(*case, id=f"{case[0]}-{case[1]}-{case[2]}-{case[3]['speculative_algorithm']}",
+                        marks=pytest.mark.slow) for case in SLOW]
 
 
-@pytest.mark.parametrize("kind,build,layout", LAYOUTS)
-def test_ngram_and_accepted_drafts_equal_the_plain_run(ckpt, kind, build, layout):
+@pytest.mark.parametrize("kind,build,layout,algorithm", LAYOUTS)
+def test_random_and_accepted_drafts_equal_the_plain_run(ckpt, kind, build, layout, algorithm):
+    """NGRAM's drafts, or (NEXTN) a random MTP head's: nearly all rejected; then oracle drafts, accepted
+    0..k at a time (with NEXTN the MTP drafter still runs over every accepted run on the last stage)."""
     model_dir = ckpt(kind, **build)
     reference = plain_run(model_dir, prompts())
-    with Engine(model_dir, dtype="float32", progress=False, **layout, **SPEC) as engine:
+    with Engine(model_dir, dtype="float32", progress=False, **layout, **algorithm) as engine:
         ngram = engine.generate(input_ids=prompts(), sampling_params=GREEDY, return_logprob=True)
         rejected = engine.cache_stats()
         use_oracle(engine, {tuple(p): r["output_ids"] for p, r in zip(prompts(), reference)})
@@ -170,15 +179,18 @@ def test_shared_prefixes_and_hybrid_snapshots_hold_accepted_tokens_only(ckpt):
     assert stats["spec_accepted_drafts"] > 0 and stats["prefix_cache_hit_tokens"] > 0
 
 
-@pytest.mark.parametrize("kind,pp", [("llama", 1), ("qwen3_5", 2)])
-def test_tiny_pool_preempts_verifying_requests(ckpt, kind, pp):
-    model_dir = ckpt(kind)
+@pytest.mark.parametrize("kind,pp,algorithm", [("llama", 1, SPEC), ("qwen3_5", 2, SPEC), ("qwen3_5", 2, NEXTN)],
+                         ids=["llama-pp1-NGRAM", "qwen3_5-pp2-NGRAM", "qwen3_5-pp2-NEXTN-chunked"])
+def test_tiny_pool_preempts_verifying_requests(ckpt, kind, pp, algorithm):
+    """Also NEXTN with prompts prefilled in two chunks: the MTP chain's pages are found by retraction too."""
+    model_dir = ckpt(kind, **(MTP if algorithm is NEXTN else {}))
+    extra = {"chunked_prefill_size": 8} if algorithm is NEXTN else {}
     gen = torch.Generator().manual_seed(40)
     many = [torch.randint(3, 300, (10,), generator=gen).tolist() for _ in range(16)]
     sampling = {**GREEDY, "max_new_tokens": 22}
     reference = plain_run(model_dir, many, sampling, max_total_tokens=2048)
     with Engine(model_dir, pp_size=pp, dtype="float32", progress=False, max_total_tokens=96, page_size=4,
-                **SPEC) as engine:
+                **algorithm, **extra) as engine:
         use_oracle(engine, {tuple(p): r["output_ids"] for p, r in zip(many, reference)})
         got = engine.generate(input_ids=many, sampling_params=sampling, return_logprob=True)
         stats = engine.cache_stats()
@@ -224,7 +236,7 @@ def test_combinations_speculation_does_not_implement_are_refused(ckpt, params, n
     ({"speculative_algorithm": "NGRAM", "speculative_ngram_min_match_window_size": 4,
       "speculative_ngram_max_match_window_size": 2}, "must be >="),
     ({"speculative_num_steps": 2}, "needs speculative_algorithm"),
-    ({"speculative_algorithm": "NEXTN"}, "MTP drafter is not available"),
+    ({"speculative_algorithm": "NEXTN"}, "needs a checkpoint with a multi-token-prediction head"),
 ], ids=["topk", "draft-tokens", "algorithm", "window", "no-algorithm", "nextn"])
 def test_bad_settings_are_refused(ckpt, settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -267,3 +279,47 @@ def test_server_reports_acceptance_and_refuses_with_400(ckpt):
         resp = http.post("/generate", json={"input_ids": [5, 6], "sampling_params": {**GREEDY,
                                                                                      "frequency_penalty": 0.3}})
         assert resp.status_code == 400 and "speculative decoding" in resp.text
+
+
+@pytest.mark.parametrize("algorithm", [SPEC, pytest.param(NEXTN, marks=pytest.mark.slow)], ids=["NGRAM", "NEXTN"])
+def test_a_killed_rank_replays_accepted_tokens_only(ckpt, algorithm):
+    """SIGKILL of the last stage while requests verify: the fresh world prefills each request's prompt plus
+    its accepted tokens (no verify span is pending there) and the outputs are those of the plain run."""
+    import os
+    import signal
+    import threading
+
+    from support.processes import rank_processes
+    from tandem.runtime.sampling.params import SamplingParams
+    from tandem.runtime.scheduling.request import Request
+
+    model_dir = ckpt("qwen3_5", **MTP)
+    reference = plain_run(model_dir, prompts())
+    with Engine(model_dir, pp_size=2, dtype="float32", progress=False, **algorithm) as engine:
+        accepted = use_oracle(engine, {tuple(p): r["output_ids"] for p, r in zip(prompts(), reference)})
+        engine.start_background_loop()
+        world, killed, done = rank_processes(), [], []
+
+        def on_update(req, event):
+            if not killed and len(req.output_ids) >= 9:
+                os.kill(world[1], signal.SIGKILL)
+                killed.append(len(accepted))
+            if req.finished:
+                event.set()
+
+        reqs = []
+        for ids in prompts():
+            event = threading.Event()
+            req = Request(list(ids), SamplingParams.from_dict(GREEDY))
+            req.on_update = lambda r, e=event: on_update(r, e)
+            reqs.append(req)
+            done.append(event)
+            engine.add_request(req)
+        for event in done:
+            assert event.wait(240), "a request did not finish"
+        assert engine.fault_stats()["restarts"] == 1 and killed[0] > 0
+        assert len(accepted) > killed[0]  # requests verified again after the restart
+    for req, ref in zip(reqs, reference):
+        assert req.output_ids == ref["output_ids"]
+        lps = torch.tensor(req.output_logprobs) - torch.tensor([lp for lp, _ in ref["meta_info"]["output_token_logprobs"]])
+        assert float(lps.abs().max()) < TOLERANCE["qwen3_5"]
