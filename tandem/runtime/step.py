@@ -65,6 +65,9 @@ class StepInput(msgspec.Struct):
     spec_commits: list[tuple[int, int]] = []  # (state slot, accepted drafts j) of verify spans judged since
     spec_discards: list[int] = []  # state slots whose verify span is dropped (its request ended meanwhile)
     page_trims: list[tuple[RequestKey, int]] = []  # (request, pages it keeps): pages past its accepted length
+    # drawn by the driver for a step with verify spans: unseeded sampled spans draw from generators seeded with
+    # (spec_seed, span index), so that every TP rank of the last stage accepts the same drafts
+    spec_seed: int | None = None
 
     def num_drafts(self, i: int) -> int:
         return len(self.drafts[i]) if self.drafts else 0

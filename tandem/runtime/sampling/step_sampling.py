@@ -67,7 +67,7 @@ def sample_step(compute_logits: Callable[[torch.Tensor], torch.Tensor], sampler:
         verdicts = judge_spans(logits[len(logits) - num_verify_rows:], [step.drafts[i] for i in verify],
                                [params[step.keys[i]] for i in verify],
                                [step.spans[i].prefix_len + 1 - prompt_lens[i] for i in verify],
-                               [want_logprobs[i] for i in verify], sampler.generator)
+                               [want_logprobs[i] for i in verify], sampler.generator, step.spec_seed)
         for i, verdict in zip(verify, verdicts):
             spec_tokens[i], spec_logprobs[i], errors[i] = verdict.tokens, verdict.logprobs, verdict.error
     return StepOutput(tokens, logprobs, input_lps, tops, errors, input_tops, spec_tokens, spec_logprobs)

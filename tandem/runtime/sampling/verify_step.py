@@ -9,7 +9,10 @@ queued (`tandem.runtime.scheduling.speculation`), so they never reach here. A gr
 while each equals the argmax (`row_argmax`, as the plain sampler breaks ties); a sampled span runs
 `accept_sampled` with point-mass drafts (NGRAM lookups and an argmax-drafting MTP head are deterministic).
 A seeded span draws from a generator seeded with `draw_seed(seed, n)`, n the tokens generated before the
-span's first emitted one, so a run with the same drafts repeats exactly. Logprobs are those of the raw
+span's first emitted one, so a run with the same drafts repeats exactly; an unseeded one from
+`draw_seed(spec_seed, i)` with the step's `spec_seed` (drawn by the driver), the same on every TP rank of the
+last stage: they must agree on what was accepted (the NEXTN drafter runs collectives over the accepted
+positions). Logprobs are those of the raw
 distribution at each emitted token's position, as the plain sampler reports them."""
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ class Verdict:
 
 def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Sequence[SamplingParams],
                 num_generated: Sequence[int], want_logprobs: Sequence[bool],
-                generator: Callable[[torch.device], torch.Generator]) -> list[Verdict]:
+                generator: Callable[[torch.device], torch.Generator], step_seed: int | None = None) -> list[Verdict]:
     """logits [sum(1 + k_i), V]: span i's rows in order, then span i + 1's. `num_generated[i]`: tokens span
     i's request generated before the first token this span emits (its seeded draw's index). `generator(device)`
-    gives the generator seeded spans reuse."""
+    gives the generator sampled spans reseed; `step_seed` seeds the unseeded ones (default: 0)."""
     logits = logits.float()
     sizes = [len(d) + 1 for d in drafts]
     row_params = [p for p, n in zip(params, sizes) for _ in range(n)]
@@ -61,7 +64,8 @@ def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Seque
         if error is not None:
             verdicts.append(Verdict(None, None, error))
             continue
-        verdict = _judge(adjusted[rows], span_drafts, p, num_generated[i], generator)
+        seed = draw_seed(p.seed, num_generated[i]) if p.seed is not None else draw_seed(step_seed or 0, i)
+        verdict = _judge(adjusted[rows], span_drafts, p, seed, generator)
         if verdict.error is None and want_logprobs[i]:
             log_probs = torch.log_softmax(logits[rows][:len(verdict.tokens)], dim=-1)
             index = torch.tensor(verdict.tokens, device=logits.device)[:, None]
@@ -70,7 +74,7 @@ def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Seque
     return verdicts
 
 
-def _judge(adjusted: torch.Tensor, drafts: list[int], p: SamplingParams, num_generated: int,
+def _judge(adjusted: torch.Tensor, drafts: list[int], p: SamplingParams, seed: int,
            generator: Callable[[torch.device], torch.Generator]) -> Verdict:
     """One span: adjusted logits [1 + k, V] -> the emitted tokens."""
     device = adjusted.device
@@ -83,10 +87,8 @@ def _judge(adjusted: torch.Tensor, drafts: list[int], p: SamplingParams, num_gen
         if not bool((mass.isfinite() & (mass > 0)).all()):
             return Verdict(None, None, DISTRIBUTION_ERROR)
         probs = probs / mass[:, None]
-        gen = None
-        if p.seed is not None:
-            gen = generator(device)
-            gen.manual_seed(draw_seed(p.seed, num_generated))
+        gen = generator(device)
+        gen.manual_seed(seed)
         accepted, bonus = accept_sampled(draft_ids, probs[None], None, generator=gen)
     j = int(accepted[0])
     return Verdict(drafts[:j] + [int(bonus[0])], [None] * (j + 1))

@@ -17,6 +17,8 @@ the commits, discards and page trims of verify spans judged since the last step.
 
 from __future__ import annotations
 
+import random
+
 from tandem.layers.span import Span
 from tandem.runtime.scheduling.cache_manager import CacheManager
 from tandem.runtime.scheduling.preemption import PreemptionManager
@@ -123,7 +125,7 @@ class StepPlanner:
             prompt_lens=[len(r.prompt_ids) for r in reqs],
             histories=histories if any(h is not None for h in histories) else None,
             bitmask_rows=masks[0] if masks else None, token_bitmask=masks[1] if masks else None,
-            drafts=drafts if any(drafts) else None,
+            drafts=drafts if any(drafts) else None, spec_seed=random.getrandbits(63) if any(drafts) else None,
             spec_commits=pending.commits if pending else [], spec_discards=pending.discards if pending else [],
             page_trims=pending.trims if pending else [],
             **_logprob_fields(reqs, spans))
