@@ -1,14 +1,21 @@
 #!/usr/bin/env python
-"""Train Tandem's bundled default model (models/default): a tiny Qwen3.5-MoE that adds numbers.
+"""Train Tandem's bundled default model (models/default): a tiny Qwen3.5-MoE that adds numbers and counts.
 
 The model is a real `Qwen3_5MoeForCausalLM` from transformers (8 layers: 3 Gated DeltaNet linear-attention
 layers then 1 gated full-attention layer, twice; every layer a top-2 MoE with a shared expert), so that
-pp=2 and pp=4 split it into meaningful stages. It learns the task in `tandem.evaluation`: "12+345=" ->
-"357<|im_end|>", both as a raw completion and inside a ChatML chat turn. The tokenizer is byte-level with
-no merges (one token per character) plus three ChatML special tokens.
+pp=2 and pp=4 split it into meaningful stages. It learns the tasks in `tandem.evaluation`: addition,
+"12+345=" -> "357<|im_end|>", and counting (long answers), "17..31=" -> "17 18 ... 31<|im_end|>", both as a
+raw completion and inside a ChatML chat turn. The tokenizer is byte-level with no merges (one token per
+character) plus three ChatML special tokens.
+
+It also trains the model's multi-token-prediction head (`mtp.*`, `mtp_num_hidden_layers: 1`; the draft model
+of speculative decoding, NEXTN), unrolled over `--mtp-steps` chained drafts (`scripts/mtp_training.py`), on
+the answers of both tasks, and reports its offline accept length on the held-out counting problems.
 
     python scripts/train_default_model.py                 # writes models/default (CPU, one thread)
     python scripts/train_default_model.py --steps 200 --out /tmp/m   # a quick smoke run
+    python scripts/train_default_model.py --init-from models/default --steps 1500 --lr 1e-3 --warmup 50
+        # continue from a trained model (how the committed model got its counting task and MTP head)
 
 Training draws fresh problems every step (never a held-out one, see `TrainingSampler`), computes the loss on
 the answer tokens only, and reports held-out exact-match accuracy measured teacher-forced: the argmax at
@@ -31,7 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mtp_training import TrainingMTPHead, checkpoint_tensors, mtp_loss, offline_accept  # noqa: E402
+
 from tandem.evaluation import TrainingSampler, heldout_problems  # noqa: E402
+from tandem.evaluation.counting import CountProblem, CountTrainingSampler, heldout_count_problems  # noqa: E402
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -111,6 +121,7 @@ def build_config(tokenizer):
         output_router_logits=True,
     )
     config.architectures = ["Qwen3_5MoeForCausalLM"]
+    config.mtp_num_hidden_layers = 1
     return config
 
 
@@ -120,7 +131,10 @@ CHAT_QUESTIONS = (("{a}+{b}", 0.7), ("{a} + {b}", 0.15), ("{a}+{b}=", 0.15))
 
 def render_example(problem, tokenizer, rng: random.Random, chat: bool) -> tuple[list[int], int]:
     """(token ids of prompt + answer + EOS, index of the first answer token)."""
-    if chat:
+    if chat and isinstance(problem, CountProblem):
+        messages = problem.chat_messages()
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    elif chat:
         r, question = rng.random(), CHAT_QUESTIONS[0][0]
         for template, p in CHAT_QUESTIONS:
             if r < p:
@@ -185,23 +199,77 @@ def use_small_gdn_chunks(chunk_size: int) -> None:
     qwen3_5_moe.torch_chunk_gated_delta_rule = patched
 
 
-def train(args) -> dict:
+def build_model(args, tokenizer):
+    """A fresh model, or a trained one to continue from (`--init-from`); with its MTP head (fresh, or the
+    checkpoint's when it has one)."""
+    from safetensors.torch import load_file
     from transformers import Qwen3_5MoeForCausalLM
 
+    if args.init_from:
+        model = Qwen3_5MoeForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        model.config.output_router_logits = True
+        model.config.mtp_num_hidden_layers = 1
+    else:
+        model = Qwen3_5MoeForCausalLM(build_config(tokenizer))
+    attn_layers = [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
+    head = TrainingMTPHead(model.config, model.model.layers[attn_layers[-1]], model.model.norm)
+    if args.init_from and getattr(model.config, "mtp_num_hidden_layers", 0):
+        saved = {k: v for k, v in load_file(Path(args.init_from) / "model.safetensors").items()
+                 if k.startswith("mtp.")}
+        if saved:
+            head.load_state_dict(head_state_from_checkpoint(saved, head))
+    return model, head
+
+
+def head_state_from_checkpoint(saved: dict, head) -> dict:
+    """Inverse of `checkpoint_tensors`: per-expert `mtp.*` tensors back into the head's fused parameters."""
+    state = {}
+    for name, p in head.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            base = "mtp." + name[: -len("gate_up_proj")]
+            state[name] = torch.stack([torch.cat([saved[f"{base}{e}.gate_proj.weight"], saved[f"{base}{e}.up_proj.weight"]])
+                                       for e in range(p.shape[0])])
+        elif name.endswith("mlp.experts.down_proj"):
+            base = "mtp." + name[: -len("down_proj")]
+            state[name] = torch.stack([saved[f"{base}{e}.down_proj.weight"] for e in range(p.shape[0])])
+        else:
+            state[name] = saved["mtp." + name]
+    return state
+
+
+def training_batch(args, step: int, samplers, tokenizer, rng):
+    """A batch of counting problems (long answers) with probability `--count-fraction`, else addition."""
+    counting = rng.random() < args.count_fraction
+    sampler, size = (samplers[1], args.count_batch_size) if counting else (samplers[0], args.batch_size)
+    examples = [render_example(sampler(), tokenizer, rng, chat=rng.random() < args.chat_fraction)
+                for _ in range(size)]
+    return collate(examples, tokenizer.pad_token_id)
+
+
+def evaluate(model, tokenizer, heldout, heldout_count) -> dict:
+    return {"heldout_acc": exact_match(model, tokenizer, heldout, chat=False),
+            "chat_acc": exact_match(model, tokenizer, heldout, chat=True),
+            "count_acc": exact_match(model, tokenizer, heldout_count, chat=False),
+            "count_chat_acc": exact_match(model, tokenizer, heldout_count, chat=True)}
+
+
+def train(args) -> dict:
     torch.set_num_threads(args.threads)
     use_small_gdn_chunks(args.gdn_chunk_size)
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
-    model = Qwen3_5MoeForCausalLM(config)
+    model, head = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
+    print(f"parameters: {n_params / 1e6:.2f}M (MTP head {sum(p.numel() for p in head.parameters()) / 1e6:.2f}M)",
+          flush=True)
 
-    heldout = heldout_problems()
-    sampler = TrainingSampler(seed=args.seed, heldout=heldout)
+    heldout, heldout_count = heldout_problems(), heldout_count_problems()
+    samplers = (TrainingSampler(seed=args.seed, heldout=heldout),
+                CountTrainingSampler(seed=args.seed + 2, heldout=heldout_count))
     rng = random.Random(args.seed + 1)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    named = list(model.named_parameters()) + [("mtp." + n, p) for n, p in head.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
 
@@ -209,8 +277,12 @@ def train(args) -> dict:
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
         progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        if args.max_minutes:  # the schedule ends with the time budget when that comes first
+            progress = max(progress, (time.time() - start) / (args.max_minutes * 60))
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
+    captured = {}
+    model.model.norm.register_forward_hook(lambda module, inputs, out: captured.__setitem__("hidden", out))
     start, cpu_start = time.time(), time.process_time()
     history = []
     model.train()
@@ -218,46 +290,69 @@ def train(args) -> dict:
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        examples = [render_example(sampler(), tokenizer, rng, chat=rng.random() < args.chat_fraction)
-                    for _ in range(args.batch_size)]
-        input_ids, labels = collate(examples, tokenizer.pad_token_id)
+        input_ids, labels = training_batch(args, step, samplers, tokenizer, rng)
         out = model(input_ids=input_ids, labels=labels)
+        outs = head.chain(captured["hidden"].detach(), input_ids, model.model.embed_tokens.weight,
+                          model.model.rotary_emb, args.mtp_steps)
+        draft_loss = mtp_loss(outs, labels, model.lm_head.weight)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (out.loss + args.mtp_weight * draft_loss).backward()
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 1.0)
         opt.step()
         if step % args.log_every == 0 or step == args.steps - 1:
             elapsed, cpu = time.time() - start, time.process_time() - cpu_start
-            line = (f"step {step:5d}  loss {out.loss.item():.4f}  lr {lr_at(step):.2e}  {elapsed:6.0f}s "
-                    f"(cpu {cpu:5.0f}s)")
+            line = (f"step {step:5d}  loss {out.loss.item():.4f}  mtp {draft_loss.item():.4f}  lr {lr_at(step):.2e}  "
+                    f"{elapsed:6.0f}s (cpu {cpu:5.0f}s)")
             if step % args.eval_every == 0 or step == args.steps - 1:
-                acc = exact_match(model, tokenizer, heldout, chat=False)
-                acc_chat = exact_match(model, tokenizer, heldout, chat=True)
-                history.append({"step": step, "seconds": round(elapsed), "cpu_seconds": round(cpu),
-                                "heldout_acc": acc, "chat_acc": acc_chat})
-                line += f"  held-out {acc:.3f}  chat {acc_chat:.3f}"
+                scores = evaluate(model, tokenizer, heldout, heldout_count)
+                history.append({"step": step, "seconds": round(elapsed), "cpu_seconds": round(cpu), **scores})
+                line += "  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
             print(line, flush=True)
         if args.max_minutes and time.time() - start > args.max_minutes * 60:
             print(f"time budget of {args.max_minutes} min reached at step {step}", flush=True)
             break
     seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
-    acc = exact_match(model, tokenizer, heldout, chat=False)
-    acc_chat = exact_match(model, tokenizer, heldout, chat=True)
-    print(f"final held-out exact match: completion {acc:.3f}, chat {acc_chat:.3f} after {step + 1} steps, "
-          f"{seconds:.0f}s wall, {cpu_seconds:.0f}s CPU", flush=True)
+    scores = evaluate(model, tokenizer, heldout, heldout_count)
+    accept = offline_accept(model, head, count_sequences(tokenizer, heldout_count), args.mtp_steps)
+    print(f"final held-out exact match: {scores} after {step + 1} steps, {seconds:.0f}s wall, "
+          f"{cpu_seconds:.0f}s CPU; MTP offline on counting: {accept}", flush=True)
+    summary = {"steps": step + 1, "train_seconds": round(seconds), "train_cpu_seconds": round(cpu_seconds),
+               "heldout_exact_match": scores["heldout_acc"], "heldout_chat_exact_match": scores["chat_acc"],
+               "heldout_count_exact_match": scores["count_acc"],
+               "heldout_count_chat_exact_match": scores["count_chat_acc"], "mtp_offline_counting": accept,
+               "parameters": n_params, "args": vars(args), "history": history}
+    save(model, head, tokenizer, Path(args.out), summary)
+    return summary
 
-    out_dir = Path(args.out)
+
+def count_sequences(tokenizer, problems) -> list[tuple[list[int], int]]:
+    """Completion-form counting sequences (prompt + answer + EOS) with the index of the first answer token."""
+    out = []
+    for p in problems:
+        prompt = tokenizer.encode(p.completion_prompt)
+        out.append((prompt + tokenizer.encode(p.answer) + [tokenizer.eos_token_id], len(prompt)))
+    return out
+
+
+def save(model, head, tokenizer, out_dir: Path, summary: dict) -> None:
+    from safetensors.torch import load_file, save_file
+
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.output_router_logits = False
     model.config.use_cache = True
+    model.config.mtp_num_hidden_layers = 1
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    summary = {"steps": step + 1, "train_seconds": round(seconds), "train_cpu_seconds": round(cpu_seconds),
-               "heldout_exact_match": acc, "heldout_chat_exact_match": acc_chat, "parameters": n_params,
-               "args": vars(args), "history": history}
+    weights = out_dir / "model.safetensors"
+    tensors = {**load_file(weights), **checkpoint_tensors(head)}  # transformers saves no mtp.*: add them
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("mtp_num_hidden_layers") != 1:
+        raise SystemExit(f"config.json lost mtp_num_hidden_layers: {config.get('mtp_num_hidden_layers')}")
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for f in out_dir.iterdir():  # save_pretrained writes the safetensors file owner-only (0600)
         if f.is_file():
@@ -266,22 +361,26 @@ def train(args) -> dict:
     print(f"saved {out_dir} ({size / 1e6:.1f} MB)", flush=True)
     if size > 20e6:
         raise SystemExit(f"model directory is {size / 1e6:.1f} MB, over the 20 MB budget")
-    return summary
 
 
 def verify_with_tandem(model_dir: str, pp_size: int, n: int = 20) -> None:
-    """Greedy decoding through Tandem's own engine on the first `n` held-out problems."""
+    """Greedy decoding through Tandem's own engine on the first `n` held-out problems of each task."""
     from tandem.engine import Engine
     from tandem.evaluation import MAX_ANSWER_TOKENS, is_correct
+    from tandem.evaluation.counting import MAX_ANSWER_TOKENS as COUNT_TOKENS
+    from tandem.evaluation.counting import is_count_correct
 
-    problems = heldout_problems()[:n]
+    problems, counts = heldout_problems()[:n], heldout_count_problems()[:n]
     with Engine(model_dir, pp_size=pp_size, progress=False) as engine:
         outs = engine.generate(prompt=[p.completion_prompt for p in problems],
                                sampling_params={"temperature": 0, "max_new_tokens": MAX_ANSWER_TOKENS})
+        count_outs = engine.generate(prompt=[p.completion_prompt for p in counts],
+                                     sampling_params={"temperature": 0, "max_new_tokens": COUNT_TOKENS})
     right = sum(is_correct(o["text"], p) for o, p in zip(outs, problems))
-    for p, o in list(zip(problems, outs))[:5]:
+    right_count = sum(is_count_correct(o["text"], p) for o, p in zip(count_outs, counts))
+    for p, o in list(zip(problems, outs))[:3] + list(zip(counts, count_outs))[:3]:
         print(f"  {p.completion_prompt}{o['text']!r}")
-    print(f"tandem pp={pp_size}: {right}/{n} correct", flush=True)
+    print(f"tandem pp={pp_size}: addition {right}/{n}, counting {right_count}/{n} correct", flush=True)
 
 
 def main(argv=None) -> int:
@@ -299,6 +398,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, default=0, help="stop early after this long (0 = no limit)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--init-from", default="", help="continue from this trained model directory")
+    parser.add_argument("--count-fraction", type=float, default=0.5, help="share of counting batches")
+    parser.add_argument("--count-batch-size", type=int, default=32)
+    parser.add_argument("--mtp-steps", type=int, default=3, help="chained MTP drafts unrolled in training")
+    parser.add_argument("--mtp-weight", type=float, default=1.0)
     parser.add_argument("--verify-pp", type=int, default=2, help="check with Tandem at this pp size (0 = skip)")
     args = parser.parse_args(argv)
     train(args)

@@ -1,7 +1,9 @@
 """Throughput and latency measurement: offline on an `Engine` and online against a running server.
 
 Offline: N random-token prompts of I tokens, O new tokens each (ignore_eos), all submitted at once.
-Reported: output tokens/s, time to first token and inter-token latency (p50/p99), peak memory per rank.
+Reported: output tokens/s, time to first token and inter-token latency (p50/p99), peak memory per rank, and
+with speculative decoding the accept length (tokens a verify pass emits on average). `repetitive_prompts`
+makes a workload n-gram drafts can find: each prompt repeats one short random block.
 
 Shared prefix (`bench_shared_prefix`): N prompts made of one random P-token prefix (a system prompt) and I
 distinct random tokens each, all submitted at once, one new token each. Reported: prompt tokens prefilled per
@@ -32,6 +34,7 @@ class BenchResult:
     itl_p50_ms: float
     itl_p99_ms: float
     peak_memory_bytes: list[int] = field(default_factory=list)
+    accept_length: float | None = None  # speculative decoding: mean tokens per verify pass
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +51,24 @@ def percentile(values: list[float], q: float) -> float:
 def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(10, vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+def repetitive_prompts(num: int, length: int, vocab_size: int, period: int = 8, seed: int = 0) -> list[list[int]]:
+    """Prompts of `length` tokens, each one random block of `period` tokens repeated."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num):
+        block = [rng.randrange(10, vocab_size) for _ in range(period)]
+        prompts.append((block * (length // period + 1))[:length])
+    return prompts
+
+
+def accept_length(reqs) -> float | None:
+    """Mean tokens emitted per verify pass over `reqs` (None without speculative decoding)."""
+    passes = sum(r.spec_verify_ct for r in reqs)
+    if not any(r.speculative for r in reqs):
+        return None
+    return (sum(r.spec_accepted_drafts for r in reqs) + passes) / passes if passes else 0.0
 
 
 def summarize(label: str, prompts, output_len: int, start: float, end: float, token_times: list[list[float]],
@@ -79,7 +100,9 @@ def bench_engine(engine, prompts: list[list[int]], output_len: int, label: str =
     engine.run_requests(reqs)
     end = time.perf_counter()
     peaks = [r.get("peak_memory_bytes", 0) for r in engine.stage_report()]
-    return summarize(label, prompts, output_len, start, end, token_times, peaks)
+    result = summarize(label, prompts, output_len, start, end, token_times, peaks)
+    result.accept_length = accept_length(reqs)
+    return result
 
 
 @dataclass
@@ -194,11 +217,14 @@ def bench_server(base_url: str, prompts: list[str], output_len: int, concurrency
 
 def format_table(results: list[BenchResult]) -> str:
     header = f"{'config':<22}{'tok/s':>10}{'TTFT p50 ms':>13}{'ITL p50 ms':>12}{'ITL p99 ms':>12}{'peak MB/rank':>16}"
-    rows = [header]
+    speculative = any(r.accept_length is not None for r in results)
+    rows = [header + (f"{'accept len':>12}" if speculative else "")]
     for r in results:
         peak = "/".join(f"{p / 1e6:.0f}" for p in r.peak_memory_bytes) or "-"
+        accept = "" if not speculative else f"{r.accept_length:>12.2f}" if r.accept_length is not None else \
+            f"{'-':>12}"
         rows.append(f"{r.label:<22}{r.tokens_per_s:>10.1f}{r.ttft_p50_ms:>13.1f}{r.itl_p50_ms:>12.1f}"
-                    f"{r.itl_p99_ms:>12.1f}{peak:>16}")
+                    f"{r.itl_p99_ms:>12.1f}{peak:>16}{accept}")
     return "\n".join(rows)
 
 

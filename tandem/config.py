@@ -234,6 +234,13 @@ class EngineArgs:
     rank_restart_window: float = 300.0  # seconds
     log_level: str = "info"
     torchao_config: str = ""  # weight-only quantization at load: int8wo | int4wo-<group> (CPU only)
+    # speculative decoding (SGLang's names; checked and defaulted by `SpeculativeConfig.resolve`)
+    speculative_algorithm: str | None = None  # NGRAM | NEXTN (alias MTP); None: off
+    speculative_num_steps: int | None = None  # draft tokens per verify pass (a chain); default 3
+    speculative_eagle_topk: int | None = None  # 1 only (chains; trees are not supported)
+    speculative_num_draft_tokens: int | None = None  # chain: num_steps + 1 (the last token and its drafts)
+    speculative_ngram_min_match_window_size: int = 1  # NGRAM: the shortest suffix n-gram looked up
+    speculative_ngram_max_match_window_size: int = 12  # NGRAM: the longest
 
     def __post_init__(self) -> None:
         optional = ("max_running_requests", "max_total_tokens", "context_length")
@@ -268,6 +275,7 @@ class EngineArgs:
             raise ConfigError(f"tp_size*pp_size={self.world_size} is not divisible by nnodes={self.nnodes}")
         if self.weight_only() is not None and self.device != "cpu":
             raise ConfigError(f"torchao_config {self.torchao_config!r} is implemented for device='cpu' only")
+        SpeculativeConfig.resolve(self)  # refuses a bad combination at once
 
     def weight_only(self) -> WeightOnlySpec | None:
         return WeightOnlySpec.parse(self.torchao_config)
@@ -278,6 +286,56 @@ class EngineArgs:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SPECULATIVE_ALGORITHMS = {"NGRAM": "NGRAM", "NEXTN": "NEXTN", "MTP": "NEXTN"}  # MTP: SGLang's alias of NEXTN
+DEFAULT_SPECULATIVE_NUM_STEPS = 3  # SGLang's auto-chosen chain (steps 3, topk 1, draft tokens 4)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, resolved from `EngineArgs`: `algorithm` NGRAM (drafts looked up in the request's
+    own tokens, on the driver) or NEXTN (the model's MTP head drafts on the last stage); `num_steps` drafts
+    per verify pass, a chain (`speculative_eagle_topk` 1, `speculative_num_draft_tokens` = num_steps + 1)."""
+
+    algorithm: str
+    num_steps: int
+    ngram_min: int = 1
+    ngram_max: int = 12
+
+    @classmethod
+    def resolve(cls, args: EngineArgs) -> SpeculativeConfig | None:
+        given = {name: getattr(args, name) for name in ("speculative_num_steps", "speculative_eagle_topk",
+                                                        "speculative_num_draft_tokens")}
+        if args.speculative_algorithm is None:
+            extra = [name for name, value in given.items() if value is not None]
+            if extra:
+                raise ConfigError(f"{extra[0]} needs speculative_algorithm (NGRAM, NEXTN or MTP)")
+            return None
+        name = str(args.speculative_algorithm).upper()
+        if name not in SPECULATIVE_ALGORITHMS:
+            raise ConfigError(f"unsupported speculative_algorithm {args.speculative_algorithm!r}; Tandem implements "
+                              f"{', '.join(SPECULATIVE_ALGORITHMS)} (MTP is an alias of NEXTN)")
+        for key, value in {**given, "speculative_ngram_min_match_window_size":
+                           args.speculative_ngram_min_match_window_size,
+                           "speculative_ngram_max_match_window_size":
+                           args.speculative_ngram_max_match_window_size}.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if (given["speculative_eagle_topk"] or 1) != 1:
+            raise ConfigError(f"speculative_eagle_topk {given['speculative_eagle_topk']}: tree drafts are not "
+                              f"supported; use 1 (a chain)")
+        steps, drafts = given["speculative_num_steps"], given["speculative_num_draft_tokens"]
+        if steps is None:
+            steps = drafts - 1 if drafts is not None else DEFAULT_SPECULATIVE_NUM_STEPS
+        if steps < 1 or (drafts is not None and drafts != steps + 1):
+            raise ConfigError(f"speculative_num_draft_tokens ({drafts}) must be speculative_num_steps + 1 "
+                              f"({steps + 1}) for a chain (the last token plus one draft per step)")
+        low, high = args.speculative_ngram_min_match_window_size, args.speculative_ngram_max_match_window_size
+        if high < low:
+            raise ConfigError(f"speculative_ngram_max_match_window_size ({high}) must be >= "
+                              f"speculative_ngram_min_match_window_size ({low})")
+        return cls(SPECULATIVE_ALGORITHMS[name], steps, low, high)
 
 
 @dataclass(frozen=True)
@@ -292,6 +350,7 @@ class EngineConfig:
     context_length: int  # tokens per request (prompt + output): --context-length, else the model's limit
     mem_fraction: float  # --mem-fraction-static, else DEFAULT_MEM_FRACTION of the device
     num_micro_batches: int  # steps kept in flight: --num-micro-batches, else one per pipeline stage
+    speculative: SpeculativeConfig | None = None  # speculative decoding, None when off
 
     @classmethod
     def resolve(cls, args: EngineArgs, model: ModelConfig) -> EngineConfig:
@@ -299,4 +358,4 @@ class EngineConfig:
         fraction = args.mem_fraction_static
         return cls(args, model, dtype, args.context_length or model.max_position_embeddings,
                    float(fraction) if fraction is not None else DEFAULT_MEM_FRACTION[args.device],
-                   args.num_micro_batches or args.pp_size)
+                   args.num_micro_batches or args.pp_size, SpeculativeConfig.resolve(args))

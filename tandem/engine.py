@@ -28,7 +28,7 @@ from typing import Self
 from tandem.config import EngineArgs, EngineConfig
 from tandem.errors import ConfigError, RankFailedError
 from tandem.loader import checkpoint_weight_map
-from tandem.models.registry import load_model_config
+from tandem.models.registry import has_mtp_head, load_model_config
 from tandem.prompts import PromptBuilder, build_result, output_text
 from tandem.recovery import RankRecovery, World
 from tandem.runtime.constraints.tracker import ConstraintTracker
@@ -39,6 +39,7 @@ from tandem.runtime.scheduling.cache_manager import CacheManager
 from tandem.runtime.scheduling.micro_batches import MicroBatchWindow
 from tandem.runtime.scheduling.request import Request
 from tandem.runtime.scheduling.scheduler import Scheduler
+from tandem.runtime.scheduling.speculation import Speculation
 
 logger = logging.getLogger("tandem")
 
@@ -59,6 +60,11 @@ class Engine:
                                device=device, pp_layer_partition=pp_layer_partition, **kwargs)
         self.model_config = load_model_config(model_path)
         self.config = EngineConfig.resolve(self.args, self.model_config)
+        speculative = self.config.speculative
+        if speculative is not None and speculative.algorithm == "NEXTN" and not has_mtp_head(self.model_config):
+            raise ConfigError(f"speculative_algorithm NEXTN / MTP needs a checkpoint with a multi-token-prediction "
+                              f"head (Qwen3.5 families, mtp_num_hidden_layers > 0); {model_path} "
+                              f"({self.model_config.architecture}) has none: use NGRAM")
         self.partition = engine_partition(self.config)
         checkpoint_weight_map(model_path)  # fail before starting anything if there is no checkpoint
         self.tokenizer = load_tokenizer(self.args.model_path)
@@ -82,13 +88,17 @@ class Engine:
         self.constraints = ConstraintTracker(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(self._cache_manager(capacity), capacity.context_length, self.args.chunked_prefill_size,
                                    self.eos_token_ids, self.decode if self.tokenizer is not None else None,
-                                   constraints=self.constraints)
+                                   constraints=self.constraints, speculation=self._speculation())
         # the scheduler's limits follow a restart of the ranks, and so do the prompts' checks
         self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, self.scheduler.check_prompt)
         logger.info("engine capacity: %d KV tokens (the minimum over stages) in pages of %d, up to %d running "
                     "requests, context length %d, radix cache %s", capacity.max_total_tokens, capacity.page_size,
                     capacity.max_running_requests, self.scheduler.max_len,
                     "off" if self.args.disable_radix_cache else "on")
+
+    def _speculation(self) -> Speculation | None:
+        spec = self.config.speculative
+        return None if spec is None else Speculation(spec.algorithm, spec.num_steps, spec.ngram_min, spec.ngram_max)
 
     def _cache_manager(self, capacity) -> CacheManager:
         return CacheManager(capacity.max_total_tokens, capacity.page_size, capacity.max_running_requests,
@@ -150,6 +160,8 @@ class Engine:
         when it is built, by `PromptBuilder`, and when it is queued, by the scheduler)."""
         for req in reqs:
             req.params.validate_vocab(self.model_config.vocab_size)
+            if self.scheduler.speculation is not None:
+                self.scheduler.speculation.check(req)
 
     def _run_to_completion(self, reqs: list[Request]) -> None:
         if self._loop_thread is not None:

@@ -131,9 +131,25 @@ def build_result(req: Request, decode: Callable[[list[int]], str] | None = None,
             info["input_token_logprobs"] = list(zip(req.input_logprobs[start - 1:], req.prompt_ids[start:]))
             if req.top_logprobs_num:
                 info["input_top_logprobs"] = [swap_pairs(top) for top in req.input_top_logprobs[start - 1:]]
+    if req.speculative:
+        info.update(spec_meta(req))
     result = {"text": output_text(reason, ids, decode)} if decode is not None else {}
     result.update(output_ids=ids, meta_info=info)
     return result
+
+
+def spec_meta(req: Request) -> dict:
+    """SGLang's speculative-decoding fields: verify passes, drafts proposed and accepted, the accept rate
+    (accepted over proposed drafts) and the accept length: the tokens a verify pass emits on average (its
+    accepted drafts plus the target's own token; 0 without a verify pass). SGLang divides all completion
+    tokens by the verify passes instead, which counts the prefill's token and, with NGRAM, the plain decode
+    steps of positions without a match as if a verify pass had emitted them."""
+    verify = req.spec_verify_ct
+    return {"spec_verify_ct": verify, "spec_proposed_drafts": req.spec_proposed_drafts,
+            "spec_accepted_drafts": req.spec_accepted_drafts,
+            "spec_accept_rate": req.spec_accepted_drafts / req.spec_proposed_drafts if req.spec_proposed_drafts
+            else 0.0,
+            "spec_accept_length": (req.spec_accepted_drafts + verify) / verify if verify else 0.0}
 
 
 def swap_pairs(top) -> list[tuple[float, int]]:

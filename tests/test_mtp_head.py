@@ -12,9 +12,9 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from support.mtp_reference import reference_mlp, rms0, rope, text_config
 from tandem.errors import CheckpointError, ConfigError
 from tandem.layers.forward_batch import ForwardBatch
 from tandem.layers.paged_metadata import PagedAttentionMetadata
@@ -45,49 +45,6 @@ def build(model_dir, kind: str, mtp: bool, layout=None):
 
 
 # ---- float64 reference --------------------------------------------------------------------------------------
-
-
-def text_config(model_dir) -> dict:
-    raw = json.loads((model_dir / "config.json").read_text())
-    return raw.get("text_config", raw)
-
-
-def rms0(x, weight, eps):
-    """Qwen3.5's zero-centred RMSNorm."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight)
-
-
-def rope(x, positions, rot_dim: int, theta: float):
-    """Rotate-half rotary embedding on the first rot_dim features of each head. x: [n, heads, hd]."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
-    freqs = positions.double()[:, None] * inv_freq  # [n, rot/2]
-    cos, sin = torch.cat([freqs, freqs], -1).cos()[:, None], torch.cat([freqs, freqs], -1).sin()[:, None]
-    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
-    half = rot_dim // 2
-    rotated = torch.cat([-rot[..., half:], rot[..., :half]], -1)
-    return torch.cat([rot * cos + rotated * sin, rest], -1)
-
-
-def reference_mlp(W, p: str, h, cfg: dict):
-    swiglu = lambda x, gate, up, down: F.silu(x @ gate.T) * (x @ up.T) @ down.T
-    if not cfg.get("num_experts"):
-        return swiglu(h, W(p + "gate_proj.weight"), W(p + "up_proj.weight"), W(p + "down_proj.weight"))
-    E, top = cfg["num_experts"], cfg["num_experts_per_tok"]
-    probs = torch.softmax(h @ W(p + "gate.weight").T, dim=-1)
-    weights, chosen = probs.topk(top, dim=-1)
-    weights = weights / weights.sum(-1, keepdim=True)  # Qwen3.5 MoE renormalises the top-k
-    out = torch.zeros_like(h)
-    for e in range(E):
-        if W.has(p + "experts.gate_up_proj"):
-            gate, up = W(p + "experts.gate_up_proj")[e].chunk(2, dim=0)
-            down = W(p + "experts.down_proj")[e]
-        else:
-            gate, up, down = (W(p + f"experts.{e}.{n}_proj.weight") for n in ("gate", "up", "down"))
-        weight_e = (weights * (chosen == e)).sum(-1, keepdim=True)  # [n, 1], 0 where e was not chosen
-        out = out + weight_e * swiglu(h, gate, up, down)
-    shared = swiglu(h, W(p + "shared_expert.gate_proj.weight"), W(p + "shared_expert.up_proj.weight"),
-                    W(p + "shared_expert.down_proj.weight"))
-    return out + torch.sigmoid(h @ W(p + "shared_expert_gate.weight").T) * shared
 
 
 def reference_logits(model_dir, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):

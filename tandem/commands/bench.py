@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--output-len", type=int, default=64, help="New tokens per prompt (default: 64).")
     parser.add_argument("--warmup", type=int, default=1, help="Warm-up runs before measuring (default: 1).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random prompts (default: 0).")
+    parser.add_argument("--repeat-period", type=int, default=0,
+                        help="Repetitive prompts: each repeats one random block of this many tokens (a workload "
+                             "NGRAM speculation drafts well); default 0: random prompts.")
     parser.add_argument("--shared-prefix-len", type=int, default=0,
                         help="Shared-prefix workload: every prompt starts with the same P tokens, followed by "
                              "--input-len distinct ones; measured with and without the radix cache.")
@@ -35,7 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tandem.bench import bench_engine, bench_server, format_table, random_prompts
+    from tandem.bench import bench_engine, bench_server, format_table, random_prompts, repetitive_prompts
 
     if args.shared_prefix_len:
         return run_shared_prefix(args)
@@ -50,7 +53,9 @@ def run(args) -> int:
         from tandem.engine import Engine
 
         with Engine(progress=False, **engine_kwargs(args)) as engine:
-            prompts = random_prompts(args.num_prompts, args.input_len, engine.model_config.vocab_size, args.seed)
+            vocab = engine.model_config.vocab_size
+            prompts = (repetitive_prompts(args.num_prompts, args.input_len, vocab, args.repeat_period, args.seed)
+                       if args.repeat_period else random_prompts(args.num_prompts, args.input_len, vocab, args.seed))
             for _ in range(args.warmup):
                 bench_engine(engine, prompts[:2], 4)
             label = f"tp{args.tp_size} pp{args.pp_size}"

@@ -41,6 +41,13 @@ HELP = {
     "torchao_config": "Weight-only quantization of the linear layers at load, per stage (CPU): int8wo (int8 per "
                       "output channel) or int4wo-<group> (int4 per group of 32, 64, 128 or 256 inputs); "
                       "default: none.",
+    "speculative_algorithm": "Speculative decoding: NGRAM (drafts looked up in the request's own tokens, any model) "
+                             "or NEXTN / MTP (the checkpoint's multi-token-prediction head); default: off.",
+    "speculative_num_steps": "Draft tokens per verify pass (a chain); default 3.",
+    "speculative_eagle_topk": "Drafts per step; only 1 (a chain) is supported.",
+    "speculative_num_draft_tokens": "Tokens per verify pass: speculative_num_steps + 1 for a chain.",
+    "speculative_ngram_min_match_window_size": "NGRAM: the shortest suffix n-gram looked up.",
+    "speculative_ngram_max_match_window_size": "NGRAM: the longest suffix n-gram looked up.",
 }
 
 

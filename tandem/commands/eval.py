@@ -6,7 +6,8 @@ than `--max-drop` points below the baseline's.
     tandem eval --model-path models/default --configs pp1,pp2,pp4,tp2,tp2pp2 [--limit N] [--json]
     tandem eval --model-path M --data file.jsonl --configs pp1,pp2,tp2pp2 [--out report.json]
 
-Without --data it runs the bundled model's held-out addition problems; with it, the JSONL rows
+Without --data it runs the bundled model's held-out problems of `--task` (addition, or counting: long answers);
+with it, the JSONL rows
 ({"prompt", "answer"} exact match, {"prompt", "choices", "label"} loglikelihood scoring).
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from tandem.commands.engine_flags import add_engine_flags, engine_kwargs
 from tandem.errors import ConfigError
+from tandem.evaluation import addition, counting
 from tandem.evaluation.runner import ParallelConfig, check, evaluate, format_table
 
 __all__ = ["ParallelConfig", "add_parser", "check", "exit_code", "parse_configs", "run"]
@@ -30,6 +32,8 @@ _NOT_ENGINE_FLAGS = ("model_path", "tp_size", "pp_size", "pp_layer_partition", "
                      "dist_init_addr")
 _CONFIG_RE = re.compile(r"(?:tp(\d+))?(?:pp(\d+))?")
 DATA_MAX_NEW_TOKENS = 32  # default generation length for --data rows
+TASKS = {"addition": (addition.heldout_problems, addition.MAX_ANSWER_TOKENS),  # held-out set, tokens to generate
+         "counting": (counting.heldout_count_problems, counting.MAX_ANSWER_TOKENS)}
 
 
 def parse_configs(text: str) -> list[ParallelConfig]:
@@ -51,14 +55,18 @@ def parse_configs(text: str) -> list[ParallelConfig]:
 def add_parser(sub) -> None:
     parser = sub.add_parser(
         "eval", help="Check accuracy across parallel configurations (pipeline accuracy check).",
-        description="Run evaluation items (the bundled model's addition problems, or --data JSONL rows) through "
+        description="Run evaluation items (the bundled model's addition or counting problems, or --data JSONL rows) "
+                    "through "
                     "each configuration and compare accuracy and outputs with the first configuration.")
     parser.add_argument("--model-path", default=None,
                         help="Checkpoint directory (default: models/default, the bundled model).")
     parser.add_argument("--data", default=None,
                         help="JSONL file: {\"prompt\", \"answer\"} rows (exact match of the greedy output) and/or "
                              "{\"prompt\", \"choices\", \"label\"} rows (the choice with the largest loglikelihood "
-                             "must be choices[label]). Default: the bundled addition task.")
+                             "must be choices[label]). Default: the bundled task named by --task.")
+    parser.add_argument("--task", choices=tuple(TASKS), default="addition",
+                        help="The bundled model's held-out task: addition (\"12+345=\" -> \"357\") or counting "
+                             "(\"17..21=\" -> \"17 18 19 20 21\", long answers) (default: addition).")
     parser.add_argument("--configs", default="pp1,pp2",
                         help="Comma-separated configurations tpXppY, the first is the baseline (default: pp1,pp2).")
     parser.add_argument("--limit", type=int, default=None, help="Evaluate only the first N problems / rows.")
@@ -66,8 +74,8 @@ def add_parser(sub) -> None:
                         help="Prompt form: as written (completion), as one user turn of the chat template (chat), "
                              "or both (default: completion).")
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"Tokens to generate per generation item (default: 8 for the addition task, "
-                             f"{DATA_MAX_NEW_TOKENS} for --data).")
+                        help=f"Tokens to generate per generation item (default: 8 for the addition task, 48 for "
+                             f"counting, {DATA_MAX_NEW_TOKENS} for --data).")
     parser.add_argument("--stop", action="append", default=[],
                         help="A stop string for generation items (repeatable); generation also stops at EOS.")
     parser.add_argument("--max-drop", type=float, default=2.0,
@@ -81,18 +89,18 @@ def add_parser(sub) -> None:
     parser.set_defaults(run=run)
 
 
-def load_items(model_path: str, data: str | None, fmt: str, limit: int | None) -> tuple[str, list]:
-    """(task description, evaluation items) of the addition task or of a JSONL file."""
+def load_items(model_path: str, data: str | None, fmt: str, limit: int | None,
+               task: str = "addition") -> tuple[str, list]:
+    """(task description, evaluation items) of a bundled task or of a JSONL file."""
     from tandem.engine import load_tokenizer
-    from tandem.evaluation.addition import heldout_problems
     from tandem.evaluation.tasks import addition_items, data_items, read_jsonl
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     tokenizer = load_tokenizer(model_path)
     if data is None:
-        problems = heldout_problems()[:limit]
-        return f"{len(problems)} held-out addition problems, format {fmt}", addition_items(problems, fmt, tokenizer)
+        problems = TASKS[task][0]()[:limit]
+        return f"{len(problems)} held-out {task} problems, format {fmt}", addition_items(problems, fmt, tokenizer)
     if tokenizer is None:
         raise ConfigError(f"{model_path} has no tokenizer; tandem eval --data needs one")
     rows = read_jsonl(data)[:limit]
@@ -115,12 +123,10 @@ def default_model_path() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tandem.evaluation.addition import MAX_ANSWER_TOKENS
-
     configs = parse_configs(args.configs)
     model_path = args.model_path or default_model_path()
-    task, items = load_items(model_path, args.data, args.format, args.limit)
-    max_new_tokens = args.max_new_tokens or (DATA_MAX_NEW_TOKENS if args.data else MAX_ANSWER_TOKENS)
+    task, items = load_items(model_path, args.data, args.format, args.limit, args.task)
+    max_new_tokens = args.max_new_tokens or (DATA_MAX_NEW_TOKENS if args.data else TASKS[args.task][1])
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     report = evaluate(model_path, configs, items, max_new_tokens, stop=args.stop,
                       engine_kwargs=engine_kwargs(args, exclude=_NOT_ENGINE_FLAGS), threads=args.threads, log=log,

@@ -1,4 +1,5 @@
-"""Evaluation items: what `tandem eval` asks the model, from the bundled addition task or a user's JSONL file.
+"""Evaluation items: what `tandem eval` asks the model, from a bundled task (addition, counting) or a user's JSONL
+file.
 
 Two kinds of item, as in lm-evaluation-harness:
 - `GenerationItem` (JSONL `{"prompt", "answer"}`): greedy generation; correct when the output text, stripped
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from tandem.errors import ConfigError
 from tandem.evaluation.addition import Problem
+from tandem.evaluation.counting import CountProblem
 
 FORMAT_CHOICES = ("completion", "chat", "both")
 
@@ -61,8 +63,9 @@ def _model_text(prompt: str, kind: str, tokenizer) -> str:
     return render_chat(tokenizer, [{"role": "user", "content": prompt}])
 
 
-def addition_items(problems: list[Problem], fmt: str, tokenizer) -> list[GenerationItem]:
-    """The addition task's problems as generation items: "12+345=" (completion) or the user turn "12+345"."""
+def addition_items(problems: list[Problem | CountProblem], fmt: str, tokenizer) -> list[GenerationItem]:
+    """A bundled task's problems as generation items: "12+345=" (completion) or the user turn "12+345" (and
+    "17..21=" / "17..21" for counting)."""
     items = []
     for kind in formats(fmt):
         for p in problems:

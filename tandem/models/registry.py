@@ -72,7 +72,16 @@ def building_on(dtype: torch.dtype, device):
         torch.set_default_dtype(previous)
 
 
-def build_model(model_config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, device):
-    """The model of one rank of `layout`, with parameters allocated (uninitialised) on `device`."""
+def has_mtp_head(model_config: ModelConfig) -> bool:
+    """Whether the family reads an MTP head (`WithMTP`) and the checkpoint's config declares one."""
+    from tandem.models.mtp import WithMTP
+
+    return issubclass(get_model_class(model_config.architecture), WithMTP) and model_config.mtp_num_hidden_layers > 0
+
+
+def build_model(model_config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, device, mtp: bool = False):
+    """The model of one rank of `layout`, with parameters allocated (uninitialised) on `device`; with `mtp`
+    (speculative decoding with NEXTN) the last stage also builds the checkpoint's MTP head."""
+    cls = get_model_class(model_config.architecture)
     with building_on(dtype, device):
-        return get_model_class(model_config.architecture)(model_config, layout)
+        return cls(model_config, layout, mtp=True) if mtp else cls(model_config, layout)

@@ -19,6 +19,8 @@ import torch
 from tandem.config import EngineConfig
 from tandem.errors import ConfigError
 from tandem.layers.forward_batch import ForwardBatch
+from tandem.layers.gated_delta_net import commit_verified
+from tandem.layers.gdn_verify import VerifyLedger
 from tandem.layers.paged_metadata import PagedAttentionMetadata
 from tandem.layers.weight_only import quantize_linears_
 from tandem.loader import load_weights
@@ -37,6 +39,7 @@ from tandem.runtime.memory.sizing import (
     size_tokens,
     state_slots_per_request,
 )
+from tandem.runtime.mtp_drafter import DraftSpan, MTPDrafter
 from tandem.runtime.sampling.sampler import Sampler
 from tandem.runtime.sampling.step_sampling import sample_step
 from tandem.runtime.stage_report import StageReport
@@ -62,9 +65,14 @@ class ModelRunner:
         self.device = torch.device(args.device if args.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         start = time.perf_counter()
         self.device_memory = device_memory_bytes(self.device, local_ranks)
-        self.model = build_model(model_config, layout, self.dtype, self.device)  # parameters not yet touched
+        spec = engine_config.speculative
+        nextn = spec is not None and spec.algorithm == "NEXTN"
+        self.model = build_model(model_config, layout, self.dtype, self.device, mtp=nextn)  # not yet touched
         self.layer_start, self.layer_end = self.model.layer_range
         own_layers = {i: self.model.model.layers[i] for i in range(self.layer_start, self.layer_end)}
+        mtp = getattr(self.model, "mtp", None)
+        if mtp is not None:  # the MTP head's layers keep their KV in this stage's pool, under their own ids
+            own_layers.update(zip(mtp.layer_ids, mtp.layers))
         self.shape = StageCacheShape.from_layers(own_layers, model_config, self.dtype)
         self.page_size = args.page_size
         self.slots_per_request = state_slots_per_request(model_config, not args.disable_radix_cache)
@@ -89,6 +97,9 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         self.sampler = Sampler()
         self.page_tables: dict = {}
+        self.verify_ledger = VerifyLedger()  # this stage's verify spans awaiting their commit
+        self.drafter = (MTPDrafter(self.model, spec.num_steps, self.page_size, self.shape.decode_chunk_keys,
+                                   self.device) if mtp is not None else None)  # NEXTN, on the last stage
         self.params: dict = {}  # request key -> SamplingParams, from the step that (re)admitted it
         self._pending_sends: list = []
         # wall-clock (start, end) of each step's computation, excluding the waits for the previous stage (its
@@ -201,8 +212,11 @@ class ModelRunner:
     @torch.inference_mode()
     def _execute(self, step: StepInput) -> StepOutput | None:
         pp = self.layout.pp
+        self._apply_speculation(step)
         for key in step.release_keys:
             self.sampler.release(key)
+            if self.drafter is not None:
+                self.drafter.release(key)
             self.page_tables.pop(key, None)
             self.params.pop(key, None)
         for key, pages, fresh in zip(step.keys, step.new_pages, step.fresh_table):
@@ -213,7 +227,9 @@ class ModelRunner:
         if step.state_restores:
             self.state_pool.copy([src for src, _ in step.state_restores], [dst for _, dst in step.state_restores])
         self.state_pool.reset(step.state_resets)
-        batch = ForwardBatch.build(step.spans, step.input_ids, self.device)
+        verify = [i for i in range(len(step.spans)) if step.num_drafts(i)]
+        batch = ForwardBatch.build(step.spans, step.input_ids, self.device, verify=verify,
+                                   verify_ledger=self.verify_ledger)
         batch.kv_pool, batch.state_pool = self.kv_pool, self.state_pool
         if self.shape.attn_layers:
             batch.attn = PagedAttentionMetadata.build([self.page_tables[key] for key in step.keys],
@@ -235,6 +251,16 @@ class ModelRunner:
             return None
         self._observe(step)
         return self._sample(step, batch, hidden)
+
+    def _apply_speculation(self, step: StepInput) -> None:
+        """Before anything reads a state slot or a page table: the linear-attention states of judged verify
+        spans moved on to their accepted length (or their spans forgotten), page tables cut back to it."""
+        if step.spec_commits:
+            commit_verified(self.model, self.state_pool, self.verify_ledger, dict(step.spec_commits))
+        self.verify_ledger.discard(step.spec_discards)
+        for key, num_pages in step.page_trims:
+            if key in self.page_tables:
+                del self.page_tables[key][num_pages:]
 
     def finish_sends(self) -> None:
         """Wait until the next stage has taken what this stage sent it; raises if the next stage is gone (a gloo
@@ -258,4 +284,22 @@ class ModelRunner:
             offset += span.num_tokens
 
     def _sample(self, step: StepInput, batch: ForwardBatch, hidden: torch.Tensor) -> StepOutput:
-        return sample_step(self.model.compute_logits, self.sampler, self.params, step, batch, hidden)
+        out = sample_step(self.model.compute_logits, self.sampler, self.params, step, batch, hidden)
+        if self.drafter is not None:
+            out.next_drafts = self.drafter.propose(batch, hidden, list(step.keys),
+                                                   [self.page_tables[key] for key in step.keys],
+                                                   draft_spans(step, out), self.kv_pool)
+        return out
+
+
+def draft_spans(step: StepInput, out: StepOutput) -> list:
+    """What the NEXTN drafter needs of each span's outcome: a verify span's accepted drafts and the token after
+    them, a sampled span's token, nothing for a prompt chunk that samples nothing (or a failed span)."""
+    spans = []
+    for i in range(len(step.spans)):
+        run = out.spec_tokens[i] if out.spec_tokens else None
+        if step.num_drafts(i) and run is not None:
+            spans.append(DraftSpan(len(run) - 1, run[-1]))
+        else:
+            spans.append(DraftSpan(None, out.tokens[i]))
+    return spans

@@ -4,6 +4,9 @@ sampled). Both are msgspec structs, so the rank processes receive and return the
 (`tandem.executors.messages`), never pickle.
 
 Every stage applies a step's cache decisions the same way, in this order:
+0. speculative decoding: `spec_commits` (each (state slot, j) moves the slot's linear-attention state on by
+   the first j + 1 tokens of its last verify span, `tandem.layers.gdn_verify`), `spec_discards` (forget a
+   verify span whose request ended), `page_trims` (a request's page table cut to its accepted length);
 1. drop the page tables (and sampler state) of `release_keys`;
 2. page tables: for each span, `new_pages` are appended to its request's table, or replace it when
    `fresh_table` is set (a request admitted or re-admitted, whose table starts with its prefix-cache hit);
@@ -56,6 +59,18 @@ class StepInput(msgspec.Struct):
     # of word w allows token 32 w + j); the last stage applies them after penalties and logit_bias
     bitmask_rows: list[int] | None = None
     token_bitmask: bytes | None = None
+    # speculative decoding. Per span: its draft tokens (a verify span holds the request's last token and then
+    # these, so num_tokens = 1 + len(drafts)); None when no span verifies. The last stage judges them.
+    drafts: list[list[int]] | None = None
+    spec_commits: list[tuple[int, int]] = []  # (state slot, accepted drafts j) of verify spans judged since
+    spec_discards: list[int] = []  # state slots whose verify span is dropped (its request ended meanwhile)
+    page_trims: list[tuple[RequestKey, int]] = []  # (request, pages it keeps): pages past its accepted length
+    # drawn by the driver for a step with verify spans: unseeded sampled spans draw from generators seeded with
+    # (spec_seed, span index), so that every TP rank of the last stage accepts the same drafts
+    spec_seed: int | None = None
+
+    def num_drafts(self, i: int) -> int:
+        return len(self.drafts[i]) if self.drafts else 0
 
 
 class StepOutput(msgspec.Struct):
@@ -66,3 +81,9 @@ class StepOutput(msgspec.Struct):
     errors: list[str | None] | None = None  # per span: why it got no token (numeric failure), else None
     # per span with input_logprobs and top_logprobs_num > 0: per prompt position [(token id, logprob)]
     input_top_logprobs: list[list[list[tuple[int, float]]] | None] | None = None
+    # per verify span: the tokens it emits (the j accepted drafts, then the target's own token) and their
+    # logprobs (None entries where not wanted); None for the other spans, and None when no span verifies
+    spec_tokens: list[list[int] | None] | None = None
+    spec_logprobs: list[list[float | None] | None] | None = None
+    # NEXTN: per span that sampled, the next verify span's drafts, made on the last stage
+    next_drafts: list[list[int] | None] | None = None

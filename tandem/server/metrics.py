@@ -10,9 +10,9 @@ Cache use per stage: every stage holds the same pages and state slots (the drive
 all stages), so page and slot use are the same on all stages; the bytes in use differ because each stage's
 KV pool covers only its full-attention layers and its state pool only its linear-attention layers.
 
-Engine counters (preemptions, prefix-cache queries and hits) are kept by the engine's scheduler and exported
-as Prometheus counters by a collector that reads them at scrape time. The same events also feed the series
-of SGLang's names (`sglang_metrics.py`)."""
+Engine counters (preemptions, prefix-cache queries and hits, speculative verify passes and drafts) are kept
+by the engine's scheduler and exported as Prometheus counters by a collector that reads them at scrape time.
+The same events also feed the series of SGLang's names (`sglang_metrics.py`)."""
 
 from __future__ import annotations
 
@@ -148,6 +148,12 @@ class _EngineCounters:
              "prefix_cache_query_tokens"),
             ("tandem_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache (not computed).",
              "prefix_cache_hit_tokens"),
+            ("tandem_spec_verify_passes", "Speculative decoding: verify passes (a request's last token and its "
+             "drafts through every stage).", "spec_verify_passes"),
+            ("tandem_spec_proposed_drafts", "Speculative decoding: draft tokens sent to be verified.",
+             "spec_proposed_drafts"),
+            ("tandem_spec_accepted_drafts", "Speculative decoding: draft tokens the target accepted.",
+             "spec_accepted_drafts"),
         )
         for name, documentation, key in counters:
             family = CounterMetricFamily(name, documentation)

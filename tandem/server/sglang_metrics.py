@@ -9,7 +9,9 @@ dashboards built for SGLang work unchanged. Counters and histograms follow the s
 - `sglang:num_running_reqs`, `sglang:num_queue_reqs`: running / waiting requests
 - `sglang:num_used_tokens`, `sglang:token_usage`: KV tokens in use (pages x page size), and that over the pool
 - `sglang:cache_hit_rate`: prefix-cache hit tokens over queried prompt tokens
-- `sglang:max_total_num_tokens`: the KV pool's capacity in tokens"""
+- `sglang:max_total_num_tokens`: the KV pool's capacity in tokens
+- `sglang:spec_accept_length`, `sglang:spec_accept_rate` (speculative decoding): mean tokens a verify pass
+  emits (accepted drafts + the target's token), accepted over proposed drafts; 0 without speculation"""
 
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class SGLangMetrics:
         self.token_usage = gauge("sglang:token_usage", "KV cache tokens in use over the pool's capacity.")
         self.cache_hit_rate = gauge("sglang:cache_hit_rate", "Prefix-cache hit tokens over queried prompt tokens.")
         self.max_tokens = gauge("sglang:max_total_num_tokens", "The KV pool's capacity in tokens.")
+        self.spec_accept_length = gauge("sglang:spec_accept_length", "Mean tokens emitted per verify pass.")
+        self.spec_accept_rate = gauge("sglang:spec_accept_rate", "Accepted over proposed draft tokens.")
 
     def refresh(self, stats: dict) -> None:
         self.running.set(stats["running"])
@@ -50,3 +54,5 @@ class SGLangMetrics:
         queried = stats.get("prefix_cache_query_tokens", 0)
         self.cache_hit_rate.set(stats.get("prefix_cache_hit_tokens", 0) / queried if queried else 0.0)
         self.max_tokens.set(stats["max_total_tokens"])
+        self.spec_accept_length.set(stats.get("spec_accept_length", 0.0))
+        self.spec_accept_rate.set(stats.get("spec_accept_rate", 0.0))

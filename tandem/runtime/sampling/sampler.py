@@ -170,12 +170,13 @@ class Sampler:
             if p.seed is None:
                 continue
             if generator is None:
-                generator = self._generator(device)
+                generator = self.generator(device)
             generator.manual_seed(draw_seed(p.seed, history.num_generated))
             tokens[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
         return tokens, valid
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The generator seeded rows on `device` reseed before each draw (one per device, reused)."""
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)

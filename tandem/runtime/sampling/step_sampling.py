@@ -1,7 +1,9 @@
 """What the last stage does with a step's final hidden states: one `compute_logits` over the rows that end a
 request's tokens and the prompt rows that want logprobs (one vocabulary all-gather across TP ranks), the
 sampler over the former (with the step's structured-output token mask), prompt logprobs over the latter,
-gathered into the step's `StepOutput`. Shared by `ModelRunner` and the `auto-latency` probe, which times exactly this path."""
+gathered into the step's `StepOutput`; verify spans (speculative decoding) have logits at every one of
+their positions, judged by `verify_step.judge_spans`. Shared by `ModelRunner` and the `auto-latency` probe,
+which times exactly this path."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from tandem.layers.forward_batch import ForwardBatch
 from tandem.runtime.sampling.logprobs import grouped_token_logprobs
 from tandem.runtime.sampling.sampler import Sampler
 from tandem.runtime.sampling.token_mask import step_token_mask
+from tandem.runtime.sampling.verify_step import judge_spans
 from tandem.runtime.step import StepInput, StepOutput
 
 
@@ -20,15 +23,18 @@ def sample_step(compute_logits: Callable[[torch.Tensor], torch.Tensor], sampler:
                 step: StepInput, batch: ForwardBatch, hidden: torch.Tensor) -> StepOutput:
     """`params`: request key -> its SamplingParams (kept from the step that admitted it)."""
     num_spans = len(step.spans)
-    sampled = [i for i, s in enumerate(step.sample) if s]
+    verify = [i for i in range(num_spans) if step.num_drafts(i)]
+    sampled = [i for i, s in enumerate(step.sample) if s and not step.num_drafts(i)]
     scored = prompt_logprob_targets(step, batch)
     top_nums = step.top_logprobs_num or [0] * num_spans
     want_logprobs = step.want_logprobs or [True] * num_spans
     last_rows = batch.last_token_indices()
+    verify_rows = [torch.arange(batch.offsets[i], batch.offsets[i] + step.spans[i].num_tokens) for i in verify]
     rows = [last_rows[sampled]] + [torch.arange(batch.offsets[i], batch.offsets[i] + len(targets))
-                                   for i, targets in scored]
+                                   for i, targets in scored] + verify_rows
     row_index = torch.cat(rows).to(hidden.device)
     logits = compute_logits(hidden[row_index]) if len(row_index) else None
+    num_verify_rows = sum(len(r) for r in verify_rows)
     tokens: list = [None] * num_spans
     logprobs: list = [None] * num_spans
     tops: list = [None] * num_spans
@@ -44,7 +50,8 @@ def sample_step(compute_logits: Callable[[torch.Tensor], torch.Tensor], sampler:
     input_lps = input_tops = None
     if step.input_logprobs and any(step.input_logprobs):
         input_lps, input_tops = [None] * num_spans, [None] * num_spans
-        groups = grouped_token_logprobs(logits[len(sampled):], [t for _, targets in scored for t in targets],
+        prompt_rows = logits[len(sampled):len(logits) - num_verify_rows]
+        groups = grouped_token_logprobs(prompt_rows, [t for _, targets in scored for t in targets],
                                         [len(targets) for _, targets in scored], [top_nums[i] for i, _ in scored])
         for (i, _), group in zip(scored, groups):
             input_lps[i], input_tops[i] = group.logprobs, group.top_logprobs
@@ -53,7 +60,17 @@ def sample_step(compute_logits: Callable[[torch.Tensor], torch.Tensor], sampler:
                 errors[i] = group.error
         if not any(t is not None for t in input_tops):
             input_tops = None
-    return StepOutput(tokens, logprobs, input_lps, tops, errors, input_tops)
+    spec_tokens = spec_logprobs = None
+    if verify:
+        spec_tokens, spec_logprobs = [None] * num_spans, [None] * num_spans
+        prompt_lens = step.prompt_lens or [0] * num_spans
+        verdicts = judge_spans(logits[len(logits) - num_verify_rows:], [step.drafts[i] for i in verify],
+                               [params[step.keys[i]] for i in verify],
+                               [step.spans[i].prefix_len + 1 - prompt_lens[i] for i in verify],
+                               [want_logprobs[i] for i in verify], sampler.generator, step.spec_seed)
+        for i, verdict in zip(verify, verdicts):
+            spec_tokens[i], spec_logprobs[i], errors[i] = verdict.tokens, verdict.logprobs, verdict.error
+    return StepOutput(tokens, logprobs, input_lps, tops, errors, input_tops, spec_tokens, spec_logprobs)
 
 
 def prompt_logprob_targets(step: StepInput, batch: ForwardBatch) -> list[tuple[int, list[int]]]:

@@ -159,6 +159,38 @@ class CacheManager:
             return self._track(handle, end)
         return None
 
+    def cache_verify(self, req: Request, start: int) -> tuple[int, int] | None:
+        """A verify span from `start` (speculative decoding) caches nothing: its drafts are not accepted yet.
+        Its slot still holds the state after exactly `start` tokens while the span runs (a verify span only
+        reads it; its commit comes with a later step), so a hybrid request at a page boundary copies that
+        state into its tracking slot. Returns the copy the ranks make after the step, if any."""
+        if self.hybrid and self.track_interval and start >= req.prefill_end and start % self.page_size == 0:
+            return self._track(req.cache, start)
+        return None
+
+    def max_drafts(self, req: Request) -> int | None:
+        """Hybrid with a prefix cache: the drafts a verify span from req.num_cached may carry so that, all
+        accepted, the next span starts at the next page boundary, where the state can be tracked (states exist
+        at accepted boundaries only); None: no limit."""
+        if not (self.hybrid and self.track_interval):
+            return None
+        return (req.num_cached // self.page_size + 1) * self.page_size - req.num_cached - 1
+
+    def trim(self, handle: CacheHandle, num_pages: int) -> bool:
+        """Free the request's own pages past its first `num_pages` (rejected drafts' positions); True when
+        some were freed (the ranks' page table must be cut the same way)."""
+        if len(handle.pages) <= num_pages:
+            return False
+        if num_pages < handle.tree_pages:
+            raise ValueError(f"cannot trim a page table to {num_pages} pages: its first {handle.tree_pages} "
+                             f"are cached prefix pages")
+        freed = handle.pages[num_pages:]
+        del handle.pages[num_pages:]
+        gone = set(freed)
+        handle.unsent_pages = [p for p in handle.unsent_pages if p not in gone]
+        self.pages.free(freed)
+        return True
+
     def _snapshot_into_cache(self, req: Request, end: int) -> tuple[int, int] | None:
         """Cache req's first `end` tokens with a snapshot of its state after them (taken after this step)."""
         if end // self.page_size <= req.cache.tree_pages:

@@ -17,10 +17,12 @@ class PreemptionManager:
         self.queues, self.cache, self.counters = queues, cache, counters
         self.constraints = constraints  # ConstraintHooks or None
 
-    def ensure_page(self, req: Request, busy) -> bool:
-        """A page for req's next token, retracting the newest running requests if none is left. False when req
-        itself was retracted or only busy requests hold pages."""
-        while len(req.cache.pages) * self.cache.page_size <= req.num_cached:
+    def ensure_page(self, req: Request, busy, tokens: int | None = None) -> bool:
+        """A page for req's next token (or, given `tokens`, pages for its first `tokens` tokens), retracting the
+        newest running requests if none is left. False when req itself was retracted or only busy requests
+        hold pages."""
+        tokens = req.num_cached + 1 if tokens is None else tokens
+        while len(req.cache.pages) * self.cache.page_size < tokens:
             if self.cache.extend(req.cache, 1):
                 continue
             victim = next((r for r in reversed(self.queues.running) if r.rid not in busy), None)

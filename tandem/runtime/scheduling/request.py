@@ -114,6 +114,14 @@ class Request:
     on_update: Callable | None = None  # called after each step that changed this request
     cache: CacheHandle | None = None  # while admitted
     stop_watch: object = None  # StopStringWatch of a request with stop strings, made on its first token
+    # speculative decoding: NGRAM's lookup table over its accepted tokens; NEXTN's drafts from its last result;
+    # verify passes, drafts proposed and drafts accepted (meta_info's spec_* fields)
+    speculative: bool = False  # runs with speculative decoding (set when queued)
+    ngram_index: object = None
+    next_drafts: list[int] = field(default_factory=list)
+    spec_verify_ct: int = 0
+    spec_proposed_drafts: int = 0
+    spec_accepted_drafts: int = 0
 
     @property
     def finished(self) -> bool:

@@ -7,6 +7,12 @@ A span with an error (non-finite logits) ends its request alone with {"type": "a
 request with max_new_tokens 0 finishes once its prompt is scored. A finished request's pages enter the
 prefix cache (or are freed) and its key is released to the ranks with the next step.
 
+A verify span (speculative decoding) emits a run of tokens, its accepted drafts then the target's own token:
+they are appended one by one with the same stop checks, so a run is cut at EOS, a stop string or
+max_new_tokens inside it. The request's computed length becomes the accepted length (at most its tokens),
+the pages wholly past it go back to the allocator, and the judged span's commit (or discard) is queued for the
+ranks (`Speculation`).
+
 `_append_token` is where a token is accepted: a per-request constraint on output tokens (a grammar) would
 advance there, next to the stop checks."""
 
@@ -23,8 +29,9 @@ from tandem.runtime.step import StepInput, StepOutput
 
 class ResultHandler:
     def __init__(self, queues: Queues, cache: CacheManager, limits: RequestLimits, eos_token_ids,
-                 decode_text: Callable[[list[int]], str] | None, constraints=None):
+                 decode_text: Callable[[list[int]], str] | None, constraints=None, speculation=None):
         self.queues, self.cache, self.limits = queues, cache, limits
+        self.speculation = speculation  # Speculation or None
         self.constraints = constraints  # ConstraintHooks or None
         self.eos_token_ids, self.decode_text = eos_token_ids, decode_text
 
@@ -33,6 +40,10 @@ class ResultHandler:
         A request aborted while the step ran is skipped: its result is dropped."""
         updated = []
         for i, req in enumerate(reqs):
+            if step.num_drafts(i):
+                if self._process_verify(step, req, out, i):
+                    updated.append(req)
+                continue
             if req.finished:  # aborted while the step ran
                 continue
             start = req.num_cached
@@ -44,11 +55,43 @@ class ResultHandler:
             elif req.params.max_new_tokens == 0 and req.num_cached >= len(req.prompt_ids):  # scored, nothing to add
                 self.finish(req, {"type": "length", "length": 0})
             elif out.tokens[i] is not None:
+                if out.next_drafts and out.next_drafts[i] is not None:  # NEXTN: the next verify span's drafts
+                    req.next_drafts = list(out.next_drafts[i])
                 self._append_token(req, out, i)
             else:
                 continue
             updated.append(req)
         return updated
+
+    def _process_verify(self, step: StepInput, req: Request, out: StepOutput, i: int) -> bool:
+        """A verify span's run appended; False when its request was aborted while the span ran."""
+        k, slot = step.num_drafts(i), step.spans[i].state_slot
+        error = out.errors[i] if out.errors else None
+        run = out.spec_tokens[i] if out.spec_tokens else None
+        if req.finished or error or run is None:
+            self.speculation.judged(slot, req, k, None)
+            if req.finished:
+                return False
+            self.finish(req, {"type": "abort", "message": error or "the verify step returned no tokens"})
+            return True
+        self.speculation.judged(slot, req, k, len(run) - 1)
+        if out.next_drafts and out.next_drafts[i] is not None:
+            req.next_drafts = list(out.next_drafts[i])
+        start = req.num_cached
+        logprobs = out.spec_logprobs[i] if out.spec_logprobs else None
+        for m, token in enumerate(run):
+            # the span computed the KV (and state) of its last token and the accepted drafts; once run[m] is
+            # appended, the computed tokens are those and at most all but the newest (set before a finish
+            # hands the request's pages to the prefix cache)
+            req.num_cached = start + min(len(run), m + 2)
+            self._append(req, token, logprobs[m] if logprobs else None, None)
+            if req.finished:
+                return True
+        req.num_planned = req.num_cached
+        keep = self.cache.pages_for(req.num_cached + 1)  # the next step writes position num_cached
+        if self.cache.trim(req.cache, keep):
+            self.speculation.trimmed(req, keep)
+        return True
 
     @staticmethod
     def _record_input_logprobs(req: Request, start: int, out: StepOutput, i: int) -> None:
@@ -62,11 +105,13 @@ class ResultHandler:
                     req.input_top_logprobs.append(list(tops[j]))
 
     def _append_token(self, req: Request, out: StepOutput, i: int) -> None:
-        token = out.tokens[i]
+        self._append(req, out.tokens[i], out.logprobs[i], out.top_logprobs[i] if out.top_logprobs else None)
+
+    def _append(self, req: Request, token: int, logprob: float | None, top) -> None:
         req.output_ids.append(token)
-        req.output_logprobs.append(out.logprobs[i])
+        req.output_logprobs.append(logprob)
         if req.top_logprobs_num:
-            req.output_top_logprobs.append(list(out.top_logprobs[i] or []) if out.top_logprobs else [])
+            req.output_top_logprobs.append(list(top or []))
         constrained = self.constraints is not None and req.params.constraint is not None
         grammar_end = self.constraints.accept(req, token) if constrained else None
         reason = self._finish_reason(req, token) or grammar_end

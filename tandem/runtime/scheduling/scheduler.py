@@ -5,7 +5,9 @@ of mini-sglang's scheduler package). It owns the queues and the limits; each dec
 - `PreemptionManager` (preemption.py): a page for each decoding request, retracting the newest if needed;
 - `StepPlanner` (step_planner.py): the next step's decode tokens and prefill chunks, as a `StepInput`;
 - `ResultHandler` (results.py): a step's tokens and logprobs appended, stops checked, requests finished;
-- `CacheManager` (cache_manager.py): every page, slot and prefix-cache decision, made once for all stages.
+- `CacheManager` (cache_manager.py): every page, slot and prefix-cache decision, made once for all stages;
+- `Speculation` (speculation.py), with speculative decoding: drafts, refused combinations, and the commits
+  and page trims of judged verify spans that the next step carries.
 
 `requeue_all()` forgets every cache (the ranks were restarted): running requests go back to the front of
 the queue and are prefilled again from their prompt plus the tokens they already generated; `use_cache`
@@ -23,6 +25,7 @@ from tandem.runtime.scheduling.preemption import PreemptionManager
 from tandem.runtime.scheduling.queues import Counters, Queues
 from tandem.runtime.scheduling.request import Request, RequestLimits
 from tandem.runtime.scheduling.results import ResultHandler
+from tandem.runtime.scheduling.speculation import Speculation
 from tandem.runtime.scheduling.step_planner import StepPlanner
 from tandem.runtime.step import StepInput, StepOutput
 
@@ -31,8 +34,10 @@ __all__ = ["Request", "Scheduler"]  # Request is imported from here by the serve
 
 class Scheduler:
     def __init__(self, cache: CacheManager, context_length: int, chunk_size: int, eos_token_ids=(),
-                 decode_text: Callable[[list[int]], str] | None = None, constraints: ConstraintHooks | None = None):
+                 decode_text: Callable[[list[int]], str] | None = None, constraints: ConstraintHooks | None = None,
+                 speculation: Speculation | None = None):
         self.chunk_size = chunk_size
+        self.speculation = speculation  # speculative decoding, None when off
         self.constraints = constraints  # structured output (grammar readiness, masks, matchers); None: refused
         self.eos_token_ids = set(eos_token_ids)
         self.decode_text = decode_text
@@ -45,11 +50,12 @@ class Scheduler:
         self.cache = cache
         self.limits = RequestLimits(context_length, cache.max_total_tokens)
         self.results = ResultHandler(self.queues, cache, self.limits, self.eos_token_ids, self.decode_text,
-                                     self.constraints)
+                                     self.constraints, self.speculation)
         self.admission = AdmissionManager(self.queues, cache, self.limits, self.counters, self.constraints,
                                           self.results.finish)
         self.preemption = PreemptionManager(self.queues, cache, self.counters, self.constraints)
-        self.planner = StepPlanner(self.queues, cache, self.preemption, self.chunk_size, self.constraints)
+        self.planner = StepPlanner(self.queues, cache, self.preemption, self.chunk_size, self.constraints,
+                                   self.speculation, self.limits)
 
     @property
     def max_len(self) -> int:
@@ -78,6 +84,9 @@ class Scheduler:
         self.check_prompt(len(req.prompt_ids))
         if req.params.constraint is not None and self.constraints is None:
             raise ConfigError(f"{req.params.constraint[0]}: structured output is not available in this scheduler")
+        if self.speculation is not None:
+            self.speculation.check(req)
+            req.speculative = True
         if req.params.max_new_tokens == 0 and not req.input_logprobs_wanted:
             req.finish_reason = {"type": "length", "length": 0}
             return
@@ -99,6 +108,8 @@ class Scheduler:
         is fed through the model). Returns them."""
         requeued = list(self.queues.running)
         self.cache.reset(requeued)
+        if self.speculation is not None:
+            self.speculation.reset()
         for req in requeued:
             req.forget_progress()
             if self.constraints is not None:
@@ -136,4 +147,17 @@ class Scheduler:
             "prefix_cache_queries": counters.prefix_queries,
             "prefix_cache_query_tokens": counters.prefix_query_tokens,
             "prefix_cache_hit_tokens": counters.prefix_hit_tokens,
+            **self._spec_stats(),
         }
+
+    def _spec_stats(self) -> dict:
+        """Speculative decoding's totals: verify passes, drafts proposed and accepted, and the mean tokens a
+        verify pass emits (accept length: its accepted drafts plus the target's own token)."""
+        if self.speculation is None:
+            return {}
+        c = self.speculation.counters
+        return {"spec_verify_passes": c.verify_passes, "spec_proposed_drafts": c.proposed_drafts,
+                "spec_accepted_drafts": c.accepted_drafts,
+                "spec_accept_length": (c.accepted_drafts + c.verify_passes) / c.verify_passes if c.verify_passes
+                else 0.0,
+                "spec_accept_rate": c.accepted_drafts / c.proposed_drafts if c.proposed_drafts else 0.0}

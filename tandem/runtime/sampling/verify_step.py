@@ -1,0 +1,94 @@
+"""The last stage's verdict on a step's verify spans (speculative decoding): from the logits at each span's
+1 + k positions (the request's last token, then each of its k drafts), the tokens the span emits, judged
+by the acceptance rule of `speculative.py`, and their logprobs.
+
+The target distribution at each position is the one the plain sampler would use there: the raw logits
+plus logit_bias, then (sampling) temperature, top-k, min-p and top-p. Penalties, structured-output masks and
+top-N logprobs change with every position's history and are refused with speculation before a request is
+queued (`tandem.runtime.scheduling.speculation`), so they never reach here. A greedy span accepts drafts
+while each equals the argmax (`row_argmax`, as the plain sampler breaks ties); a sampled span runs
+`accept_sampled` with point-mass drafts (NGRAM lookups and an argmax-drafting MTP head are deterministic).
+A seeded span draws from a generator seeded with `draw_seed(seed, n)`, n the tokens generated before the
+span's first emitted one, so a run with the same drafts repeats exactly; an unseeded one from
+`draw_seed(spec_seed, i)` with the step's `spec_seed` (drawn by the driver), the same on every TP rank of the
+last stage: they must agree on what was accepted (the NEXTN drafter runs collectives over the accepted
+positions). Logprobs are those of the raw
+distribution at each emitted token's position, as the plain sampler reports them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tandem.runtime.sampling.argmax import row_argmax
+from tandem.runtime.sampling.filters import filter_probs
+from tandem.runtime.sampling.params import SamplingParams
+from tandem.runtime.sampling.penalties import apply_logit_bias
+from tandem.runtime.sampling.sampler import DISTRIBUTION_ERROR, RAW_LOGITS_ERROR, draw_seed
+from tandem.runtime.sampling.speculative import accept_greedy, accept_sampled
+
+
+@dataclass
+class Verdict:
+    """One verify span's outcome: the tokens it emits (accepted drafts, then the target's token) and their
+    logprobs (None where not wanted), or the error that ends its request."""
+
+    tokens: list[int] | None
+    logprobs: list[float | None] | None
+    error: str | None = None
+
+
+def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Sequence[SamplingParams],
+                num_generated: Sequence[int], want_logprobs: Sequence[bool],
+                generator: Callable[[torch.device], torch.Generator], step_seed: int | None = None) -> list[Verdict]:
+    """logits [sum(1 + k_i), V]: span i's rows in order, then span i + 1's. `num_generated[i]`: tokens span
+    i's request generated before the first token this span emits (its seeded draw's index). `generator(device)`
+    gives the generator sampled spans reseed; `step_seed` seeds the unseeded ones (default: 0)."""
+    logits = logits.float()
+    sizes = [len(d) + 1 for d in drafts]
+    row_params = [p for p, n in zip(params, sizes) for _ in range(n)]
+    raw_ok = logits.amax(dim=-1).isfinite()
+    adjusted, bias_errors = logits, [None] * len(row_params)
+    if any(p.logit_bias for p in params):
+        adjusted = logits.clone()
+        bias_errors = apply_logit_bias(adjusted, row_params)
+    verdicts, start = [], 0
+    for i, (span_drafts, p, n) in enumerate(zip(drafts, params, sizes)):
+        rows = slice(start, start + n)
+        start += n
+        error = next((e for e in bias_errors[rows] if e), None)
+        if not bool(raw_ok[rows].all()):
+            error = RAW_LOGITS_ERROR
+        if error is not None:
+            verdicts.append(Verdict(None, None, error))
+            continue
+        seed = draw_seed(p.seed, num_generated[i]) if p.seed is not None else draw_seed(step_seed or 0, i)
+        verdict = _judge(adjusted[rows], span_drafts, p, seed, generator)
+        if verdict.error is None and want_logprobs[i]:
+            log_probs = torch.log_softmax(logits[rows][:len(verdict.tokens)], dim=-1)
+            index = torch.tensor(verdict.tokens, device=logits.device)[:, None]
+            verdict.logprobs = log_probs.gather(1, index).squeeze(1).tolist()
+        verdicts.append(verdict)
+    return verdicts
+
+
+def _judge(adjusted: torch.Tensor, drafts: list[int], p: SamplingParams, seed: int,
+           generator: Callable[[torch.device], torch.Generator]) -> Verdict:
+    """One span: adjusted logits [1 + k, V] -> the emitted tokens."""
+    device = adjusted.device
+    draft_ids = torch.tensor([drafts], dtype=torch.long, device=device)  # [1, k]
+    if p.greedy:
+        accepted, bonus = accept_greedy(draft_ids, row_argmax(adjusted)[None])
+    else:
+        probs = filter_probs(torch.softmax(adjusted / p.temperature, dim=-1), [p] * adjusted.shape[0])
+        mass = probs.sum(dim=-1)
+        if not bool((mass.isfinite() & (mass > 0)).all()):
+            return Verdict(None, None, DISTRIBUTION_ERROR)
+        probs = probs / mass[:, None]
+        gen = generator(device)
+        gen.manual_seed(seed)
+        accepted, bonus = accept_sampled(draft_ids, probs[None], None, generator=gen)
+    j = int(accepted[0])
+    return Verdict(drafts[:j] + [int(bonus[0])], [None] * (j + 1))

@@ -1,0 +1,73 @@
+"""The NEXTN drafter under tensor parallelism: two gloo ranks on loopback build the MoE model as tp2 of one
+stage, run the drafter's test schedule (`support/mtp_schedule.py`) and return every draft and its logits. Both
+ranks draft the same tokens (the argmax is over the all-gathered vocabulary), equal to the one-process drafter's,
+with logits within 1e-4 of it (TP changes the reduction order). Slow (two spawned interpreters): -m slow."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+
+import pytest
+import torch
+
+from support.mtp_schedule import build, run_schedule
+
+KIND = "qwen3_5_moe"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drafts_of(model_dir, layout=None) -> list[tuple[str, int, list[int], list]]:
+    config, model = build(model_dir, KIND, layout)
+    # plain lists: a tensor in a Queue is shared through a socket that dies with its process
+    return [(r.key, last, drafts, logits.tolist()) for r, last, drafts, logits in run_schedule(model, config)]
+
+
+def tp_rank(rank: int, port: int, model_dir, results) -> None:
+    import torch.distributed as dist
+
+    from tandem.models.registry import load_model_config
+    from tandem.parallel.layout import GroupInfo, ParallelLayout
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+    try:
+        config = load_model_config(model_dir)
+        layout = ParallelLayout(GroupInfo(rank, 2, None, (0, 1)), GroupInfo.alone(), (config.num_layers,))
+        results.put((rank, drafts_of(model_dir, layout)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def loopback(monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+
+
+@pytest.mark.slow
+def test_tp2_ranks_draft_the_same_tokens_as_one_process(ckpt):
+    model_dir = ckpt(KIND, add_mtp=True)
+    expected = drafts_of(model_dir)
+    context = mp.get_context("spawn")
+    results, port = context.Queue(), free_port()
+    procs = [context.Process(target=tp_rank, args=(rank, port, model_dir, results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        out = dict(results.get(timeout=600) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    assert [d for _, _, d, _ in out[0]] == [d for _, _, d, _ in out[1]]
+    for rank in (0, 1):
+        assert len(out[rank]) == len(expected)
+        for (key, last, drafts, logits), (key1, last1, drafts1, logits1) in zip(out[rank], expected):
+            assert (key, last, drafts) == (key1, last1, drafts1), f"rank {rank}"
+            torch.testing.assert_close(torch.tensor(logits), torch.tensor(logits1), atol=1e-4, rtol=1e-4)
