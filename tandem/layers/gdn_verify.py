@@ -111,19 +111,21 @@ def commit(layer_idx: int, accepted: Mapping[int, int], weight: torch.Tensor, co
            ssm_pool: torch.Tensor, split_heads: SplitHeads, ledger: VerifyLedger) -> None:
     """accepted: state slot -> j, the number of accepted drafts (0..k): the slot's state moves on by the
     span's first j+1 tokens, exactly as j+1 decode steps would move it."""
-    by_length: dict[int, list[int]] = {}
-    for slot, drafts in accepted.items():
-        by_length.setdefault(drafts + 1, []).append(slot)
     records = {slot: ledger.get(layer_idx, slot) for slot in accepted}  # checked before anything changes
     for slot, drafts in accepted.items():
         if not 0 <= drafts < records[slot].mixed.shape[0]:
             raise ValueError(f"state slot {slot}: {drafts} accepted drafts, but its verify span has "
                              f"{records[slot].mixed.shape[0] - 1}")
+    # spans whose every draft was accepted take the verify's own final state (key 0); the others replay their
+    # first j + 1 tokens, grouped by that length
+    by_length: dict[int, list[int]] = {}
+    for slot, drafts in accepted.items():
+        whole = drafts + 1 == records[slot].mixed.shape[0] and records[slot].final_state is not None
+        by_length.setdefault(0 if whole else drafts + 1, []).append(slot)
     for length, slots in by_length.items():
         group = [records[slot] for slot in slots]
         rows = StateRows(slots, conv_pool.device)
-        if length == group[0].mixed.shape[0] and all(r.final_state is not None for r in group):
-            # every draft accepted (spans of one length group together): the verify's own final states
+        if length == 0:
             final_conv, final_state = rows.to_slot_order(torch.stack([r.final_conv for r in group]),
                                                           torch.stack([r.final_state for r in group]))
             for pool, final in ((conv_pool, final_conv), (ssm_pool, final_state)):
