@@ -136,14 +136,39 @@ def _quantizable(name: str, module: nn.Module) -> bool:
             and isinstance(module.weight, torch.Tensor))
 
 
-def quantize_module(weight: torch.Tensor, spec: WeightOnlySpec, name: str) -> nn.Module:
-    if spec.bits == 8:
-        return Int8WeightOnly(weight)
-    k = weight.shape[1]
-    if k % spec.group_size:
+def _check_group(k: int, spec: WeightOnlySpec, name: str) -> None:
+    if spec.bits == 4 and k % spec.group_size:
         raise ConfigError(f"{spec.name}: {name} has {k} input features per rank, not a multiple of the group "
                           f"size {spec.group_size}; choose a group size that divides it")
+
+
+def quantize_module(weight: torch.Tensor, spec: WeightOnlySpec, name: str) -> nn.Module:
+    _check_group(weight.shape[1], spec, name)
+    if spec.bits == 8:
+        return Int8WeightOnly(weight)
     return Int4WeightOnly(weight, spec.group_size)
+
+
+def quantized_bytes(out_features: int, in_features: int, dtype: torch.dtype, spec: WeightOnlySpec,
+                    name: str = "") -> int:
+    """Bytes of an [out, in] weight once quantized: int8 1 byte per element plus one model-dtype scale per
+    output channel; int4 half a byte per element plus a bf16 scale and zero per group and output channel."""
+    _check_group(in_features, spec, name)
+    if spec.bits == 8:
+        return out_features * in_features + out_features * dtype.itemsize
+    return out_features * in_features // 2 + out_features * (in_features // spec.group_size) * 2 * 2
+
+
+def weight_bytes(module: nn.Module, spec: WeightOnlySpec | None) -> int:
+    """Parameter bytes of `module` (loaded, or built on meta) as `quantize_linears_(module, spec)` leaves them."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    if spec is None:
+        return total
+    for name, m in module.named_modules():
+        if _quantizable(name, m):
+            w = m.weight
+            total += quantized_bytes(w.shape[0], w.shape[1], w.dtype, spec, name) - w.numel() * w.element_size()
+    return total
 
 
 def quantize_linears_(model: nn.Module, spec: WeightOnlySpec | None, label: str = "") -> QuantizeSummary:
