@@ -167,8 +167,9 @@ def render(plan: dict) -> str:
         f"{plan['model']} ({plan['architecture']}): {plan['num_layers']} layers ({kinds}){moe}",
         f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}"
         f"{'; weights ' + plan['quantization'] if plan['quantization'] else ''}"
-        f"{'; torchao_config ' + plan['torchao_config'] if plan['torchao_config'] else ''}; {sizing}; pages of {plan['page_size']} "
-        f"tokens; radix cache {'on' if plan['radix_cache'] else 'off'}; context length {plan['context_length']:,}",
+        f"{'; torchao_config ' + plan['torchao_config'] if plan['torchao_config'] else ''}; {sizing}; "
+        f"pages of {plan['page_size']} tokens; radix cache {'on' if plan['radix_cache'] else 'off'}; "
+        f"context length {plan['context_length']:,}",
         f"whole model weights (one TP rank): {fmt_bytes(plan['model_weight_bytes'])}",
         "figures are per device (TP rank 0); the activation reserve is an estimate (the engine measures its own)",
     ]
