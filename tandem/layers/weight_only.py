@@ -18,7 +18,10 @@ one [4864, 896] linear, one thread): torch's `_weight_int8pack_mm` with bf16 act
 weight once per product and takes 0.2-0.55x the bf16 upcast path's time at 1 row, but its cost grows
 linearly with the rows (it does not reuse the weight across rows); the float32 block path (the int8 weight
 converted a block at a time, as `matmul`'s upcast path does for bf16) overtakes it between 8 and 12 rows.
-So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path. The
+So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path. (Unquantized
+bf16 products of 1-2 rows now take torch's matrix-vector kernel, `matmul.GEMV_MAX_ROWS`, which on that VM
+runs at about the int8 kernel's weights per second: both are compute-bound on one core, so int8wo halves
+the bytes but not the batch-1 time there; bench/results/profile.md, "Weight-only decode".) The
 kernel's float32 / float16 inputs take a slow reference loop, so those dtypes always take the block path.
 `_weight_int4pack_mm_for_cpu` has AVX2/AVX512 code for bf16 activations only: other dtypes are rounded to
 bf16 around it. torchao itself adds no faster CPU kernel for these formats (its int8 weight-only CPU path
