@@ -1,7 +1,8 @@
 """Weight-only int8 / int4 decode benchmark: batch-1 and batch-16 decode of ~0.5B-parameter random Llama and
 Qwen3.5 (dense, hybrid) bf16 checkpoints, Tandem bf16 vs int8wo vs int4wo-128, side by side with llama.cpp
 (llama-cpp-python: BF16, Q8_0 and Q4_0 GGUFs of the same weights) and vLLM's CPU build (bf16), all one thread,
-measured in one run on this machine.
+measured in one run on this machine: `--rounds` rounds of every engine in turn (A B C A B C), each figure the
+best over the rounds, every round's figures and load average kept in the result file.
 
     .venv/bin/python bench/weight_only.py --llamacpp-python /work/wt/venv-llamacpp/bin/python \
         --llamacpp-src DIR_WITH_convert_hf_to_gguf.py [--vllm-python /work/wt/venv-vllm/bin/python]
