@@ -34,15 +34,19 @@ GROUPS = {  # op name -> group; anything else is "other ops"
 }
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+
+
 def decode_profile(engine, steps: int) -> dict:
     """Per decode step: wall ms and op self ms by group, from one profiled request of 1 + steps tokens."""
     prompts = random_prompts(1, INPUT_LEN, VOCAB, seed=1)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         result = bench_engine(engine, prompts, 1 + steps)
     events = list(prof.events())
-    # the prefill's last op that saw all INPUT_LEN rows ends it; decode steps see one row
-    prefill_end = max(e.time_range.end for e in events
-                      if any(s and s[0] == INPUT_LEN for s in e.input_shapes if isinstance(s, list)))
+    # the prefill's last product of all INPUT_LEN rows ends it (decode products have one row; the prefill's
+    # one-row LM head product after it is counted with the decode steps, ~1 / steps of one LM head)
+    prefill_end = max(e.time_range.end for e in events if e.name in MATMULS and e.input_shapes
+                      and e.input_shapes[0] and e.input_shapes[0][0] == INPUT_LEN)
     groups: dict[str, float] = {}
     for e in events:
         if e.time_range.start > prefill_end:
