@@ -239,7 +239,7 @@ def main() -> int:
                        "rounds": args.rounds})
         rounds = [run_round(name, path, args, batches, parts) for _ in range(args.rounds)]
         for engine in rounds[0]:
-            best = rounds[0][engine]
+            best = dict(rounds[0][engine])  # a copy: per_round below holds the round's own dict
             for later in rounds[1:]:
                 best = merge_best(best, later[engine])
             best["per_round"] = [r[engine] for r in rounds]
