@@ -3,9 +3,10 @@
 by the acceptance rule of `speculative.py`, and their logprobs.
 
 The target distribution at each position is the one the plain sampler would use there: the raw logits,
-penalties (from the request's history up to that position: `apply_verify_penalties`), logit_bias and the
-structured-output mask of that position (the driver's, from its grammar matcher advanced over the drafts
-before it), then (sampling) temperature, top-k, min-p and top-p. A greedy span accepts drafts
+penalties (from the request's history up to that position: `apply_verify_penalties`) and logit_bias, then
+(sampling) temperature, top-k, min-p and top-p. Structured-output masks would change with every position's
+grammar state and are refused with speculation before a request is queued
+(`tandem.runtime.scheduling.speculation`), so they never reach here. A greedy span accepts drafts
 while each equals the argmax (`row_argmax`, as the plain sampler breaks ties); a sampled span runs
 `accept_sampled` with point-mass drafts (NGRAM lookups and an argmax-drafting MTP head are deterministic).
 A seeded span draws from a generator seeded with `draw_seed(seed, n)`, n the tokens generated before the
@@ -29,7 +30,6 @@ from tandem.runtime.sampling.params import SamplingParams
 from tandem.runtime.sampling.penalties import TokenHistory, apply_logit_bias, apply_verify_penalties
 from tandem.runtime.sampling.sampler import ADJUSTED_LOGITS_ERROR, DISTRIBUTION_ERROR, RAW_LOGITS_ERROR, draw_seed
 from tandem.runtime.sampling.speculative import accept_greedy, accept_sampled
-from tandem.runtime.sampling.token_mask import TokenMask, apply_token_mask
 
 
 @dataclass
@@ -46,18 +46,18 @@ class Verdict:
 def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Sequence[SamplingParams],
                 num_generated: Sequence[int], want_logprobs: Sequence[bool],
                 generator: Callable[[torch.device], torch.Generator], step_seed: int | None = None,
-                top_nums: Sequence[int] | None = None, histories: Sequence[TokenHistory] | None = None,
-                token_mask: TokenMask | None = None) -> list[Verdict]:
+                top_nums: Sequence[int] | None = None,
+                histories: Sequence[TokenHistory] | None = None) -> list[Verdict]:
     """logits [sum(1 + k_i), V]: span i's rows in order, then span i + 1's. `num_generated[i]`: tokens span
     i's request generated before the first token this span emits (its seeded draw's index). `generator(device)`
     gives the generator sampled spans reseed; `step_seed` seeds the unseeded ones (default: 0). `top_nums[i]`:
     top-N logprobs per emitted token; `histories[i]`: span i's sampler history, which has observed the span's
-    tokens (needed with penalties); `token_mask`: the allowed tokens of the constrained rows."""
+    tokens (needed with penalties)."""
     logits = logits.float()
     sizes = [len(d) + 1 for d in drafts]
     top_nums = top_nums or [0] * len(drafts)
     raw_ok = logits.amax(dim=-1).isfinite()
-    adjusted, bias_errors = _adjust(logits, drafts, params, histories, token_mask)
+    adjusted, bias_errors = _adjust(logits, drafts, params, histories)
     adjusted_ok = adjusted.amax(dim=-1).isfinite() if adjusted is not logits else raw_ok
     verdicts, start = [], 0
     for i, (span_drafts, p, n) in enumerate(zip(drafts, params, sizes)):
@@ -83,23 +83,19 @@ def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Seque
 
 
 def _adjust(logits: torch.Tensor, drafts: Sequence[list[int]], params: Sequence[SamplingParams],
-            histories: Sequence[TokenHistory] | None,
-            token_mask: TokenMask | None) -> tuple[torch.Tensor, list[str | None]]:
-    """The verify rows' logits after penalties, logit_bias and the token mask (`logits` itself when none
-    applies), and each row's logit_bias error."""
+            histories: Sequence[TokenHistory] | None) -> tuple[torch.Tensor, list[str | None]]:
+    """The verify rows' logits after penalties and logit_bias (`logits` itself when neither applies), and
+    each row's logit_bias error."""
     row_params = [p for p, d in zip(params, drafts) for _ in range(len(d) + 1)]
     penalized = any(p.uses_penalties for p in params)
-    if not (penalized or token_mask is not None or any(p.logit_bias for p in params)):
+    if not (penalized or any(p.logit_bias for p in params)):
         return logits, [None] * len(row_params)
     adjusted = logits.clone()
     if penalized:
         if histories is None:
             raise ValueError("verify spans with penalties need their requests' token histories")
         apply_verify_penalties(adjusted, histories, params, drafts)
-    bias_errors = apply_logit_bias(adjusted, row_params)
-    if token_mask is not None:
-        adjusted = apply_token_mask(adjusted, logits, token_mask)
-    return adjusted, bias_errors
+    return adjusted, apply_logit_bias(adjusted, row_params)
 
 
 def _judge(adjusted: torch.Tensor, drafts: list[int], p: SamplingParams, seed: int,
