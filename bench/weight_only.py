@@ -1,7 +1,8 @@
 """Weight-only int8 / int4 decode benchmark: batch-1 and batch-16 decode of ~0.5B-parameter random Llama and
 Qwen3.5 (dense, hybrid) bf16 checkpoints, Tandem bf16 vs int8wo vs int4wo-128, side by side with llama.cpp
 (llama-cpp-python: BF16, Q8_0 and Q4_0 GGUFs of the same weights) and vLLM's CPU build (bf16), all one thread,
-measured in one run on this machine.
+measured in one run on this machine: `--rounds` rounds of every engine in turn (A B C A B C), each figure the
+best over the rounds, every round's figures and load average kept in the result file.
 
     .venv/bin/python bench/weight_only.py --llamacpp-python /work/wt/venv-llamacpp/bin/python \
         --llamacpp-src DIR_WITH_convert_hf_to_gguf.py [--vllm-python /work/wt/venv-vllm/bin/python]
@@ -153,12 +154,66 @@ def run_json(cmd: list[str], env: dict | None = None, timeout: int = 3600) -> di
     return json.loads(lines[-1])
 
 
+def merge_best(a: dict, b: dict) -> dict:
+    """a and b (one round's results each) merged, every decode rate the higher of the two, the rest from b."""
+    out = dict(a)
+    for key, value in b.items():
+        if key == "decode_tokens_per_s" and isinstance(a.get(key), dict):
+            out[key] = {batch: max(rate, a[key].get(batch, 0.0)) for batch, rate in value.items()}
+        elif isinstance(value, dict) and isinstance(a.get(key), dict):
+            out[key] = merge_best(a[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def ratios(result: dict, batches: list[int]) -> dict:
+    """Tandem's decode rates over llama.cpp's (int8wo / Q8_0, int4wo-128 / Q4_0, bf16 / BF16) and vLLM's bf16."""
+    tandem = result.get("tandem", {})
+    rate = lambda part, b: part.get("decode_tokens_per_s", {}).get(b) or part.get("decode_tokens_per_s", {}).get(str(b))
+    out = {}
+    formats = result.get("llama.cpp", {}).get("formats", {})
+    for mine, theirs in (("bf16", "BF16"), ("int8wo", "Q8_0"), ("int4wo-128", "Q4_0")):
+        if mine in tandem and theirs in formats:
+            out[f"tandem {mine} / llama.cpp {theirs}"] = {b: rate(tandem[mine], b) / rate(formats[theirs], b)
+                                                          for b in batches if rate(formats[theirs], b)}
+    vllm = result.get("vllm", {}).get("formats", {}).get("bf16")
+    for mine in ("bf16", "int8wo", "int4wo-128"):
+        if vllm and mine in tandem:
+            out[f"tandem {mine} / vllm bf16"] = {b: rate(tandem[mine], b) / rate(vllm, b)
+                                                 for b in batches if rate(vllm, b)}
+    return out
+
+
+def run_round(name: str, path: Path, args, batches: list[int], parts: list[str]) -> dict:
+    """One round of every engine asked for, one after the other (a round alternates the engines)."""
+    out = {}
+    if "tandem" in parts:
+        out["tandem"] = timed_part(bench_tandem, path, batches, 1)
+    if "llama.cpp" in parts and args.llamacpp_python:
+        gguf = path.parent / f"{path.name}.gguf"
+        if not gguf.exists():
+            subprocess.run([sys.executable, str(BENCH / "gguf_convert.py"), str(path), str(gguf), "--src",
+                            args.llamacpp_src], check=True, capture_output=True)
+        out["llama.cpp"] = timed_part(run_json, [
+            args.llamacpp_python, str(BENCH / "llamacpp_decode.py"), str(path), "--gguf-bf16", str(gguf),
+            "--batches", args.batches, "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--reps", "1"])
+        print(f"[llama.cpp {name}] {out['llama.cpp']}", flush=True)
+    if "vllm" in parts and args.vllm_python:
+        out["vllm"] = timed_part(run_json, [
+            args.vllm_python, str(BENCH / "vllm_decode.py"), str(path), "--batches", args.batches,
+            "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--reps", "1"])
+        print(f"[vllm {name}] {out['vllm']}", flush=True)
+    return out
+
+
 def main() -> int:
     global OUTPUT_LEN
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/tmp/tandem-weight-only-bench")
     parser.add_argument("--out", default=str(BENCH / "results"))
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of all engines in turn (A B C A B C); each figure is the best over rounds")
     parser.add_argument("--output-len", type=int, default=OUTPUT_LEN)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--models", default="llama-0.5b,qwen3.5-0.5b")
@@ -168,6 +223,7 @@ def main() -> int:
     parser.add_argument("--llamacpp-src", default=None)
     parser.add_argument("--vllm-python", default=None)
     parser.add_argument("--vllm-error", default=None, help="why vLLM could not be run here, recorded as is")
+    parser.add_argument("--vllm-int8", default=None, help="why vLLM's int8 was not measured, recorded as is")
     args = parser.parse_args()
     OUTPUT_LEN = args.output_len
     torch.set_num_threads(1)
@@ -179,30 +235,26 @@ def main() -> int:
         out = Path(args.out) / f"weight_only_{name}.json"
         result = json.loads(out.read_text()) if out.exists() else {}
         result.update({"model": name, "parameters": parameter_count(path), "dtype": "bfloat16",
-                       "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "threads": 1, "machine": machine_info()})
+                       "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "threads": 1, "machine": machine_info(),
+                       "rounds": args.rounds})
+        rounds = [run_round(name, path, args, batches, parts) for _ in range(args.rounds)]
+        for engine in rounds[0]:
+            best = dict(rounds[0][engine])  # a copy: per_round below holds the round's own dict
+            for later in rounds[1:]:
+                best = merge_best(best, later[engine])
+            best["per_round"] = [r[engine] for r in rounds]
+            result[engine] = best
         if "tandem" in parts:
-            result["tandem"] = timed_part(bench_tandem, path, batches, args.reps)
             result["logprobs_vs_bf16"] = logprob_agreement(path)
             tandem = result["tandem"]
             result["speedup_vs_tandem_bf16"] = {spec: {b: tandem[spec]["decode_tokens_per_s"][b] /
                                                        tandem["bf16"]["decode_tokens_per_s"][b] for b in batches}
                                                 for spec in tandem if spec in SPECS or spec == "bf16"}
-        if "llama.cpp" in parts and args.llamacpp_python:
-            gguf = path.parent / f"{path.name}.gguf"
-            if not gguf.exists():
-                subprocess.run([sys.executable, str(BENCH / "gguf_convert.py"), str(path), str(gguf), "--src",
-                                args.llamacpp_src], check=True, capture_output=True)
-            result["llama.cpp"] = timed_part(run_json, [
-                args.llamacpp_python, str(BENCH / "llamacpp_decode.py"), str(path), "--gguf-bf16", str(gguf),
-                "--batches", args.batches, "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN)])
-            print(f"[llama.cpp {name}] {result['llama.cpp']}", flush=True)
-        if "vllm" in parts and args.vllm_python:
-            result["vllm"] = timed_part(run_json, [
-                args.vllm_python, str(BENCH / "vllm_decode.py"), str(path), "--batches", args.batches,
-                "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN)])
-            print(f"[vllm {name}] {result['vllm']}", flush=True)
-        elif "vllm" in parts and args.vllm_error:
+        if "vllm" in parts and not args.vllm_python and args.vllm_error:
             result["vllm"] = {"error": args.vllm_error}
+        if args.vllm_int8:
+            result.setdefault("vllm", {})["int8"] = args.vllm_int8
+        result["ratios"] = ratios(result, batches)
         out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}", flush=True)
     return 0

@@ -321,6 +321,9 @@ def train(args) -> dict:
                "heldout_count_exact_match": scores["count_acc"],
                "heldout_count_chat_exact_match": scores["count_chat_acc"], "mtp_offline_counting": accept,
                "parameters": n_params, "args": vars(args), "history": history}
+    previous = Path(args.init_from) / "training_summary.json" if args.init_from else None
+    if previous and previous.is_file():  # the whole lineage of a continued model
+        summary["continued_from"] = json.loads(previous.read_text())
     save(model, head, tokenizer, Path(args.out), summary)
     return summary
 

@@ -109,3 +109,18 @@ def test_upcast_and_native_agree_with_a_float64_reference(dtype, rows, out_featu
     assert upcast.dtype == native.dtype == dtype
     assert ((upcast.double() - reference).abs() <= tolerance).all()
     assert ((native.double() - reference).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("rows", [1, matmul.GEMV_MAX_ROWS, matmul.GEMV_MAX_ROWS + 1])
+def test_few_row_bf16_products_take_torchs_kernel_with_fp32_accumulation(monkeypatch, rows):
+    """Up to GEMV_MAX_ROWS rows a bf16 product is torch's own (even where the class's path is the upcast),
+    accurate to a few bf16 roundings of the output over 4096 inputs (float32 accumulation); above, the class's."""
+    monkeypatch.setattr(matmul, "uses_native_kernel", lambda weight, rows: False)  # as on AVX2 without oneDNN bf16
+    torch.manual_seed(0)
+    x, w = torch.randn(rows, 4096).to(BF16), torch.randn(300, 4096).to(BF16)
+    out = matmul.linear(x, w)
+    expected = F.linear(x, w) if rows <= matmul.GEMV_MAX_ROWS else matmul._upcast_linear(x, w, None)
+    assert torch.equal(out, expected)
+    reference = F.linear(x.double(), w.double())
+    assert ((out.double() - reference).abs() <= 4 * torch.finfo(BF16).eps * (reference.abs() + 1)).all()
+    assert torch.equal(matmul.linear(x.half(), w.half()), matmul._upcast_linear(x.half(), w.half(), None))

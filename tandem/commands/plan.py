@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
                              "weights (128x128 blocks unless config.json's quantization_config says otherwise) "
                              "with the config's dtype for the rest (default: auto; an FP8 checkpoint's "
                              "quantization_config is always read).")
+    parser.add_argument("--torchao-config", default="",
+                        help="As the engine's flag: int8wo | int4wo-<group>; the quantized linears' weights count "
+                             "1 byte (int8) or half a byte (int4) per element plus their scales (and zeros).")
     parser.add_argument("--gpu-memory", default="80GB",
                         help="Memory of each device, e.g. 80GB or 80GiB (default: 80GB).")
     parser.add_argument("--mem-fraction-static", type=float, default=None,
@@ -105,6 +108,7 @@ def build_plan(args) -> dict:
         "radix_cache": not args.disable_radix_cache,
         "context_length": config.context_length,
         "quantization": model_config.quantization.describe() if model_config.quantization else None,
+        "torchao_config": args.torchao_config or None,
         "model_weight_bytes": model_weight_bytes(costs), "plans": plans,
         "fits": fits, "layouts_searched_up_to": MAX_DEVICES,
         "fitting_layouts": [dict(dataclasses.asdict(layout), partition=list(layout.partition), text=layout.describe())
@@ -128,7 +132,7 @@ def _engine_config(args):
                              max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
                              mem_fraction_static=args.mem_fraction_static or DEFAULT_MEM_FRACTION["cuda"],
                              page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
-                             disable_radix_cache=args.disable_radix_cache)
+                             disable_radix_cache=args.disable_radix_cache, torchao_config=args.torchao_config)
     return EngineConfig.resolve(engine_args, model_config)
 
 
@@ -162,8 +166,10 @@ def render(plan: dict) -> str:
     lines = [
         f"{plan['model']} ({plan['architecture']}): {plan['num_layers']} layers ({kinds}){moe}",
         f"pp={plan['pp_size']} tp={plan['tp_size']} dtype={plan['dtype']}"
-        f"{'; weights ' + plan['quantization'] if plan['quantization'] else ''}; {sizing}; pages of {plan['page_size']} "
-        f"tokens; radix cache {'on' if plan['radix_cache'] else 'off'}; context length {plan['context_length']:,}",
+        f"{'; weights ' + plan['quantization'] if plan['quantization'] else ''}"
+        f"{'; torchao_config ' + plan['torchao_config'] if plan['torchao_config'] else ''}; {sizing}; "
+        f"pages of {plan['page_size']} tokens; radix cache {'on' if plan['radix_cache'] else 'off'}; "
+        f"context length {plan['context_length']:,}",
         f"whole model weights (one TP rank): {fmt_bytes(plan['model_weight_bytes'])}",
         "figures are per device (TP rank 0); the activation reserve is an estimate (the engine measures its own)",
     ]

@@ -18,7 +18,10 @@ one [4864, 896] linear, one thread): torch's `_weight_int8pack_mm` with bf16 act
 weight once per product and takes 0.2-0.55x the bf16 upcast path's time at 1 row, but its cost grows
 linearly with the rows (it does not reuse the weight across rows); the float32 block path (the int8 weight
 converted a block at a time, as `matmul`'s upcast path does for bf16) overtakes it between 8 and 12 rows.
-So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path. The
+So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path. (Unquantized
+bf16 products of 1-2 rows now take torch's matrix-vector kernel, `matmul.GEMV_MAX_ROWS`, which on that VM
+runs at about the int8 kernel's weights per second: both are compute-bound on one core, so int8wo halves
+the bytes but not the batch-1 time there; bench/results/profile.md, "Weight-only decode".) The
 kernel's float32 / float16 inputs take a slow reference loop, so those dtypes always take the block path.
 `_weight_int4pack_mm_for_cpu` has AVX2/AVX512 code for bf16 activations only: other dtypes are rounded to
 bf16 around it. torchao itself adds no faster CPU kernel for these formats (its int8 weight-only CPU path
@@ -136,14 +139,39 @@ def _quantizable(name: str, module: nn.Module) -> bool:
             and isinstance(module.weight, torch.Tensor))
 
 
-def quantize_module(weight: torch.Tensor, spec: WeightOnlySpec, name: str) -> nn.Module:
-    if spec.bits == 8:
-        return Int8WeightOnly(weight)
-    k = weight.shape[1]
-    if k % spec.group_size:
+def _check_group(k: int, spec: WeightOnlySpec, name: str) -> None:
+    if spec.bits == 4 and k % spec.group_size:
         raise ConfigError(f"{spec.name}: {name} has {k} input features per rank, not a multiple of the group "
                           f"size {spec.group_size}; choose a group size that divides it")
+
+
+def quantize_module(weight: torch.Tensor, spec: WeightOnlySpec, name: str) -> nn.Module:
+    _check_group(weight.shape[1], spec, name)
+    if spec.bits == 8:
+        return Int8WeightOnly(weight)
     return Int4WeightOnly(weight, spec.group_size)
+
+
+def quantized_bytes(out_features: int, in_features: int, dtype: torch.dtype, spec: WeightOnlySpec,
+                    name: str = "") -> int:
+    """Bytes of an [out, in] weight once quantized: int8 1 byte per element plus one model-dtype scale per
+    output channel; int4 half a byte per element plus a bf16 scale and zero per group and output channel."""
+    _check_group(in_features, spec, name)
+    if spec.bits == 8:
+        return out_features * in_features + out_features * dtype.itemsize
+    return out_features * in_features // 2 + out_features * (in_features // spec.group_size) * 2 * 2
+
+
+def weight_bytes(module: nn.Module, spec: WeightOnlySpec | None) -> int:
+    """Parameter bytes of `module` (loaded, or built on meta) as `quantize_linears_(module, spec)` leaves them."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    if spec is None:
+        return total
+    for name, m in module.named_modules():
+        if _quantizable(name, m):
+            w = m.weight
+            total += quantized_bytes(w.shape[0], w.shape[1], w.dtype, spec, name) - w.numel() * w.element_size()
+    return total
 
 
 def quantize_linears_(model: nn.Module, spec: WeightOnlySpec | None, label: str = "") -> QuantizeSummary:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.config import EngineConfig, ModelConfig
+from tandem.config import EngineConfig, ModelConfig, WeightOnlySpec
 from tandem.layers.paged_attention import DEFAULT_WORKSPACE_BYTES
+from tandem.layers.weight_only import weight_bytes
 from tandem.models.common import FULL_ATTENTION, LINEAR_ATTENTION
 from tandem.models.registry import build_model
 from tandem.parallel.layout import ParallelLayout
@@ -27,8 +28,9 @@ from tandem.runtime.memory.sizing import layer_kv_bytes_per_token, layer_state_b
 FLOPS_CONTEXT = 2048  # context tokens assumed for the attention term of the compute estimate
 
 
-def param_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+def param_bytes(module: torch.nn.Module, weight_only: WeightOnlySpec | None = None) -> int:
+    """Parameter bytes, with `--torchao-config`'s quantized linears counted as quantized (layers/weight_only.py)."""
+    return weight_bytes(module, weight_only)
 
 
 def build_stage_on_meta(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, pp_size: int = 1,
@@ -41,11 +43,11 @@ def build_stage_on_meta(model_config: ModelConfig, dtype: torch.dtype, tp_size: 
 
 
 def stage_weight_bytes_on_meta(model_config: ModelConfig, dtype: torch.dtype, tp_size: int,
-                               partition: Sequence[int]) -> list[int]:
+                               partition: Sequence[int], weight_only: WeightOnlySpec | None = None) -> list[int]:
     """Weight bytes per stage from building each stage's whole model on meta (a cross-check of the
     additive model in `model_costs`; slower, as it builds every layer once per stage)."""
-    return [param_bytes(build_stage_on_meta(model_config, dtype, tp_size, len(partition), rank, partition))
-            for rank in range(len(partition))]
+    return [param_bytes(build_stage_on_meta(model_config, dtype, tp_size, len(partition), rank, partition),
+                        weight_only) for rank in range(len(partition))]
 
 
 @dataclass
@@ -123,9 +125,11 @@ def _layer_activation_bytes(layer, config: ModelConfig, itemsize: int, tokens: i
 
 
 def model_costs(model_config: ModelConfig, tp_size: int, dtype: torch.dtype, chunk_tokens: int = 512,
-                context: int | None = None, flops_context: int = FLOPS_CONTEXT) -> ModelCosts:
+                context: int | None = None, flops_context: int = FLOPS_CONTEXT,
+                weight_only: WeightOnlySpec | None = None) -> ModelCosts:
     """Per-layer bytes and FLOPs for one TP rank, from models built on meta. Activations are estimated for a
-    prefill chunk of `chunk_tokens` at the end of a `context`-token context (default the model's limit)."""
+    prefill chunk of `chunk_tokens` at the end of a `context`-token context (default the model's limit).
+    With `weight_only` the quantized linears' weight bytes are those of their int8 / int4 form."""
     context = model_config.max_position_embeddings if context is None else context
     L = model_config.num_layers
     itemsize = dtype.itemsize
@@ -134,22 +138,22 @@ def model_costs(model_config: ModelConfig, tp_size: int, dtype: torch.dtype, chu
     weights, kv, state, activations, flops = [], [], [], [], []
     for i in range(L):
         layer = layers[i]
-        weights.append(param_bytes(layer))
+        weights.append(param_bytes(layer, weight_only))
         kv.append(layer_kv_bytes_per_token(layer, model_config, dtype))
         state.append(layer_state_bytes_per_slot(layer, model_config, dtype))
         activations.append(_layer_activation_bytes(layer, model_config, itemsize, chunk_tokens, context))
         flops.append(_layer_flops(layer, _active_params(layer, model_config), flops_context))
     head_rows = full.lm_head.weight.shape[0]
     head_flops = 2.0 * head_rows * model_config.hidden_size  # logits for the sampled token
-    extra_bytes = {"single": param_bytes(full) - sum(weights)}
+    extra_bytes = {"single": param_bytes(full, weight_only) - sum(weights)}
     if L >= 2:
         first = build_stage_on_meta(model_config, dtype, tp_size, 2, 0, (1, L - 1))
         last = build_stage_on_meta(model_config, dtype, tp_size, 2, 1, (L - 1, 1))
-        extra_bytes["first"] = param_bytes(first) - weights[0]
-        extra_bytes["last"] = param_bytes(last) - weights[L - 1]
+        extra_bytes["first"] = param_bytes(first, weight_only) - weights[0]
+        extra_bytes["last"] = param_bytes(last, weight_only) - weights[L - 1]
     if L >= 3:
         middle = build_stage_on_meta(model_config, dtype, tp_size, 3, 1, (1, 1, L - 2))
-        extra_bytes["middle"] = param_bytes(middle) - weights[1]
+        extra_bytes["middle"] = param_bytes(middle, weight_only) - weights[1]
     # logits and log-softmax of every row of a chunk (prompt logprobs), float32, over the whole vocabulary
     logits = 3 * chunk_tokens * model_config.vocab_size * 4
     extra_activation = {"single": DEFAULT_WORKSPACE_BYTES + logits, "first": DEFAULT_WORKSPACE_BYTES,
@@ -161,9 +165,10 @@ def model_costs(model_config: ModelConfig, tp_size: int, dtype: torch.dtype, chu
 
 
 def costs_for(config: EngineConfig) -> ModelCosts:
-    """The costs of the engine `config` describes (its TP size, dtype, prefill chunk and context length)."""
+    """The costs of the engine `config` describes (its TP size, dtype, `--torchao-config`, prefill chunk and
+    context length)."""
     return model_costs(config.model, config.args.tp_size, config.dtype, config.args.chunked_prefill_size,
-                       config.context_length)
+                       config.context_length, weight_only=config.args.weight_only())
 
 
 def model_weight_bytes(costs: ModelCosts) -> int:
