@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tandem.errors import ConfigError
-from tandem.runtime.sampling.penalties import apply_logit_bias, apply_penalties
+from tandem.runtime.sampling.penalties import TokenHistory, apply_logit_bias, apply_penalties, apply_verify_penalties
 from tandem.runtime.sampling.sampler import Sampler, SamplingParams, draw_seed
 
 VOCAB = 12
@@ -238,3 +238,31 @@ def test_history_is_required_and_must_count_for_penalties():
     sampler.begin("plain", SamplingParams(), prompt_len=1)
     with pytest.raises(ValueError, match="penalties"):
         sampler.sample(logits, [SamplingParams(presence_penalty=1.0)], ["plain"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_verify_rows_are_penalized_with_the_drafts_before_them_only(seed):
+    """Speculative decoding: a history that observed a verify span (last token + k drafts, some new tokens,
+    some repeated); row r of the span equals the reference over the history less drafts[r:]."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [SamplingParams.from_dict(kw) for kw in BATCH_PARAMS if "logit_bias" not in kw]
+    spans, histories, drafts = [], [], []
+    for p in params:
+        prompt, output = random_history(generator, prompt_len=int(torch.randint(1, 6, (1,), generator=generator)),
+                                        output_len=int(torch.randint(1, 5, (1,), generator=generator)))
+        span_drafts = torch.randint(0, VOCAB, (int(torch.randint(0, 4, (1,), generator=generator)),),
+                                    generator=generator).tolist()
+        history = TokenHistory(len(prompt), count_tokens=p.uses_penalties)
+        history.observe(prompt + output + span_drafts, 0)
+        spans.append((prompt, output))
+        histories.append(history)
+        drafts.append(span_drafts)
+    logits = torch.randn(sum(len(d) + 1 for d in drafts), VOCAB, generator=generator) * 3
+    adjusted = logits.clone()
+    apply_verify_penalties(adjusted, histories, params, drafts)
+    row = 0
+    for p, (prompt, output), span_drafts in zip(params, spans, drafts):
+        for r in range(len(span_drafts) + 1):
+            expected = reference_adjusted(logits[row].tolist(), prompt, output + span_drafts[:r], p)
+            torch.testing.assert_close(adjusted[row], torch.tensor(expected))
+            row += 1

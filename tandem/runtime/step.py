@@ -85,5 +85,7 @@ class StepOutput(msgspec.Struct):
     # logprobs (None entries where not wanted); None for the other spans, and None when no span verifies
     spec_tokens: list[list[int] | None] | None = None
     spec_logprobs: list[list[float | None] | None] | None = None
+    # per verify span of a request with top_logprobs_num > 0: per emitted token its [(token id, logprob)]
+    spec_top_logprobs: list[list[list[tuple[int, float]] | None] | None] | None = None
     # NEXTN: per span that sampled, the next verify span's drafts, made on the last stage
     next_drafts: list[list[int] | None] | None = None

@@ -65,6 +65,10 @@ class TokenHistory:
             self.tokens.extend(token_ids)
         self.length = start_position + len(token_ids)
 
+    def slot_of(self, token: int) -> int:
+        """The index of a counted token in `distinct` (and the count arrays)."""
+        return self._slot[token]
+
     def skip_to(self, position: int) -> None:
         """Start observing at `position` without the tokens before it (a prefix-cache hit of a request that
         counts nothing); a counting history needs those tokens."""
@@ -102,15 +106,59 @@ def apply_penalties(logits: torch.Tensor, histories: Sequence[TokenHistory], par
     table = torch.stack([torch.cat([_int64(h.distinct) for h in parts]),
                          torch.cat([_int64(h.total_counts) for h in parts]),
                          torch.cat([_int64(h.output_counts) for h in parts])]).to(device)
-    tokens, total, output = table[0], table[1], table[2].to(logits.dtype)
     row_of = torch.repeat_interleave(torch.tensor(rows), torch.tensor(sizes)).to(device)
-    factors = torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
-                           dtype=logits.dtype).to(device)[row_of]
+    factors = _factors(params, logits.dtype, device)[row_of]
+    _penalize(logits, row_of, table[0], table[1], table[2], factors)
+
+
+def apply_verify_penalties(logits: torch.Tensor, histories: Sequence[TokenHistory], params: Sequence[SamplingParams],
+                           drafts: Sequence[Sequence[int]]) -> None:
+    """Penalties in place on a step's verify rows (speculative decoding): logits [sum(1 + k_i), V], span i's
+    1 + k_i rows in order. `histories[i]` has observed span i's tokens (the request's last token, then its
+    drafts), so row r of span i is penalized with that history less drafts[r:], the tokens after its position:
+    exactly the history the plain sampler has when it samples there (every draft is an output token)."""
+    row_parts, count_parts, span_params, entries, start = [], [], [], [], 0
+    for history, p, span_drafts in zip(histories, params, drafts):
+        n = len(span_drafts) + 1
+        if p.uses_penalties and len(history.distinct):
+            size = len(history.distinct)
+            base = torch.stack([_int64(history.distinct), _int64(history.total_counts),
+                                _int64(history.output_counts)])  # [3, D]
+            # later[r, s]: how often distinct token s occurs among drafts[r:]
+            later = torch.zeros(n, size, dtype=torch.int64)
+            if span_drafts:
+                slots = torch.tensor([history.slot_of(t) for t in span_drafts])
+                later.index_add_(1, slots, torch.ones(n, len(span_drafts), dtype=torch.int64).triu())
+            counts = torch.stack([base[0].expand(n, size), base[1] - later, base[2] - later])  # [3, n, D]
+            count_parts.append(counts.reshape(3, n * size))
+            row_parts.append(torch.arange(start, start + n).repeat_interleave(size))
+            span_params.append(p)
+            entries.append(n * size)
+        start += n
+    if not row_parts:
+        return
+    device = logits.device
+    table = torch.cat(count_parts, dim=1).to(device)
+    factors = _factors(span_params, logits.dtype, device)[
+        torch.repeat_interleave(torch.arange(len(entries)), torch.tensor(entries)).to(device)]
+    _penalize(logits, torch.cat(row_parts).to(device), table[0], table[1], table[2], factors)
+
+
+def _factors(params: Sequence[SamplingParams], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
+                        dtype=dtype).to(device)
+
+
+def _penalize(logits: torch.Tensor, row_of: torch.Tensor, tokens: torch.Tensor, total: torch.Tensor,
+              output: torch.Tensor, factors: torch.Tensor) -> None:
+    """Entry e: token tokens[e] of row row_of[e], seen total[e] times (output[e] of them in the output),
+    with its row's [repetition, frequency, presence] factors[e]; (row, token) pairs are unique."""
+    output = output.to(logits.dtype)
     values = logits[row_of, tokens]
     repeated = torch.where(values > 0, values / factors[:, 0], values * factors[:, 0])
     values = torch.where(total > 0, repeated, values)
     values = values - factors[:, 1] * output - factors[:, 2] * (output > 0).to(logits.dtype)
-    logits[row_of, tokens] = values  # (row, token) pairs are unique: each history lists a token once
+    logits[row_of, tokens] = values
 
 
 def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[str | None]:

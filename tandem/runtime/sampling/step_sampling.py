@@ -61,16 +61,20 @@ def sample_step(compute_logits: Callable[[torch.Tensor], torch.Tensor], sampler:
         if not any(t is not None for t in input_tops):
             input_tops = None
     spec_tokens = spec_logprobs = None
+    spec_tops: list = [None] * num_spans
     if verify:
         spec_tokens, spec_logprobs = [None] * num_spans, [None] * num_spans
         prompt_lens = step.prompt_lens or [0] * num_spans
         verdicts = judge_spans(logits[len(logits) - num_verify_rows:], [step.drafts[i] for i in verify],
                                [params[step.keys[i]] for i in verify],
                                [step.spans[i].prefix_len + 1 - prompt_lens[i] for i in verify],
-                               [want_logprobs[i] for i in verify], sampler.generator, step.spec_seed)
+                               [want_logprobs[i] for i in verify], sampler.generator, step.spec_seed,
+                               [top_nums[i] for i in verify], [sampler.histories[step.keys[i]] for i in verify])
         for i, verdict in zip(verify, verdicts):
             spec_tokens[i], spec_logprobs[i], errors[i] = verdict.tokens, verdict.logprobs, verdict.error
-    return StepOutput(tokens, logprobs, input_lps, tops, errors, input_tops, spec_tokens, spec_logprobs)
+            spec_tops[i] = verdict.top_logprobs
+    return StepOutput(tokens, logprobs, input_lps, tops, errors, input_tops, spec_tokens, spec_logprobs,
+                      spec_top_logprobs=spec_tops if any(t is not None for t in spec_tops) else None)
 
 
 def prompt_logprob_targets(step: StepInput, batch: ForwardBatch) -> list[tuple[int, list[int]]]:

@@ -2,18 +2,19 @@
 1 + k positions (the request's last token, then each of its k drafts), the tokens the span emits, judged
 by the acceptance rule of `speculative.py`, and their logprobs.
 
-The target distribution at each position is the one the plain sampler would use there: the raw logits
-plus logit_bias, then (sampling) temperature, top-k, min-p and top-p. Penalties, structured-output masks and
-top-N logprobs change with every position's history and are refused with speculation before a request is
-queued (`tandem.runtime.scheduling.speculation`), so they never reach here. A greedy span accepts drafts
+The target distribution at each position is the one the plain sampler would use there: the raw logits,
+penalties (from the request's history up to that position: `apply_verify_penalties`) and logit_bias, then
+(sampling) temperature, top-k, min-p and top-p. Structured-output masks would change with every position's
+grammar state and are refused with speculation before a request is queued
+(`tandem.runtime.scheduling.speculation`), so they never reach here. A greedy span accepts drafts
 while each equals the argmax (`row_argmax`, as the plain sampler breaks ties); a sampled span runs
 `accept_sampled` with point-mass drafts (NGRAM lookups and an argmax-drafting MTP head are deterministic).
 A seeded span draws from a generator seeded with `draw_seed(seed, n)`, n the tokens generated before the
 span's first emitted one, so a run with the same drafts repeats exactly; an unseeded one from
 `draw_seed(spec_seed, i)` with the step's `spec_seed` (drawn by the driver), the same on every TP rank of the
 last stage: they must agree on what was accepted (the NEXTN drafter runs collectives over the accepted
-positions). Logprobs are those of the raw
-distribution at each emitted token's position, as the plain sampler reports them."""
+positions). Logprobs (and top-N lists) are those of the raw distribution at each emitted token's position,
+as the plain sampler reports them."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ import torch
 
 from tandem.runtime.sampling.argmax import row_argmax
 from tandem.runtime.sampling.filters import filter_probs
+from tandem.runtime.sampling.logprobs import TopLogprobs, gather_logprobs
 from tandem.runtime.sampling.params import SamplingParams
-from tandem.runtime.sampling.penalties import apply_logit_bias
-from tandem.runtime.sampling.sampler import DISTRIBUTION_ERROR, RAW_LOGITS_ERROR, draw_seed
+from tandem.runtime.sampling.penalties import TokenHistory, apply_logit_bias, apply_verify_penalties
+from tandem.runtime.sampling.sampler import ADJUSTED_LOGITS_ERROR, DISTRIBUTION_ERROR, RAW_LOGITS_ERROR, draw_seed
 from tandem.runtime.sampling.speculative import accept_greedy, accept_sampled
 
 
@@ -38,22 +40,25 @@ class Verdict:
     tokens: list[int] | None
     logprobs: list[float | None] | None
     error: str | None = None
+    top_logprobs: list[TopLogprobs | None] | None = None  # per emitted token, with top_logprobs_num > 0
 
 
 def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Sequence[SamplingParams],
                 num_generated: Sequence[int], want_logprobs: Sequence[bool],
-                generator: Callable[[torch.device], torch.Generator], step_seed: int | None = None) -> list[Verdict]:
+                generator: Callable[[torch.device], torch.Generator], step_seed: int | None = None,
+                top_nums: Sequence[int] | None = None,
+                histories: Sequence[TokenHistory] | None = None) -> list[Verdict]:
     """logits [sum(1 + k_i), V]: span i's rows in order, then span i + 1's. `num_generated[i]`: tokens span
     i's request generated before the first token this span emits (its seeded draw's index). `generator(device)`
-    gives the generator sampled spans reseed; `step_seed` seeds the unseeded ones (default: 0)."""
+    gives the generator sampled spans reseed; `step_seed` seeds the unseeded ones (default: 0). `top_nums[i]`:
+    top-N logprobs per emitted token; `histories[i]`: span i's sampler history, which has observed the span's
+    tokens (needed with penalties)."""
     logits = logits.float()
     sizes = [len(d) + 1 for d in drafts]
-    row_params = [p for p, n in zip(params, sizes) for _ in range(n)]
+    top_nums = top_nums or [0] * len(drafts)
     raw_ok = logits.amax(dim=-1).isfinite()
-    adjusted, bias_errors = logits, [None] * len(row_params)
-    if any(p.logit_bias for p in params):
-        adjusted = logits.clone()
-        bias_errors = apply_logit_bias(adjusted, row_params)
+    adjusted, bias_errors = _adjust(logits, drafts, params, histories)
+    adjusted_ok = adjusted.amax(dim=-1).isfinite() if adjusted is not logits else raw_ok
     verdicts, start = [], 0
     for i, (span_drafts, p, n) in enumerate(zip(drafts, params, sizes)):
         rows = slice(start, start + n)
@@ -61,17 +66,36 @@ def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Seque
         error = next((e for e in bias_errors[rows] if e), None)
         if not bool(raw_ok[rows].all()):
             error = RAW_LOGITS_ERROR
+        elif error is None and not bool(adjusted_ok[rows].all()):
+            error = ADJUSTED_LOGITS_ERROR
         if error is not None:
             verdicts.append(Verdict(None, None, error))
             continue
         seed = draw_seed(p.seed, num_generated[i]) if p.seed is not None else draw_seed(step_seed or 0, i)
         verdict = _judge(adjusted[rows], span_drafts, p, seed, generator)
-        if verdict.error is None and want_logprobs[i]:
-            log_probs = torch.log_softmax(logits[rows][:len(verdict.tokens)], dim=-1)
-            index = torch.tensor(verdict.tokens, device=logits.device)[:, None]
-            verdict.logprobs = log_probs.gather(1, index).squeeze(1).tolist()
+        if verdict.error is None and (want_logprobs[i] or top_nums[i] > 0):
+            tokens = torch.tensor(verdict.tokens, device=logits.device)
+            verdict.logprobs, tops = gather_logprobs(torch.log_softmax(logits[rows][:len(tokens)], dim=-1),
+                                                     tokens, [top_nums[i]] * len(tokens))
+            verdict.top_logprobs = tops if top_nums[i] > 0 else None
         verdicts.append(verdict)
     return verdicts
+
+
+def _adjust(logits: torch.Tensor, drafts: Sequence[list[int]], params: Sequence[SamplingParams],
+            histories: Sequence[TokenHistory] | None) -> tuple[torch.Tensor, list[str | None]]:
+    """The verify rows' logits after penalties and logit_bias (`logits` itself when neither applies), and
+    each row's logit_bias error."""
+    row_params = [p for p, d in zip(params, drafts) for _ in range(len(d) + 1)]
+    penalized = any(p.uses_penalties for p in params)
+    if not (penalized or any(p.logit_bias for p in params)):
+        return logits, [None] * len(row_params)
+    adjusted = logits.clone()
+    if penalized:
+        if histories is None:
+            raise ValueError("verify spans with penalties need their requests' token histories")
+        apply_verify_penalties(adjusted, histories, params, drafts)
+    return adjusted, apply_logit_bias(adjusted, row_params)
 
 
 def _judge(adjusted: torch.Tensor, drafts: list[int], p: SamplingParams, seed: int,

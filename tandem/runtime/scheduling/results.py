@@ -79,12 +79,13 @@ class ResultHandler:
             req.next_drafts = list(out.next_drafts[i])
         start = req.num_cached
         logprobs = out.spec_logprobs[i] if out.spec_logprobs else None
+        tops = out.spec_top_logprobs[i] if out.spec_top_logprobs else None
         for m, token in enumerate(run):
             # the span computed the KV (and state) of its last token and the accepted drafts; once run[m] is
             # appended, the computed tokens are those and at most all but the newest (set before a finish
             # hands the request's pages to the prefix cache)
             req.num_cached = start + min(len(run), m + 2)
-            self._append(req, token, logprobs[m] if logprobs else None, None)
+            self._append(req, token, logprobs[m] if logprobs else None, tops[m] if tops else None)
             if req.finished:
                 return True
         req.num_planned = req.num_cached

@@ -12,9 +12,9 @@ is in at most one step in flight, so they arrive before anything else touches th
 number of micro-batches in flight. A restart of the ranks forgets them (`reset`): the fresh ranks have no
 pending spans, and requests are prefilled again from their accepted tokens only.
 
-Refused with speculation (a ConfigError naming the combination): penalties (presence, frequency,
-repetition), structured output (json_schema / regex / ebnf) and top-N logprobs: each would have to follow
-every verified position's own history."""
+Refused with speculation (a ConfigError naming the combination): structured output (json_schema / regex /
+ebnf). Penalties and top-N logprobs follow each verified position's own history on the last stage
+(`tandem.runtime.sampling.verify_step`)."""
 
 from __future__ import annotations
 
@@ -58,16 +58,9 @@ class Speculation:
     def check(req: Request) -> None:
         """ConfigError when `req` asks for what speculative decoding does not implement."""
         p = req.params
-        refused = []
-        if p.uses_penalties:
-            refused.append("presence_penalty / frequency_penalty / repetition_penalty")
         if p.constraint is not None:
-            refused.append(f"structured output ({p.constraint[0]})")
-        if req.top_logprobs_num:
-            refused.append("top_logprobs_num > 0")
-        if refused:
-            raise ConfigError(f"{refused[0]} is not supported together with speculative decoding "
-                              f"(--speculative-algorithm)")
+            raise ConfigError(f"structured output ({p.constraint[0]}) is not supported together with "
+                              f"speculative decoding (--speculative-algorithm)")
 
     def drafts_for(self, req: Request, max_drafts: int) -> list[int]:
         """Up to `max_drafts` drafts for req's next verify span ([]: a plain decode step)."""
