@@ -15,36 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tandem.bench import accept_length, machine_info, repetitive_prompts
+from tandem.bench import accept_length, machine_info, repetitive_prompts, timed_decode
 from tandem.engine import Engine
 from tandem.runtime.sampling.params import SamplingParams
-from tandem.runtime.scheduling.scheduler import Request
 
 
 def decode_run(engine: Engine, prompts: list[list[int]], output_len: int) -> dict:
     params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
-    times: list[list[float]] = [[] for _ in prompts]
-
-    def recorder(i):
-        def on_update(req):
-            while len(times[i]) < len(req.output_ids):
-                times[i].append(time.perf_counter())
-        return on_update
-
-    reqs = [Request(list(p), params, on_update=recorder(i), output_logprobs_wanted=False)
-            for i, p in enumerate(prompts)]
-    engine.run_requests(reqs)
-    start = max(t[0] for t in times)
-    end = max(t[-1] for t in times)
-    decoded = sum(sum(1 for x in t if x > start) for t in times)
-    return {"decode_tok_s": decoded / (end - start), "accept_length": accept_length(reqs),
+    decoded, seconds, reqs = timed_decode(engine, prompts, params)
+    return {"decode_tok_s": decoded / seconds, "accept_length": accept_length(reqs),
             "outputs": [r.output_ids for r in reqs]}
 
 

@@ -15,42 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tandem.bench import accept_length, machine_info
+from tandem.bench import accept_length, machine_info, timed_decode
 from tandem.engine import Engine
 from tandem.evaluation.counting import MAX_ANSWER_TOKENS, heldout_count_problems, is_count_correct
 from tandem.runtime.sampling.params import SamplingParams
-from tandem.runtime.scheduling.scheduler import Request
-
-
-def group_run(engine: Engine, prompts: list[list[int]]) -> tuple[int, float, list[Request]]:
-    """One group to completion: (decode tokens, decode window in seconds, the requests)."""
-    params = SamplingParams(max_new_tokens=MAX_ANSWER_TOKENS, temperature=0.0)
-    times: list[list[float]] = [[] for _ in prompts]
-
-    def recorder(i):
-        def on_update(req):
-            while len(times[i]) < len(req.output_ids):
-                times[i].append(time.perf_counter())
-        return on_update
-
-    reqs = [Request(list(p), params, on_update=recorder(i), output_logprobs_wanted=False)
-            for i, p in enumerate(prompts)]
-    engine.run_requests(reqs)
-    start, end = max(t[0] for t in times), max(t[-1] for t in times)
-    return sum(1 for t in times for x in t if x > start), end - start, reqs
 
 
 def run(engine: Engine, prompts: list[list[int]], batch: int) -> dict:
+    params = SamplingParams(max_new_tokens=MAX_ANSWER_TOKENS, temperature=0.0)
     tokens, seconds, reqs = 0, 0.0, []
     for i in range(0, len(prompts), batch):
-        n, s, group = group_run(engine, prompts[i:i + batch])
+        n, s, group = timed_decode(engine, prompts[i:i + batch], params)
         tokens, seconds, reqs = tokens + n, seconds + s, reqs + group
     return {"decode_tok_s": tokens / seconds if seconds else 0.0, "accept_length": accept_length(reqs),
             "outputs": [r.output_ids for r in reqs], "texts": [engine.text_of(r) for r in reqs]}

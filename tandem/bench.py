@@ -63,6 +63,26 @@ def repetitive_prompts(num: int, length: int, vocab_size: int, period: int = 8, 
     return prompts
 
 
+def timed_decode(engine, prompts: list[list[int]], params) -> tuple[int, float, list]:
+    """Run `prompts` with `params` to completion: (tokens produced after every request has its first token,
+    that window in seconds, the requests). The prefill phase is left out of both."""
+    from tandem.runtime.scheduling.request import Request
+
+    times: list[list[float]] = [[] for _ in prompts]
+
+    def recorder(i):
+        def on_update(req):
+            while len(times[i]) < len(req.output_ids):
+                times[i].append(time.perf_counter())
+        return on_update
+
+    reqs = [Request(list(p), params, on_update=recorder(i), output_logprobs_wanted=False)
+            for i, p in enumerate(prompts)]
+    engine.run_requests(reqs)
+    start, end = max(t[0] for t in times), max(t[-1] for t in times)
+    return sum(1 for t in times for x in t if x > start), end - start, reqs
+
+
 def accept_length(reqs) -> float | None:
     """Mean tokens emitted per verify pass over `reqs` (None without speculative decoding)."""
     passes = sum(r.spec_verify_ct for r in reqs)
