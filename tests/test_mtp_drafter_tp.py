@@ -5,21 +5,13 @@ with logits within 1e-4 of it (TP changes the reduction order). Slow (two spawne
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import socket
-
 import pytest
 import torch
 
 from support.mtp_schedule import build, run_schedule
+from support.spawned_ranks import run_ranks
 
 KIND = "qwen3_5_moe"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def drafts_of(model_dir, layout=None) -> list[tuple[str, int, list[int], list]]:
@@ -53,18 +45,7 @@ def loopback(monkeypatch):
 def test_tp2_ranks_draft_the_same_tokens_as_one_process(ckpt):
     model_dir = ckpt(KIND, add_mtp=True)
     expected = drafts_of(model_dir)
-    context = mp.get_context("spawn")
-    results, port = context.Queue(), free_port()
-    procs = [context.Process(target=tp_rank, args=(rank, port, model_dir, results)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    try:
-        out = dict(results.get(timeout=600) for _ in procs)
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
+    out = run_ranks(tp_rank, 2, model_dir, timeout=600)
     assert [d for _, _, d, _ in out[0]] == [d for _, _, d, _ in out[1]]
     for rank in (0, 1):
         assert len(out[rank]) == len(expected)

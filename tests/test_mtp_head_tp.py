@@ -6,20 +6,13 @@ of it two spawned interpreters importing torch): run with -m slow."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import socket
-
 import pytest
 import torch
 
+from support.spawned_ranks import run_ranks
+
 CHECKPOINT = ("qwen3_5_moe", dict(add_mtp=True, multimodal=True, fused_experts=True))
 IDS = [5, 77, 301, 12, 9]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def head_logits(model_dir, layout) -> tuple[torch.Tensor, list[str]]:
@@ -80,18 +73,7 @@ def test_tp2_head_matches_one_process(ckpt):
     kind, kw = CHECKPOINT
     model_dir = ckpt(kind, **kw)
     expected, _ = head_logits(model_dir, None)
-    context = mp.get_context("spawn")
-    results, port = context.Queue(), free_port()
-    procs = [context.Process(target=tp_rank, args=(rank, port, model_dir, results)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    try:
-        out = dict(results.get(timeout=300) for _ in procs)
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
+    out = run_ranks(tp_rank, 2, model_dir, timeout=300)
     for rank in (0, 1):
         for name in ("one stage", "last of two stages"):
             logits, read = out[rank][name]
