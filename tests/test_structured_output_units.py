@@ -192,6 +192,57 @@ def test_length_bounded_strings_refuse_control_characters(tracker, tokenizer):
     assert byte(0xA0) not in allowed and byte(0x9F) in allowed
 
 
+def _valid_second_bytes(lead: int) -> set[int]:
+    """The bytes that may follow `lead` in valid UTF-8, by Python's decoder (the smallest continuation bytes
+    complete the character)."""
+    length = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4
+    return {b for b in range(256) if _decodes(bytes([lead, b] + [0x80] * (length - 2)))}
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_length_bounded_strings_allow_exactly_the_valid_utf8_sequences(tracker, tokenizer):
+    """xgrammar compiles a character class spanning UTF-8 lengths, inside a JSON schema, to byte rules that let
+    E0 80 and F0 80 (overlong forms, four U+FFFD in the text) through: after every lead byte the mask allows
+    exactly what Python's decoder takes; and random walks over the mask give strings json/jsonschema accept."""
+    import random
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 4}}, "required": ["s"],
+              "additionalProperties": False}
+    params = SamplingParams(json_schema=json.dumps(schema))
+    byte = {b: tokenizer.convert_tokens_to_ids(c) for b, c in bytes_to_unicode().items()}
+    prefix = tokenizer.encode('{"s": "')
+    for lead in range(0xC2, 0xF5):
+        req = _Req(f"lead{lead}", params, prefix + [byte[lead]])
+        allowed = _allowed(tracker, req)
+        assert {b for b in range(256) if byte[b] in allowed} == _valid_second_bytes(lead), hex(lead)
+        tracker.release(req)
+    rng, vocab_bytes = random.Random(0), {t: b for b, t in byte.items()}
+    for walk in range(40):
+        req = _Req(f"walk{walk}", params, list(prefix))
+        tracker.accept(req, prefix[-1])
+        while len(req.output_ids) < 60:
+            choices = sorted(t for t in _allowed(tracker, req) if t in vocab_bytes)
+            if not choices:  # the object is closed: only the stop token is left
+                break
+            high = [t for t in choices if vocab_bytes[t] >= 0x80]  # lean on multi-byte characters
+            token = rng.choice(high if high and rng.random() < 0.7 else choices)
+            req.output_ids.append(token)
+            if tracker.accept(req, token) is not None:
+                break
+        text = bytes(vocab_bytes[t] for t in req.output_ids).decode("utf-8")  # raises on invalid UTF-8
+        jsonschema.validate(json.loads(text), schema)
+        tracker.release(req)
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: byte -> the character that stands for it in the vocabulary."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -4,15 +4,19 @@ with minLength / maxLength (and no pattern) is compiled to a rule that accepts r
 (mlc-ai/xgrammar #286 and #636 report the same class of bug); and every string rule accepts the UTF-8
 encoding of surrogates (U+D800..U+DFFF), which is not valid UTF-8: each decodes to three U+FFFD, so the text
 breaks maxLength. Such strings get the equivalent `pattern` of 'min..max characters that need no escape and
-are not surrogates', which xgrammar compiles correctly (escape sequences are then not generated in them).
+are not surrogates' (escape sequences are then not generated in them). A third bug shapes that pattern: inside
+a JSON schema, xgrammar turns one character class whose ranges cross UTF-8 length boundaries into byte rules
+that allow overlong forms (E0 80..9F, F0 80..8F: four U+FFFD where the grammar counted one character), so
+the class is written as one alternative per encoded length, which it compiles exactly.
 Strings without a length bound keep xgrammar's rule (their text is valid JSON either way)."""
 
 from __future__ import annotations
 
 import json
 
-# any character but a control character, '"' or '\\', and no surrogate (U+D800..U+DFFF, not UTF-8)
-_SAFE_CHAR = r'[ !#-\[\]-\ud7ff\ue000-\u{10ffff}]'
+# any character but a control character, '"' or '\\', and no surrogate (U+D800..U+DFFF, not UTF-8), one
+# alternative per UTF-8 length (1, 2, 3 below and above the surrogates, 4 bytes)
+_SAFE_CHAR = r'(?:[ !#-\[\]-\x7f]|[\x80-\u07ff]|[\u0800-\ud7ff]|[\ue000-\uffff]|[\u{10000}-\u{10ffff}])'
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "contains")

@@ -3,15 +3,17 @@ parser's format: tool_choice `required` (one call or more among the tools; exact
 `parallel_tool_calls: false`) and a named function (exactly one call to it).
 
 A call is built from xgrammar pieces: literal markup, the tool's JSON schema (`Grammar.from_json_schema`,
-no free whitespace: a model cannot loop on blanks) and, for qwen3_coder's raw parameter values, a value
-rule per schema type. The grammar of one call is `Grammar.concat` / `Grammar.union` of these, printed as
-EBNF; "one or more calls" renames that grammar's root and repeats it."""
+no free whitespace: a model cannot loop on blanks; length-bounded strings rewritten as for `json_schema`)
+and, for qwen3_coder's raw parameter values, a value rule per schema type. The grammar of one call is
+`Grammar.concat` / `Grammar.union` of these, printed as EBNF; "one or more calls" renames that grammar's root
+and repeats it."""
 
 from __future__ import annotations
 
 import json
 import re
 
+from tandem.runtime.constraints.schema_fixes import fix_length_bounded_strings
 from tandem.server.tools.formats import TOOL_CALL_END, TOOL_CALL_START
 
 _CALL_RULE = "tandem_tool_call"
@@ -30,7 +32,8 @@ def _literal(text: str):
 
 
 def _json(schema: dict):
-    return _xgr().Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+    return _xgr().Grammar.from_json_schema(fix_length_bounded_strings(json.dumps(schema)), any_whitespace=False,
+                                           strict_mode=True)
 
 
 def _empty():
