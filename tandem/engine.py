@@ -160,8 +160,6 @@ class Engine:
         when it is built, by `PromptBuilder`, and when it is queued, by the scheduler)."""
         for req in reqs:
             req.params.validate_vocab(self.model_config.vocab_size)
-            if self.scheduler.speculation is not None:
-                self.scheduler.speculation.check(req)
 
     def _run_to_completion(self, reqs: list[Request]) -> None:
         if self._loop_thread is not None:

@@ -15,6 +15,8 @@ measured up to 6e-5 apart (Qwen3.5 at pp2); a wrong page, state or position move
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -216,13 +218,6 @@ def test_sampled_speculation_runs_n_completions_reproducibly(ckpt):
         assert all(lp <= 0 for lp, _ in r["meta_info"]["output_token_logprobs"])
 
 
-def test_combinations_speculation_does_not_implement_are_refused(ckpt):
-    with Engine(ckpt("llama", with_tokenizer=True), dtype="float32", progress=False, **SPEC) as engine:
-        with pytest.raises(ConfigError, match="structured output \\(regex\\).*speculative decoding"):
-            engine.generate(input_ids=[[5, 6, 7]], sampling_params={**GREEDY, "regex": "[ab]+"})
-        assert not engine.scheduler.has_work  # nothing of the refused requests was queued
-
-
 @pytest.mark.parametrize("settings,message", [
     ({**SPEC, "speculative_eagle_topk": 2}, "tree drafts are not supported"),
     ({**SPEC, "speculative_num_draft_tokens": 3}, "must be speculative_num_steps \\+ 1"),
@@ -247,9 +242,9 @@ def test_defaults_follow_sglang_chain():
     assert (spec.algorithm, spec.num_steps, spec.ngram_min, spec.ngram_max) == ("NGRAM", 5, 1, 12)
 
 
-def test_server_reports_acceptance_and_refuses_with_400(ckpt):
+def test_server_reports_acceptance_and_serves_structured_output(ckpt):
     """/generate's meta_info carries SGLang's spec_* fields, /metrics the acceptance counters (Tandem's and
-    sglang:spec_accept_*), and a refused combination is a 400 naming it."""
+    sglang:spec_accept_*), and a regex request is served with speculation (its drafts cut to the grammar)."""
     from fastapi.testclient import TestClient
 
     from tandem.server import create_app
@@ -270,8 +265,11 @@ def test_server_reports_acceptance_and_refuses_with_400(ckpt):
         text = http.get("/metrics").text
         assert "tandem_spec_accepted_drafts_total 17.0" in text and "tandem_spec_verify_passes_total 6.0" in text
         assert f'sglang:spec_accept_length{{model_name="{model_dir.name}"}} {(17 + 6) / 6}' in text
-        resp = http.post("/generate", json={"input_ids": [5, 6], "sampling_params": {**GREEDY, "regex": "[ab]+"}})
-        assert resp.status_code == 400 and "speculative decoding" in resp.text
+        resp = http.post("/generate", json={"input_ids": [5, 6], "sampling_params": {
+            "temperature": 0, "max_new_tokens": 8, "regex": "[ab]{1,5}"}})
+        assert resp.status_code == 200, resp.text
+        assert re.fullmatch("[ab]{1,5}", resp.json()["text"]), resp.json()
+        assert resp.json()["meta_info"]["finish_reason"]["type"] == "stop"
 
 
 @pytest.mark.parametrize("algorithm", [SPEC, pytest.param(NEXTN, marks=pytest.mark.slow)], ids=["NGRAM", "NEXTN"])

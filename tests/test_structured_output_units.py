@@ -159,6 +159,71 @@ def test_constraint_applies_after_the_token_only(tracker, tokenizer):
     assert tracker.masks([req], [False]) is None  # a row that samples nothing gets no mask
 
 
+def _fresh_masks(tracker, params, output: list[int], drafts: list[int]) -> list[set[int]]:
+    """The masks at each position of a verify span, by fresh requests that took output + drafts[:k]."""
+    masks = []
+    for k in range(len(drafts) + 1):
+        req = _Req(f"fresh{k}", params, output + drafts[:k])
+        masks.append(_allowed(tracker, req))
+        tracker.release(req)
+    return masks
+
+
+def test_verify_span_drafts_are_cut_to_the_grammar_and_masked_per_position(tracker, tokenizer):
+    params = SamplingParams(regex="(yes|no)-[0-9]{2}")
+    req = _Req("spec", params, tokenizer.encode("ye"))
+    ok, wrong = tokenizer.encode("s-4"), tokenizer.encode("x")
+    assert tracker.admissible_drafts(req, ok + wrong + ok) == ok  # cut at the first refused draft
+    assert tracker.admissible_drafts(req, wrong + ok) == []
+    rows, data = tracker.masks([req], [True], [ok])
+    allowed = unpack_bitmask(data, 1 + len(ok), 320, torch.device("cpu"))
+    got = [set(torch.nonzero(row).flatten().tolist()) for row in allowed]
+    assert rows == [0] and got == _fresh_masks(tracker, params, req.output_ids, ok)
+    assert _allowed(tracker, req) == got[0]  # the walk was rolled back: the matcher holds the output only
+    # a draft that ends the grammar (its stop token) is left to the target: the mask before it allows it
+    full = tokenizer.encode("s-42")
+    assert tracker.admissible_drafts(req, full + [2, 7]) == full
+    assert 2 in _fresh_masks(tracker, params, req.output_ids, full)[-1]
+
+
+def test_drafts_before_the_reasoning_end_stop_at_it_and_get_no_mask(tracker, tokenizer):
+    think_end = 1
+    req = _Req("think", SamplingParams(regex="[0-9]+", constraint_after_token_id=think_end), tokenizer.encode("ab"))
+    letters = tokenizer.encode("cd")
+    assert tracker.admissible_drafts(req, letters + [think_end] + tokenizer.encode("12")) == letters
+    assert tracker.masks([req], [True], [letters]) is None
+
+
+def test_step_masks_split_verify_spans_from_sampled_rows():
+    from tandem.runtime.sampling.token_mask import step_token_masks
+
+    rows = [{1}, {2, 3}, {4}, {5}]  # span 2 (plain), then span 0's three positions
+    masks = step_token_masks([2, 0], pack([rows[0], *rows[1:]]), sampled=[1, 2], vocab_size=V,
+                             device=torch.device("cpu"), num_drafts=lambda span: 2 if span == 0 else 0)
+    assert masks.sampled.rows == [1]
+    assert set(torch.nonzero(masks.sampled.allowed[0]).flatten().tolist()) == {1}
+    assert [set(torch.nonzero(r).flatten().tolist()) for r in masks.spans[0]] == rows[1:]
+
+
+def test_verify_spans_judge_the_masked_distribution():
+    """A greedy span's target at each position is the argmax of the allowed tokens: drafts equal to the
+    masked argmax are accepted, and the bonus token is the masked argmax of the last position."""
+    from tandem.runtime.sampling.verify_step import judge_spans
+
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(3))
+    allowed = torch.zeros(3, V, dtype=torch.bool)
+    allowed[:, 10:20] = True
+    best = [10 + int(logits[r, 10:20].argmax()) for r in range(3)]
+    verdict, = judge_spans(logits, [best[:2]], [SamplingParams(temperature=0)], [0], [True],
+                           lambda device: torch.Generator(), masks=[allowed])
+    assert verdict.tokens == best
+    raw = torch.log_softmax(logits, dim=-1)
+    assert verdict.logprobs == pytest.approx([float(raw[r, t]) for r, t in enumerate(best)])
+    unmasked, = judge_spans(logits, [best[:2]], [SamplingParams(temperature=0)], [0], [True],
+                            lambda device: torch.Generator())
+    assert unmasked.tokens == [int(logits[0].argmax())] != best[:1]
+
+
 def test_bad_grammars_raise_config_errors_with_the_compilers_message(tracker):
     for params, pattern in [(SamplingParams(regex="(ab"), "regex does not compile: .*parenthesis"),
                             (SamplingParams(json_schema='{"type": 5}'), "json_schema does not compile"),

@@ -56,7 +56,8 @@ class StepInput(msgspec.Struct):
     histories: list[list[int] | None] | None = None
     # structured output, decided by the driver alone: the spans whose sampled token a grammar constrains, and
     # their packed allowed-token bitmasks, int32 [len(bitmask_rows), ceil(V / 32)] as little-endian bytes (bit j
-    # of word w allows token 32 w + j); the last stage applies them after penalties and logit_bias
+    # of word w allows token 32 w + j; a verify span has 1 + its drafts rows, one per position, in order); the
+    # last stage applies them after penalties and logit_bias
     bitmask_rows: list[int] | None = None
     token_bitmask: bytes | None = None
     # speculative decoding. Per span: its draft tokens (a verify span holds the request's last token and then

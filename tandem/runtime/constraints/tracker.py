@@ -7,7 +7,13 @@ token. With `constraint_after_token_id`, the grammar applies only to the tokens 
 that token in the output (the answer after a reasoning block): until then the row gets no mask.
 
 Masks are filled only for the constrained rows of a step (xgrammar fills a row's bitmask in C++, no Python
-loop over the vocabulary) and packed as bytes for `StepInput.token_bitmask`."""
+loop over the vocabulary) and packed as bytes for `StepInput.token_bitmask`.
+
+Speculative decoding: a request's drafts are cut to the longest prefix the grammar allows
+(`admissible_drafts`: each draft accepted in turn, none that ends the grammar, none from the reasoning-end
+token on while the grammar waits for it), and its verify span gets one mask per position, the matcher's
+state after the drafts before it; the matcher is rolled back after each walk, so it only ever holds the
+request's accepted output."""
 
 from __future__ import annotations
 
@@ -59,16 +65,47 @@ class ConstraintTracker:
         future.result()  # raises the ConfigError of a grammar that did not compile
         return True
 
-    def masks(self, reqs: list, sample: list[bool]) -> tuple[list[int], bytes] | None:
+    def admissible_drafts(self, req, drafts: list[int]) -> list[int]:
+        if req.params.constraint is None or not drafts:
+            return drafts
+        state = self._state(req)
+        if state.active_from is None:
+            after = req.params.constraint_after_token_id
+            return drafts[:drafts.index(after)] if after in drafts else drafts
+        matcher, accepted = state.matcher, 0
+        if state.failed or matcher.is_terminated():
+            return []
+        for token in drafts:
+            if not matcher.accept_token(token):
+                break
+            accepted += 1
+            if matcher.is_terminated():
+                break
+        kept = accepted - 1 if matcher.is_terminated() else accepted
+        matcher.rollback(accepted)
+        return drafts[:kept]
+
+    def masks(self, reqs: list, sample: list[bool], drafts: list[list[int]] | None = None) -> tuple[list[int], bytes] | None:
+        drafts = drafts or [[] for _ in reqs]
         rows = [i for i, (req, s) in enumerate(zip(reqs, sample))
                 if s and req.params.constraint is not None and self._state(req).active_from is not None]
         if not rows:
             return None
         import xgrammar as xgr
 
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.grammars.vocab_size)  # int32 [rows, ceil(V / 32)]
-        for j, i in enumerate(rows):
-            self._states[reqs[i].rid].matcher.fill_next_token_bitmask(bitmask, j)
+        sizes = [1 + len(drafts[i]) for i in rows]
+        bitmask = xgr.allocate_token_bitmask(sum(sizes), self.grammars.vocab_size)  # int32 [rows, ceil(V / 32)]
+        row = 0
+        for i in rows:
+            matcher = self._states[reqs[i].rid].matcher
+            matcher.fill_next_token_bitmask(bitmask, row)
+            for token in drafts[i]:  # admissible: each is accepted, and none ends the grammar
+                if not matcher.accept_token(token):
+                    raise ValueError(f"draft {token} of request {reqs[i].rid!r} is refused by its grammar")
+                row += 1
+                matcher.fill_next_token_bitmask(bitmask, row)
+            matcher.rollback(len(drafts[i]))
+            row += 1
         return rows, bitmask.numpy().tobytes()
 
     def accept(self, req, token: int) -> dict | None:

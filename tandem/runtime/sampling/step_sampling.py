@@ -1,6 +1,6 @@
 """What the last stage does with a step's final hidden states: one `compute_logits` over the rows that end a
 request's tokens and the prompt rows that want logprobs (one vocabulary all-gather across TP ranks), the
-sampler over the former (with the step's structured-output token mask), prompt logprobs over the latter,
+sampler over the former (with the step's structured-output token masks), prompt logprobs over the latter,
 gathered into the step's `StepOutput`; verify spans (speculative decoding) have logits at every one of
 their positions, judged by `verify_step.judge_spans`. Shared by `ModelRunner` and the `auto-latency` probe,
 which times exactly this path."""
@@ -14,7 +14,7 @@ import torch
 from tandem.layers.forward_batch import ForwardBatch
 from tandem.runtime.sampling.logprobs import grouped_token_logprobs
 from tandem.runtime.sampling.sampler import Sampler
-from tandem.runtime.sampling.token_mask import step_token_mask
+from tandem.runtime.sampling.token_mask import step_token_masks
 from tandem.runtime.sampling.verify_step import judge_spans
 from tandem.runtime.step import StepInput, StepOutput
 
@@ -39,11 +39,12 @@ def sample_step(compute_logits: Callable[[torch.Tensor], torch.Tensor], sampler:
     logprobs: list = [None] * num_spans
     tops: list = [None] * num_spans
     errors: list = [None] * num_spans
+    masks = step_token_masks(step.bitmask_rows, step.token_bitmask, sampled, logits.shape[-1], logits.device,
+                             step.num_drafts) if step.bitmask_rows else None
     if sampled:
-        mask = step_token_mask(step.bitmask_rows, step.token_bitmask, sampled, logits.shape[-1], logits.device)
         result = sampler.sample(logits[:len(sampled)], [params[step.keys[i]] for i in sampled],
                                 [step.keys[i] for i in sampled], [top_nums[i] for i in sampled],
-                                [want_logprobs[i] for i in sampled], token_mask=mask)
+                                [want_logprobs[i] for i in sampled], token_mask=masks.sampled if masks else None)
         for j, i in enumerate(sampled):
             tokens[i], logprobs[i] = result.tokens[j], result.logprobs[j]
             tops[i], errors[i] = result.top_logprobs[j], result.errors[j]
@@ -69,7 +70,8 @@ def sample_step(compute_logits: Callable[[torch.Tensor], torch.Tensor], sampler:
                                [params[step.keys[i]] for i in verify],
                                [step.spans[i].prefix_len + 1 - prompt_lens[i] for i in verify],
                                [want_logprobs[i] for i in verify], sampler.generator, step.spec_seed,
-                               [top_nums[i] for i in verify], [sampler.histories[step.keys[i]] for i in verify])
+                               [top_nums[i] for i in verify], [sampler.histories[step.keys[i]] for i in verify],
+                               [masks.spans.get(i) for i in verify] if masks else None)
         for i, verdict in zip(verify, verdicts):
             spec_tokens[i], spec_logprobs[i], errors[i] = verdict.tokens, verdict.logprobs, verdict.error
             spec_tops[i] = verdict.top_logprobs

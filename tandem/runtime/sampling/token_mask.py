@@ -1,11 +1,13 @@
 """Structured output on the last stage: the driver's packed allowed-token bitmasks (`StepInput.token_bitmask`)
 unpacked for the rows they constrain and applied to the adjusted logits, after penalties and logit_bias and
 before temperature, top-k, top-p and min-p (so greedy picks the most likely allowed token). Disallowed tokens
-get -inf; the rows without a mask are not touched."""
+get -inf; the rows without a mask are not touched. A verify span (speculative decoding) in `bitmask_rows` has one
+bitmask row per position (1 + its drafts, each the grammar's state after the drafts before it), in order."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,18 +30,39 @@ def unpack_bitmask(data: bytes, num_rows: int, vocab_size: int, device: torch.de
     return torch.from_numpy(bits[:, :vocab_size]).to(device=device, dtype=torch.bool)
 
 
-def step_token_mask(bitmask_rows: list[int] | None, data: bytes | None, sampled: list[int], vocab_size: int,
-                    device: torch.device) -> TokenMask | None:
-    """The step's mask over its sampled rows: `bitmask_rows` are span indices, `sampled` the spans that sample,
-    in the order of the sampled logits."""
+@dataclass
+class StepMasks:
+    sampled: TokenMask | None = None  # over the plain sampled rows
+    spans: dict[int, torch.Tensor] = field(default_factory=dict)  # verify span -> bool [1 + drafts, vocab]
+
+
+def step_token_masks(bitmask_rows: list[int] | None, data: bytes | None, sampled: list[int], vocab_size: int,
+                     device: torch.device, num_drafts: Callable[[int], int] = lambda span: 0) -> StepMasks:
+    """The step's masks: `bitmask_rows` are span indices, `sampled` the plain spans that sample, in the order
+    of the sampled logits; a span with drafts (`num_drafts(span)` > 0) takes 1 + that many bitmask rows."""
     if not bitmask_rows:
-        return None
+        return StepMasks()
     position = {span: row for row, span in enumerate(sampled)}
-    missing = [span for span in bitmask_rows if span not in position]
+    sizes = [1 + num_drafts(span) for span in bitmask_rows]
+    missing = [span for span, size in zip(bitmask_rows, sizes) if size == 1 and span not in position]
     if missing:
         raise ValueError(f"token bitmask for span(s) {missing} that sample no token")
-    allowed = unpack_bitmask(data or b"", len(bitmask_rows), vocab_size, device)
-    return TokenMask([position[span] for span in bitmask_rows], allowed)
+    allowed = unpack_bitmask(data or b"", sum(sizes), vocab_size, device)
+    plain, plain_rows, spans, start = [], [], {}, 0
+    for span, size in zip(bitmask_rows, sizes):
+        if size == 1:
+            plain.append(position[span])
+            plain_rows.append(start)
+        else:
+            spans[span] = allowed[start:start + size]
+        start += size
+    return StepMasks(TokenMask(plain, allowed[plain_rows]) if plain else None, spans)
+
+
+def step_token_mask(bitmask_rows: list[int] | None, data: bytes | None, sampled: list[int], vocab_size: int,
+                    device: torch.device) -> TokenMask | None:
+    """The mask over the sampled rows of a step without verify spans."""
+    return step_token_masks(bitmask_rows, data, sampled, vocab_size, device).sampled
 
 
 def apply_token_mask(adjusted: torch.Tensor, raw: torch.Tensor, mask: TokenMask) -> torch.Tensor:

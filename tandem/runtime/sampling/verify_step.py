@@ -3,10 +3,10 @@
 by the acceptance rule of `speculative.py`, and their logprobs.
 
 The target distribution at each position is the one the plain sampler would use there: the raw logits,
-penalties (from the request's history up to that position: `apply_verify_penalties`) and logit_bias, then
-(sampling) temperature, top-k, min-p and top-p. Structured-output masks would change with every position's
-grammar state and are refused with speculation before a request is queued
-(`tandem.runtime.scheduling.speculation`), so they never reach here. A greedy span accepts drafts
+penalties (from the request's history up to that position: `apply_verify_penalties`), logit_bias and the
+structured-output mask of that position (the grammar's state after the drafts before it, filled by the
+driver, which sends only drafts the grammar allows), then (sampling) temperature, top-k, min-p and top-p.
+A greedy span accepts drafts
 while each equals the argmax (`row_argmax`, as the plain sampler breaks ties); a sampled span runs
 `accept_sampled` with point-mass drafts (NGRAM lookups and an argmax-drafting MTP head are deterministic).
 A seeded span draws from a generator seeded with `draw_seed(seed, n)`, n the tokens generated before the
@@ -46,8 +46,8 @@ class Verdict:
 def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Sequence[SamplingParams],
                 num_generated: Sequence[int], want_logprobs: Sequence[bool],
                 generator: Callable[[torch.device], torch.Generator], step_seed: int | None = None,
-                top_nums: Sequence[int] | None = None,
-                histories: Sequence[TokenHistory] | None = None) -> list[Verdict]:
+                top_nums: Sequence[int] | None = None, histories: Sequence[TokenHistory] | None = None,
+                masks: Sequence[torch.Tensor | None] | None = None) -> list[Verdict]:
     """logits [sum(1 + k_i), V]: span i's rows in order, then span i + 1's. `num_generated[i]`: tokens span
     i's request generated before the first token this span emits (its seeded draw's index). `generator(device)`
     gives the generator sampled spans reseed; `step_seed` seeds the unseeded ones (default: 0). `top_nums[i]`:
@@ -57,7 +57,7 @@ def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Seque
     sizes = [len(d) + 1 for d in drafts]
     top_nums = top_nums or [0] * len(drafts)
     raw_ok = logits.amax(dim=-1).isfinite()
-    adjusted, bias_errors = _adjust(logits, drafts, params, histories)
+    adjusted, bias_errors = _adjust(logits, drafts, params, histories, masks)
     adjusted_ok = adjusted.amax(dim=-1).isfinite() if adjusted is not logits else raw_ok
     verdicts, start = [], 0
     for i, (span_drafts, p, n) in enumerate(zip(drafts, params, sizes)):
@@ -83,19 +83,29 @@ def judge_spans(logits: torch.Tensor, drafts: Sequence[list[int]], params: Seque
 
 
 def _adjust(logits: torch.Tensor, drafts: Sequence[list[int]], params: Sequence[SamplingParams],
-            histories: Sequence[TokenHistory] | None) -> tuple[torch.Tensor, list[str | None]]:
-    """The verify rows' logits after penalties and logit_bias (`logits` itself when neither applies), and
-    each row's logit_bias error."""
+            histories: Sequence[TokenHistory] | None,
+            masks: Sequence[torch.Tensor | None] | None) -> tuple[torch.Tensor, list[str | None]]:
+    """The verify rows' logits after penalties, logit_bias and the grammar masks (`logits` itself when none
+    applies), and each row's logit_bias error."""
     row_params = [p for p, d in zip(params, drafts) for _ in range(len(d) + 1)]
     penalized = any(p.uses_penalties for p in params)
-    if not (penalized or any(p.logit_bias for p in params)):
+    masked = masks is not None and any(m is not None for m in masks)
+    if not (penalized or masked or any(p.logit_bias for p in params)):
         return logits, [None] * len(row_params)
     adjusted = logits.clone()
     if penalized:
         if histories is None:
             raise ValueError("verify spans with penalties need their requests' token histories")
         apply_verify_penalties(adjusted, histories, params, drafts)
-    return adjusted, apply_logit_bias(adjusted, row_params)
+    errors = apply_logit_bias(adjusted, row_params)
+    if masked:
+        start = 0
+        for span_drafts, mask in zip(drafts, masks):
+            rows = slice(start, start + len(span_drafts) + 1)
+            start = rows.stop
+            if mask is not None:
+                adjusted[rows] = adjusted[rows].masked_fill(~mask, float("-inf"))
+    return adjusted, errors
 
 
 def _judge(adjusted: torch.Tensor, drafts: list[int], p: SamplingParams, seed: int,

@@ -16,10 +16,15 @@ class ConstraintHooks(Protocol):
         """Whether req may be admitted: it has no constraint, or its grammar is compiled. Starts the compile
         when it is not. ConfigError when the grammar does not compile."""
 
-    def masks(self, reqs: list, sample: list[bool]) -> tuple[list[int], bytes] | None:
-        """For a step over `reqs` (sample[i]: row i samples a token): the indices of the rows whose next token
-        the grammar constrains, and their packed bitmasks (int32 [rows, ceil(V / 32)], little-endian; bit j of
-        word w allows token 32 w + j); None when no row is constrained."""
+    def admissible_drafts(self, req, drafts: list[int]) -> list[int]:
+        """The longest prefix of `drafts` (speculative decoding) that req's grammar can verify: each draft
+        allowed after the ones before it, and none ending the grammar."""
+
+    def masks(self, reqs: list, sample: list[bool], drafts: list[list[int]] | None = None) -> tuple[list[int], bytes] | None:
+        """For a step over `reqs` (sample[i]: row i samples a token; drafts[i]: its verify span's admissible
+        drafts): the indices of the rows whose tokens the grammar constrains, and their packed bitmasks
+        (int32 [sum of 1 + len(drafts[i]) over those rows, ceil(V / 32)], little-endian; bit j of word w allows
+        token 32 w + j; a verify span's rows are its positions in order); None when no row is constrained."""
 
     def accept(self, req, token: int) -> dict | None:
         """Advance req's matcher with its new output token (already appended to req.output_ids); a finish

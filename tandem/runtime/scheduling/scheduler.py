@@ -85,7 +85,6 @@ class Scheduler:
         if req.params.constraint is not None and self.constraints is None:
             raise ConfigError(f"{req.params.constraint[0]}: structured output is not available in this scheduler")
         if self.speculation is not None:
-            self.speculation.check(req)
             req.speculative = True
         if req.params.max_new_tokens == 0 and not req.input_logprobs_wanted:
             req.finish_reason = {"type": "length", "length": 0}

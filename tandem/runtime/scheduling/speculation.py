@@ -1,7 +1,7 @@
 """`Speculation`: the driver's side of speculative decoding (pure Python). It decides each decoding request's
 drafts (NGRAM: looked up in the request's accepted tokens with its `NgramIndex`; NEXTN: the drafts the last
-stage returned with the request's previous result), refuses what speculation cannot keep exact, and queues
-what the ranks must apply before the request's slot or page table is read again:
+stage returned with the request's previous result), and queues what the ranks must apply before the
+request's slot or page table is read again:
 
 - `spec_commits` (state slot, j): the slot's linear-attention state moves on by its verify span's first
   j + 1 tokens on every stage; `spec_discards`: the span of a request that ended meanwhile is forgotten;
@@ -12,9 +12,9 @@ is in at most one step in flight, so they arrive before anything else touches th
 number of micro-batches in flight. A restart of the ranks forgets them (`reset`): the fresh ranks have no
 pending spans, and requests are prefilled again from their accepted tokens only.
 
-Refused with speculation (a ConfigError naming the combination): structured output (json_schema / regex /
-ebnf). Penalties and top-N logprobs follow each verified position's own history on the last stage
-(`tandem.runtime.sampling.verify_step`)."""
+Penalties and top-N logprobs follow each verified position's own history on the last stage
+(`tandem.runtime.sampling.verify_step`); structured output cuts the drafts to what the grammar allows and
+masks every verified position (`ConstraintHooks.admissible_drafts`, `masks`)."""
 
 from __future__ import annotations
 
@@ -53,14 +53,6 @@ class Speculation:
         # NEXTN: the MTP head's chain writes its KV at positions up to num_steps - 1 past the last final one,
         # in the request's own pages: a step that samples needs pages for that many more tokens
         self.chain_tokens = num_steps - 1 if algorithm == "NEXTN" else 0
-
-    @staticmethod
-    def check(req: Request) -> None:
-        """ConfigError when `req` asks for what speculative decoding does not implement."""
-        p = req.params
-        if p.constraint is not None:
-            raise ConfigError(f"structured output ({p.constraint[0]}) is not supported together with "
-                              f"speculative decoding (--speculative-algorithm)")
 
     def drafts_for(self, req: Request, max_drafts: int) -> list[int]:
         """Up to `max_drafts` drafts for req's next verify span ([]: a plain decode step)."""

@@ -77,6 +77,8 @@ class StepPlanner:
         if aligned is not None:
             room = min(room, aligned)
         drafts = self.speculation.drafts_for(req, min(self.speculation.num_steps, room, budget - 1))
+        if drafts and self.constraints is not None and req.params.constraint is not None:
+            drafts = self.constraints.admissible_drafts(req, drafts)
         handle, page = req.cache, self.cache.page_size
         short = self.cache.pages_for(req.num_cached + 1 + len(drafts) + chain) - len(handle.pages)
         if short > 0 and not self.cache.extend(handle, short):
@@ -115,7 +117,7 @@ class StepPlanner:
         drafts = [d for _, _, d in chosen]
         sample = [s.prefix_len + s.num_tokens - len(d) == r.num_tokens and r.params.max_new_tokens > 0
                   for r, s, d in zip(reqs, spans, drafts)]
-        masks = self.constraints.masks(reqs, sample) if self.constraints is not None else None
+        masks = self.constraints.masks(reqs, sample, drafts) if self.constraints is not None else None
         pending = self.speculation.take() if self.speculation is not None else None
         return StepInput(
             spans, ids, sample,
