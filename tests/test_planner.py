@@ -416,6 +416,50 @@ def test_plan_equals_stage_report_tp2(small):
     check_against_plan(small["qwen3_5_moe"], 1, 2, "auto", "float32")
 
 
+@pytest.mark.parametrize("pp", [1, 2])
+def test_plan_equals_stage_report_with_the_mtp_head(tmp_path_factory, pp):
+    """NEXTN: the last stage holds the MTP head's weights (and, past the first stage, its own embedding) and
+    keeps its layers' KV in its pool; the engine's reports, the planner and the hand figures agree, and differ
+    from the plan without speculation on the last stage only."""
+    from support.checkpoints import build_checkpoint
+
+    path = build_checkpoint("qwen3_5", tmp_path_factory.mktemp("mtp_plan"), num_layers=4, add_mtp=True)
+    spec = {"speculative_algorithm": "NEXTN", "speculative_num_steps": 2}
+    partition, reports = run_engine(path, pp_size=pp, dtype="float32", **spec)
+    assert partition == hand_partition(path, pp, 1, None, "float32")
+    config = ModelConfig.from_hf(path)
+    sizes = dict(max_total_tokens=ENGINE_KW["max_total_tokens"], max_running_requests=ENGINE_KW["max_running_requests"])
+    args = EngineArgs(model_path=str(path), pp_size=pp, dtype="float32", **sizes, **spec)
+    stages = plan(costs_for(config, args), partition, settings_for(config, args))
+    plain_args = EngineArgs(model_path=str(path), pp_size=pp, dtype="float32", **sizes)
+    plain = plan(costs_for(config, plain_args), partition, settings_for(config, plain_args))
+    bounds = list(itertools.accumulate(partition, initial=0))
+    for report in reports:
+        k = report["pp_rank"]
+        hand = rank_figures(path, bounds[k], bounds[k + 1], k, pp, 1, "float32", ENGINE_KW["max_total_tokens"],
+                            ENGINE_KW["max_running_requests"], mtp=True)
+        for key, value in hand.items():
+            assert report[key] == value, (key, k)
+            assert getattr(stages[k], key) == value, ("plan", key, k)
+    for k in range(pp):
+        grew = stages[k].weight_bytes > plain[k].weight_bytes and stages[k].kv_bytes_per_token > plain[k].kv_bytes_per_token
+        assert grew == (k == pp - 1)
+
+
+def test_cli_plans_the_mtp_head_of_a_published_config(capsys):
+    path = str(CONFIGS / "Qwen3.5-27B")
+    figures = []
+    for extra in ([], ["--speculative-algorithm", "MTP"]):
+        assert cli_main(["plan", path, "--pp-size", "2", "--json", *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        figures.append([(s["weight_bytes"], s["kv_bytes_per_token"]) for s in out["plans"][0]["stages"]])
+    assert out["speculative_algorithm"] == "NEXTN"
+    (first, last), (mtp_first, mtp_last) = figures
+    assert mtp_first == first and mtp_last[0] > last[0] and mtp_last[1] > last[1]
+    assert cli_main(["plan", str(CONFIGS / "Qwen3-30B-A3B"), "--speculative-algorithm", "NEXTN"]) == 2
+    assert "multi-token-prediction head" in capsys.readouterr().err
+
+
 def test_engine_runs_the_auto_capacity_split(small):
     """`--pp-layer-partition auto-capacity` in a real engine: the driver sizes the stages in this machine's
     memory and picks the split. Both full-attention layers of this checkpoint are at the front and its weights

@@ -69,6 +69,10 @@ def add_parser(sub) -> None:
                              "model's limit).")
     parser.add_argument("--disable-radix-cache", action="store_true",
                         help="As the engine's flag (hybrid models then keep no state snapshot slots).")
+    parser.add_argument("--speculative-algorithm", default=None,
+                        help="As the engine's flag: NEXTN / MTP puts the checkpoint's MTP head (its weights and "
+                             "its layers' KV) on the last stage; NGRAM adds nothing.")
+    parser.add_argument("--speculative-num-steps", type=int, default=None, help="As the engine's flag.")
     parser.add_argument("--activation-reserve", default=None,
                         help="Activation reserve per device, e.g. 2GB, instead of the estimate (the engine "
                              "measures its own: stage_report()[rank]['activation_reserve_bytes']).")
@@ -106,6 +110,7 @@ def build_plan(args) -> dict:
         "page_size": args.page_size, "given_max_total_tokens": args.max_total_tokens,
         "given_max_running_requests": args.max_running_requests,
         "radix_cache": not args.disable_radix_cache,
+        "speculative_algorithm": config.speculative.algorithm if config.speculative else None,
         "context_length": config.context_length,
         "quantization": model_config.quantization.describe() if model_config.quantization else None,
         "torchao_config": args.torchao_config or None,
@@ -119,7 +124,7 @@ def build_plan(args) -> dict:
 def _engine_config(args):
     """The engine settings the plan is for (the CUDA memory fraction unless given), resolved against the model."""
     from tandem.config import DEFAULT_MEM_FRACTION, EngineArgs, EngineConfig
-    from tandem.models.registry import load_model_config
+    from tandem.models.registry import has_mtp_head, load_model_config
 
     model_config = load_model_config(args.model)
     dtype_name = args.dtype
@@ -132,8 +137,14 @@ def _engine_config(args):
                              max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
                              mem_fraction_static=args.mem_fraction_static or DEFAULT_MEM_FRACTION["cuda"],
                              page_size=args.page_size, chunked_prefill_size=args.chunked_prefill_size,
-                             disable_radix_cache=args.disable_radix_cache, torchao_config=args.torchao_config)
-    return EngineConfig.resolve(engine_args, model_config)
+                             disable_radix_cache=args.disable_radix_cache, torchao_config=args.torchao_config,
+                             speculative_algorithm=args.speculative_algorithm,
+                             speculative_num_steps=args.speculative_num_steps)
+    config = EngineConfig.resolve(engine_args, model_config)
+    if config.speculative is not None and config.speculative.algorithm == "NEXTN" and not has_mtp_head(model_config):
+        raise ConfigError(f"--speculative-algorithm {args.speculative_algorithm} needs a model with a "
+                          f"multi-token-prediction head (mtp_num_hidden_layers > 0 in a Qwen3.5 family)")
+    return config
 
 
 def _plan_partition(spec, pp_size: int, costs, settings, memory: int) -> dict:

@@ -42,23 +42,33 @@ def owned(name: str, start: int, end: int, first: bool, last: bool, tied: bool) 
     raise AssertionError(f"unclassified tensor {name}")
 
 
-def weight_bytes(model_dir: Path, start: int, end: int, first: bool, last: bool, tp: int, elem: int) -> int:
+def weight_bytes(model_dir: Path, start: int, end: int, first: bool, last: bool, tp: int, elem: int,
+                 mtp: bool = False) -> int:
+    """With `mtp` (NEXTN) the last stage also holds the `mtp.*` tensors (`mtp.fc` whole on every TP rank) and,
+    when it is not the first stage and the embeddings are not tied, its own copy of the embedding."""
     text, raw = text_config(model_dir)
     tied = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     total = 0
     for name, (shape, _) in checkpoint_tensor_names(model_dir).items():
-        if name.startswith(("mtp.", "model.visual.")) or not owned(name, start, end, first, last, tied):
+        if name.startswith("mtp."):
+            held = mtp and last
+        elif mtp and last and not first and not tied and "embed_tokens" in name and "visual" not in name:
+            held = True  # the MTP head's embedding (the first stage has the model's)
+        else:
+            held = not name.startswith("model.visual.") and owned(name, start, end, first, last, tied)
+        if not held:
             continue
         count = math.prod(shape)
-        if not REPLICATED.search(name):
+        if not (REPLICATED.search(name) or name == "mtp.fc.weight"):
             assert count % tp == 0, name
             count //= tp
         total += count * elem
     return total
 
 
-def kv_bytes_per_token(text: dict, start: int, end: int, tp: int, elem: int) -> int:
-    full = layer_types(text)[start:end].count("full_attention")
+def kv_bytes_per_token(text: dict, start: int, end: int, tp: int, elem: int, mtp_layers: int = 0) -> int:
+    """`mtp_layers`: the MTP head's layers on this stage (full attention, their KV in the stage's pool)."""
+    full = layer_types(text)[start:end].count("full_attention") + mtp_layers
     heads = max(1, text["num_key_value_heads"] // tp)  # fewer KV heads than ranks: replicated
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     return full * 2 * heads * head_dim * elem
@@ -76,17 +86,19 @@ def state_bytes_per_slot(text: dict, start: int, end: int, tp: int, elem: int) -
 
 
 def rank_figures(model_dir: Path, start: int, end: int, pp_rank: int, pp: int, tp: int, dtype: str,
-                 tokens: int, requests: int, radix_cache: bool = True) -> dict:
+                 tokens: int, requests: int, radix_cache: bool = True, mtp: bool = False) -> dict:
     """The stage_report() figures of a rank of the stage [start, end) with `tokens` KV tokens given and
-    `requests` running requests (hybrid models with the radix cache: a snapshot slot per request)."""
+    `requests` running requests (hybrid models with the radix cache: a snapshot slot per request); `mtp`:
+    NEXTN speculative decoding (the MTP head on the last stage)."""
     text, _ = text_config(model_dir)
     elem = DTYPE_BYTES[dtype]
     hybrid = "linear_attention" in layer_types(text)
     slots = requests * (2 if hybrid and radix_cache else 1)
-    per_token = kv_bytes_per_token(text, start, end, tp, elem)
+    last = pp_rank == pp - 1
+    per_token = kv_bytes_per_token(text, start, end, tp, elem, text.get("mtp_num_hidden_layers", 0) if mtp and last else 0)
     per_slot = state_bytes_per_slot(text, start, end, tp, elem)
     return {"layer_start": start, "layer_end": end,
-            "weight_bytes": weight_bytes(model_dir, start, end, pp_rank == 0, pp_rank == pp - 1, tp, elem),
+            "weight_bytes": weight_bytes(model_dir, start, end, pp_rank == 0, last, tp, elem, mtp),
             "kv_bytes_per_token": per_token, "kv_cache_bytes": tokens * per_token,
             "state_bytes_per_slot": per_slot, "state_slots": slots, "state_cache_bytes": slots * per_slot,
             "max_total_tokens": tokens, "stage_max_total_tokens": tokens, "max_running_requests": requests}

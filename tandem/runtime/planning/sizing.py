@@ -61,7 +61,7 @@ def stage_sums(costs: ModelCosts, start: int, end: int, position: str, settings:
     reserve = (settings.activation_reserve_bytes if settings and settings.activation_reserve_bytes is not None
                else max(costs.activation_bytes[i] for i in layers) + costs.extra_activation_bytes[position])
     return StageSums(sum(costs.weight_bytes[i] for i in layers) + costs.extra_weight_bytes[position],
-                     sum(costs.kv_bytes_per_token[i] for i in layers),
+                     sum(costs.kv_bytes_per_token[i] for i in layers) + costs.extra_kv_bytes_per_token.get(position, 0),
                      sum(costs.state_bytes_per_slot[i] for i in layers), reserve,
                      sum(costs.flops[i] for i in layers) + costs.extra_flops[position])
 

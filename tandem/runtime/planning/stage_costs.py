@@ -7,7 +7,9 @@ bytes are the same parameters `ModelRunner.weight_bytes` sums, and its cache byt
 formulas the runner's pools are allocated with (`tandem.runtime.memory.sizing`).
 
 A stage's cost is its layers' costs plus a constant that depends only on the stage's position (the embedding
-on the first stage, the final norm and LM head on the last, both when there is one stage)."""
+on the first stage, the final norm and LM head on the last, both when there is one stage; with NEXTN
+speculative decoding, also the MTP head on the last stage: its weights and its layers' KV, which the engine
+keeps in the last stage's pool)."""
 
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ def param_bytes(module: torch.nn.Module, weight_only: WeightOnlySpec | None = No
 
 
 def build_stage_on_meta(model_config: ModelConfig, dtype: torch.dtype, tp_size: int, pp_size: int = 1,
-                        pp_rank: int = 0, partition: Sequence[int] | None = None, tp_rank: int = 0):
-    """The model one rank would build, with every tensor on the meta device (nothing allocated)."""
+                        pp_rank: int = 0, partition: Sequence[int] | None = None, tp_rank: int = 0,
+                        mtp: bool = False):
+    """The model one rank would build, with every tensor on the meta device (nothing allocated); `mtp`: with
+    the MTP head on the last stage (NEXTN)."""
     partition = tuple(partition) if partition is not None else tuple(uniform_partition(model_config.num_layers,
                                                                                        pp_size))
     layout = ParallelLayout.describe(partition, tp_size, tp_rank, pp_rank)
-    return build_model(model_config, layout, dtype, torch.device("meta"))
+    return build_model(model_config, layout, dtype, torch.device("meta"), mtp=mtp)
 
 
 def stage_weight_bytes_on_meta(model_config: ModelConfig, dtype: torch.dtype, tp_size: int,
@@ -66,6 +70,7 @@ class ModelCosts:
     extra_weight_bytes: dict[str, int] = field(default_factory=dict)
     extra_activation_bytes: dict[str, int] = field(default_factory=dict)
     extra_flops: dict[str, float] = field(default_factory=dict)
+    extra_kv_bytes_per_token: dict[str, int] = field(default_factory=dict)  # the MTP head's layers (NEXTN)
 
     @property
     def num_layers(self) -> int:
@@ -126,14 +131,15 @@ def _layer_activation_bytes(layer, config: ModelConfig, itemsize: int, tokens: i
 
 def model_costs(model_config: ModelConfig, tp_size: int, dtype: torch.dtype, chunk_tokens: int = 512,
                 context: int | None = None, flops_context: int = FLOPS_CONTEXT,
-                weight_only: WeightOnlySpec | None = None) -> ModelCosts:
+                weight_only: WeightOnlySpec | None = None, mtp: bool = False) -> ModelCosts:
     """Per-layer bytes and FLOPs for one TP rank, from models built on meta. Activations are estimated for a
     prefill chunk of `chunk_tokens` at the end of a `context`-token context (default the model's limit).
-    With `weight_only` the quantized linears' weight bytes are those of their int8 / int4 form."""
+    With `weight_only` the quantized linears' weight bytes are those of their int8 / int4 form; with `mtp`
+    the last stage holds the MTP head (NEXTN speculative decoding)."""
     context = model_config.max_position_embeddings if context is None else context
     L = model_config.num_layers
     itemsize = dtype.itemsize
-    full = build_stage_on_meta(model_config, dtype, tp_size)
+    full = build_stage_on_meta(model_config, dtype, tp_size, mtp=mtp)
     layers = full.model.layers
     weights, kv, state, activations, flops = [], [], [], [], []
     for i in range(L):
@@ -147,28 +153,31 @@ def model_costs(model_config: ModelConfig, tp_size: int, dtype: torch.dtype, chu
     head_flops = 2.0 * head_rows * model_config.hidden_size  # logits for the sampled token
     extra_bytes = {"single": param_bytes(full, weight_only) - sum(weights)}
     if L >= 2:
-        first = build_stage_on_meta(model_config, dtype, tp_size, 2, 0, (1, L - 1))
-        last = build_stage_on_meta(model_config, dtype, tp_size, 2, 1, (L - 1, 1))
+        first = build_stage_on_meta(model_config, dtype, tp_size, 2, 0, (1, L - 1), mtp=mtp)
+        last = build_stage_on_meta(model_config, dtype, tp_size, 2, 1, (L - 1, 1), mtp=mtp)
         extra_bytes["first"] = param_bytes(first, weight_only) - weights[0]
         extra_bytes["last"] = param_bytes(last, weight_only) - weights[L - 1]
     if L >= 3:
-        middle = build_stage_on_meta(model_config, dtype, tp_size, 3, 1, (1, 1, L - 2))
+        middle = build_stage_on_meta(model_config, dtype, tp_size, 3, 1, (1, 1, L - 2), mtp=mtp)
         extra_bytes["middle"] = param_bytes(middle, weight_only) - weights[1]
     # logits and log-softmax of every row of a chunk (prompt logprobs), float32, over the whole vocabulary
     logits = 3 * chunk_tokens * model_config.vocab_size * 4
     extra_activation = {"single": DEFAULT_WORKSPACE_BYTES + logits, "first": DEFAULT_WORKSPACE_BYTES,
                         "middle": DEFAULT_WORKSPACE_BYTES, "last": DEFAULT_WORKSPACE_BYTES + logits}
     extra_flops = {"single": head_flops, "first": 0.0, "middle": 0.0, "last": head_flops}
+    head = getattr(full, "mtp", None)
+    mtp_kv = sum(layer_kv_bytes_per_token(layer, model_config, dtype) for layer in head.layers) if head else 0
     moe = tuple(model_config.is_moe_layer(i) for i in range(L))
     return ModelCosts(tuple(model_config.layer_types), moe, dtype, weights, kv, state, activations, flops,
-                      extra_bytes, extra_activation, extra_flops)
+                      extra_bytes, extra_activation, extra_flops, {"single": mtp_kv, "last": mtp_kv})
 
 
 def costs_for(config: EngineConfig) -> ModelCosts:
-    """The costs of the engine `config` describes (its TP size, dtype, `--torchao-config`, prefill chunk and
-    context length)."""
+    """The costs of the engine `config` describes (its TP size, dtype, `--torchao-config`, prefill chunk,
+    context length and NEXTN's MTP head)."""
+    mtp = config.speculative is not None and config.speculative.algorithm == "NEXTN"
     return model_costs(config.model, config.args.tp_size, config.dtype, config.args.chunked_prefill_size,
-                       config.context_length, weight_only=config.args.weight_only())
+                       config.context_length, weight_only=config.args.weight_only(), mtp=mtp)
 
 
 def model_weight_bytes(costs: ModelCosts) -> int:
