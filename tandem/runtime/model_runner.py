@@ -89,7 +89,8 @@ class ModelRunner:
         quantize_linears_(self.model, args.weight_only(), layout.label)
         if args.max_total_tokens is None:
             self.activation_reserve = measure_activation_reserve(
-                self, self._dry_run_context(), args.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS)
+                self, self._dry_run_context(), args.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS,
+                spec.num_steps if spec is not None else 0, nextn)
             self._size_pools(StageMemory(self.device_memory, self.mem_fraction, self.weight_bytes,
                                          self.activation_reserve))
         self.kv_pool, self.state_pool = self.shape.allocate(self.max_total_tokens, self.page_size, self.state_slots,
