@@ -10,8 +10,10 @@ import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
 from tandem.layers.gated_delta_rule import (
     causal_conv1d_decode,
     causal_conv1d_prefill,
+    causal_conv1d_tokens,
     chunk_gated_delta_rule,
     recurrent_gated_delta_rule_step,
+    recurrent_gated_delta_rule_tokens,
 )
 
 # The transformers functions are wrapped by a hub-kernel / FLA dispatcher; unwrap to the pure-torch code.
@@ -189,3 +191,31 @@ def test_conv_dtypes():
     decode_state = new_state[None].clone()
     y_dec = causal_conv1d_decode(x[:1], weight, None, decode_state)
     assert y_dec.dtype == torch.bfloat16 and decode_state.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tokens_kernels_equal_that_many_decode_steps(dtype):
+    """The verify kernels (n tokens per sequence at once) against n decode steps on the same states: the rule's
+    outputs and states bit for bit (same float32 operations per token), the conv within one rounding of silu
+    (its vectorized tail may differ), its state exactly."""
+    batch, n = 3, 4
+    q, k, v, g, beta, state = make_inputs(n, seed=11, dtype=dtype, batch=(batch,))
+    stepped = state.clone()
+    expected = torch.stack([recurrent_gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], stepped)
+                            for t in range(n)], dim=1)
+    at_once = state.clone()
+    out = recurrent_gated_delta_rule_tokens(q, k, v, g, beta, at_once)
+    assert out.shape == (batch, n, H, DV) and out.dtype == dtype
+    assert torch.equal(out, expected) and torch.equal(at_once, stepped)
+    assert not torch.equal(at_once, state)
+
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(batch, n, C, generator=gen).to(dtype)
+    weight = torch.randn(C, K, generator=gen).to(dtype)
+    conv = torch.randn(batch, K - 1, C, generator=gen).to(dtype)
+    conv_stepped = conv.clone()
+    expected = torch.stack([causal_conv1d_decode(x[:, t], weight, None, conv_stepped) for t in range(n)], dim=1)
+    conv_at_once = conv.clone()
+    y = causal_conv1d_tokens(x, weight, None, conv_at_once)
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(conv_at_once, conv_stepped) and torch.equal(conv_at_once, x[:, -(K - 1):])

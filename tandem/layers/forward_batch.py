@@ -72,5 +72,17 @@ class ForwardBatch:
             groups.setdefault(self.spans[i].num_tokens, []).append(i)
         return groups
 
+    @cached_property
+    def verify_rows(self) -> dict[int, torch.Tensor | slice]:
+        """The packed rows of each verify group (`verify_groups`' keys), span after span: a slice where they are
+        one run (a batch of verify spans only, the common case), else an index; built once per step."""
+        rows = {}
+        for length, group in self.verify_groups.items():
+            index = [self.offsets[i] + t for i in group for t in range(length)]
+            contiguous = index == list(range(index[0], index[0] + len(index)))
+            rows[length] = (slice(index[0], index[0] + len(index)) if contiguous
+                            else torch.tensor(index, dtype=torch.long, device=self.positions.device))
+        return rows
+
     def last_token_indices(self) -> torch.Tensor:
         return torch.tensor([o + s.num_tokens - 1 for o, s in zip(self.offsets, self.spans)], dtype=torch.long)

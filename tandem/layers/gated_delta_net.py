@@ -86,7 +86,7 @@ class GatedDeltaNet(nn.Module):
             core = torch.empty(num_tokens, self.num_v_heads, self.head_v_dim, dtype=x.dtype, device=x.device)
             decodes = set(batch.decode_spans)
             for length, group in batch.verify_groups.items():  # verify spans of one length, all at once
-                rows = torch.tensor([batch.offsets[i] + t for i in group for t in range(length)], device=x.device)
+                rows = batch.verify_rows[length]
                 core[rows] = self._verify(mixed[rows], g[rows], beta[rows], weight, conv_state, ssm_state,
                                           [batch.spans[i].state_slot for i in group], length, batch.verify_ledger)
             if decodes:  # one-token continuations of a mixed batch, all at once

@@ -2,7 +2,9 @@
 
 Everything here is a stateless function on tensors.  Prefill functions take the tokens of ONE sequence
 (no batch dimension); decode functions take one new token for each of a batch of sequences and update
-their state in place.  Recurrent states are always float32; maths is done in float32 and outputs are
+their state in place; the `_tokens` functions take n tokens of each of a batch of sequences and compute
+exactly what n decode steps compute (speculative verify: each position's output, step by step).
+Recurrent states are always float32; maths is done in float32 and outputs are
 cast back to the input dtype.
 
 Gated delta rule, per head, with state S [Dk, Dv] and token (q, k, v, g, beta):
@@ -22,8 +24,10 @@ import torch.nn.functional as F
 __all__ = [
     "causal_conv1d_prefill",
     "causal_conv1d_decode",
+    "causal_conv1d_tokens",
     "chunk_gated_delta_rule",
     "recurrent_gated_delta_rule_step",
+    "recurrent_gated_delta_rule_tokens",
 ]
 
 # Tokens per chunk of the chunked rule (any size gives the same result up to fp32 rounding). Measured on CPU
@@ -78,6 +82,26 @@ def causal_conv1d_decode(
     if bias is not None:
         y = y + bias.to(torch.float32)
     conv_state.copy_(window[:, 1:])
+    return F.silu(y).to(x.dtype)
+
+
+def causal_conv1d_tokens(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,
+) -> torch.Tensor:
+    """n tokens per sequence, as n `causal_conv1d_decode` steps compute them (the same windows, products and
+    sums over K), in one pass.  x: [B, n, C]; conv_state: [B, K-1, C] is updated IN PLACE.
+    Returns silu(conv) [B, n, C] in x's dtype."""
+    kernel = weight.shape[1]
+    history = torch.cat([conv_state, x.to(conv_state.dtype)], dim=1)  # [B, K-1+n, C]
+    # [B, n, K, C], window t = history[t : t+K], laid out as the decode's [B, K, C] so the sums over K match
+    windows = history.unfold(1, kernel, 1).transpose(-1, -2).contiguous()
+    y = (windows.to(torch.float32) * weight.t().to(torch.float32)).sum(dim=2)  # [B, n, C]
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    conv_state.copy_(history[:, history.shape[1] - (kernel - 1):])
     return F.silu(y).to(x.dtype)
 
 
@@ -180,14 +204,50 @@ def recurrent_gated_delta_rule_step(
     if state.dtype != torch.float32:
         raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
     batch, heads, k_dim = k.shape
-    rows = batch * heads
     q, k = _prepare_qk(q, k, use_qk_l2norm)
-    flat = state.view(rows, k_dim, v.shape[-1])  # a view: `state` must be contiguous (pool rows are)
-    # Both reads of the state in one batched product, before the update (decay = exp(g)):
-    #   k^T (decay S) = decay (k^T S)   and   q^T S_new = decay (q^T S) + (q . k) delta.
-    read = torch.bmm(torch.stack([q, k], dim=-2).reshape(rows, 2, k_dim), flat)  # [B*H, 2, Dv]
-    decay = g.to(torch.float32).reshape(rows, 1).exp()
-    delta = (v.to(torch.float32).reshape(rows, -1) - decay * read[:, 1]) * beta.to(torch.float32).reshape(rows, 1)
-    out = decay * read[:, 0] + (q * k).sum(dim=-1).reshape(rows, 1) * delta  # [B*H, Dv]
-    flat.mul_(decay.unsqueeze(-1)).addcmul_(k.reshape(rows, k_dim, 1), delta.unsqueeze(1))  # decay S + k delta^T
+    flat = state.view(batch * heads, k_dim, v.shape[-1])  # a view: `state` must be contiguous (pool rows are)
+    out = _rule_step(torch.stack([q, k], dim=-2), (q * k).sum(dim=-1), v.to(torch.float32),
+                     g.to(torch.float32).exp(), beta.to(torch.float32), flat)
     return out.view(batch, heads, -1).to(v.dtype)
+
+
+def recurrent_gated_delta_rule_tokens(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """n tokens per sequence, as n `recurrent_gated_delta_rule_step` calls compute them: what does not depend
+    on the state (l2norm, scaling, decays, q . k) once for all n, then the n state updates.
+    q, k: [B, n, H, Dk]; v: [B, n, H, Dv]; g, beta: [B, n, H]; state: [B, H, Dk, Dv] float32, updated IN PLACE.
+    Returns out [B, n, H, Dv] in v's dtype."""
+    if state.dtype != torch.float32:
+        raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
+    batch, num_tokens, heads, k_dim = k.shape
+    q, k = _prepare_qk(q, k, use_qk_l2norm)
+    flat = state.view(batch * heads, k_dim, v.shape[-1])
+    qk = torch.stack([q, k], dim=-2)  # [B, n, H, 2, Dk]
+    q_dot_k, values = (q * k).sum(dim=-1), v.to(torch.float32)
+    decays, betas = g.to(torch.float32).exp(), beta.to(torch.float32)
+    out = torch.stack([_rule_step(qk[:, t], q_dot_k[:, t], values[:, t], decays[:, t], betas[:, t], flat)
+                       .view(batch, heads, -1) for t in range(num_tokens)], dim=1)  # [B, n, H, Dv]
+    return out.to(v.dtype)
+
+
+def _rule_step(qk: torch.Tensor, q_dot_k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor,
+               flat: torch.Tensor) -> torch.Tensor:
+    """One token of the rule on prepared float32 inputs: qk [B, H, 2, Dk] (q scaled, both normed), q_dot_k,
+    decay = exp(g) and beta [B, H], v [B, H, Dv]; flat [B*H, Dk, Dv] updated IN PLACE. Returns [B*H, Dv]."""
+    rows, k_dim, _ = flat.shape
+    # Both reads of the state in one batched product, before the update:
+    #   k^T (decay S) = decay (k^T S)   and   q^T S_new = decay (q^T S) + (q . k) delta.
+    read = torch.bmm(qk.reshape(rows, 2, k_dim), flat)  # [B*H, 2, Dv]
+    decay = decay.reshape(rows, 1)
+    delta = (v.reshape(rows, -1) - decay * read[:, 1]) * beta.reshape(rows, 1)
+    out = decay * read[:, 0] + q_dot_k.reshape(rows, 1) * delta  # [B*H, Dv]
+    k = qk[..., 1, :].reshape(rows, k_dim, 1)
+    flat.mul_(decay.unsqueeze(-1)).addcmul_(k, delta.unsqueeze(1))  # decay S + k delta^T
+    return out

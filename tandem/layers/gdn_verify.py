@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.layers.gated_delta_rule import causal_conv1d_decode, recurrent_gated_delta_rule_step
+from tandem.layers.gated_delta_rule import causal_conv1d_tokens, recurrent_gated_delta_rule_tokens
 from tandem.layers.state_rows import StateRows
 
 
@@ -83,14 +83,12 @@ SplitHeads = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def run_tokens(mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, weight: torch.Tensor,
                conv: torch.Tensor, state: torch.Tensor, split_heads: SplitHeads) -> torch.Tensor:
-    """The decode kernels over n tokens of B requests, one token at a time: mixed [B, n, C], g and beta
-    [B, n, Hv]; conv [B, K-1, C] and state [B, Hv, Dk, Dv] (contiguous) are updated IN PLACE.
+    """What n decode steps compute over n tokens of B requests (the `_tokens` kernels: the conv and the
+    state-free parts once, the rule's updates token by token): mixed [B, n, C], g and beta [B, n, Hv];
+    conv [B, K-1, C] and state [B, Hv, Dk, Dv] (contiguous) are updated IN PLACE.
     Returns the rule's output [B, n, Hv, Dv]."""
-    outs = []
-    for t in range(mixed.shape[1]):
-        q, k, v = split_heads(causal_conv1d_decode(mixed[:, t], weight, None, conv))
-        outs.append(recurrent_gated_delta_rule_step(q, k, v, g[:, t], beta[:, t], state))
-    return torch.stack(outs, dim=1)
+    q, k, v = split_heads(causal_conv1d_tokens(mixed, weight, None, conv))
+    return recurrent_gated_delta_rule_tokens(q, k, v, g, beta, state)
 
 
 def verify_forward(layer_idx: int, slots: list[int], mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
