@@ -203,11 +203,8 @@ def recurrent_gated_delta_rule_step(
     state: [B, H, Dk, Dv] float32, updated IN PLACE.  Returns out [B, H, Dv] in v's dtype."""
     if state.dtype != torch.float32:
         raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
-    batch, heads, k_dim = k.shape
-    q, k = _prepare_qk(q, k, use_qk_l2norm)
-    flat = state.view(batch * heads, k_dim, v.shape[-1])  # a view: `state` must be contiguous (pool rows are)
-    out = _rule_step(torch.stack([q, k], dim=-2), (q * k).sum(dim=-1), v.to(torch.float32),
-                     g.to(torch.float32).exp(), beta.to(torch.float32), flat)
+    batch, heads, _ = k.shape
+    out = _rule_tokens(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], state, use_qk_l2norm)[0]
     return out.view(batch, heads, -1).to(v.dtype)
 
 
@@ -226,28 +223,33 @@ def recurrent_gated_delta_rule_tokens(
     Returns out [B, n, H, Dv] in v's dtype."""
     if state.dtype != torch.float32:
         raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
+    batch, num_tokens, heads, _ = k.shape
+    out = torch.stack(_rule_tokens(q, k, v, g, beta, state, use_qk_l2norm), dim=1)  # [B*H, n, Dv]
+    return out.view(batch, heads, num_tokens, -1).transpose(1, 2).to(v.dtype)
+
+
+def _rule_tokens(q, k, v, g, beta, state: torch.Tensor, use_qk_l2norm: bool) -> list[torch.Tensor]:
+    """The rule over [B, n, ...] inputs (the `_tokens` layout), token by token; returns n float32 [B*H, Dv].
+    What a token's update reads is cut into per-token views once (`unbind`), so that each update is a handful
+    of kernels."""
     batch, num_tokens, heads, k_dim = k.shape
+    rows = batch * heads
     q, k = _prepare_qk(q, k, use_qk_l2norm)
-    flat = state.view(batch * heads, k_dim, v.shape[-1])
-    qk = torch.stack([q, k], dim=-2)  # [B, n, H, 2, Dk]
-    q_dot_k, values = (q * k).sum(dim=-1), v.to(torch.float32)
-    decays, betas = g.to(torch.float32).exp(), beta.to(torch.float32)
-    out = torch.stack([_rule_step(qk[:, t], q_dot_k[:, t], values[:, t], decays[:, t], betas[:, t], flat)
-                       .view(batch, heads, -1) for t in range(num_tokens)], dim=1)  # [B, n, H, Dv]
-    return out.to(v.dtype)
-
-
-def _rule_step(qk: torch.Tensor, q_dot_k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor,
-               flat: torch.Tensor) -> torch.Tensor:
-    """One token of the rule on prepared float32 inputs: qk [B, H, 2, Dk] (q scaled, both normed), q_dot_k,
-    decay = exp(g) and beta [B, H], v [B, H, Dv]; flat [B*H, Dk, Dv] updated IN PLACE. Returns [B*H, Dv]."""
-    rows, k_dim, _ = flat.shape
-    # Both reads of the state in one batched product, before the update:
-    #   k^T (decay S) = decay (k^T S)   and   q^T S_new = decay (q^T S) + (q . k) delta.
-    read = torch.bmm(qk.reshape(rows, 2, k_dim), flat)  # [B*H, 2, Dv]
-    decay = decay.reshape(rows, 1)
-    delta = (v.reshape(rows, -1) - decay * read[:, 1]) * beta.reshape(rows, 1)
-    out = decay * read[:, 0] + q_dot_k.reshape(rows, 1) * delta  # [B*H, Dv]
-    k = qk[..., 1, :].reshape(rows, k_dim, 1)
-    flat.mul_(decay.unsqueeze(-1)).addcmul_(k, delta.unsqueeze(1))  # decay S + k delta^T
-    return out
+    per_token = lambda x: x.transpose(0, 1).reshape(num_tokens, rows, *x.shape[3:]).unbind(0)  # n x [B*H, ...]
+    qk = per_token(torch.stack([q, k], dim=-2))  # [B*H, 2, Dk]
+    keys = per_token(k.unsqueeze(-1))  # [B*H, Dk, 1]
+    q_dot_k = per_token((q * k).sum(dim=-1, keepdim=True))  # [B*H, 1]
+    values = per_token(v.to(torch.float32))  # [B*H, Dv]
+    decays = per_token(g.to(torch.float32).exp()[..., None, None])  # [B*H, 1, 1]
+    betas = per_token(beta.to(torch.float32).unsqueeze(-1))  # [B*H, 1]
+    flat = state.view(rows, k_dim, v.shape[-1])  # a view: `state` must be contiguous (pool rows are)
+    outs = []
+    for qk_t, k_t, q_dot_k_t, v_t, decay, beta_t in zip(qk, keys, q_dot_k, values, decays, betas):
+        # Both reads of the state in one batched product, before the update (decay = exp(g)):
+        #   k^T (decay S) = decay (k^T S)   and   q^T S_new = decay (q^T S) + (q . k) delta.
+        read_q, read_k = torch.bmm(qk_t, flat).unbind(1)  # [B*H, Dv] each
+        decay_row = decay[:, 0]  # [B*H, 1]
+        delta = (v_t - decay_row * read_k) * beta_t
+        outs.append(decay_row * read_q + q_dot_k_t * delta)
+        flat.mul_(decay).addcmul_(k_t, delta.unsqueeze(1))  # decay S + k delta^T
+    return outs
