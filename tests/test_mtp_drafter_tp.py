@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from support.mtp_schedule import build, run_schedule
-from support.spawned_ranks import run_ranks
+from support.spawned_ranks import run_in_gloo_world
 
 KIND = "qwen3_5_moe"
 
@@ -20,32 +20,20 @@ def drafts_of(model_dir, layout=None) -> list[tuple[str, int, list[int], list]]:
     return [(r.key, last, drafts, logits.tolist()) for r, last, drafts, logits in run_schedule(model, config)]
 
 
-def tp_rank(rank: int, port: int, model_dir, results) -> None:
-    import torch.distributed as dist
-
+def tp_rank(rank: int, model_dir) -> list:
     from tandem.models.registry import load_model_config
     from tandem.parallel.layout import GroupInfo, ParallelLayout
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
-    try:
-        config = load_model_config(model_dir)
-        layout = ParallelLayout(GroupInfo(rank, 2, None, (0, 1)), GroupInfo.alone(), (config.num_layers,))
-        results.put((rank, drafts_of(model_dir, layout)))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(autouse=True)
-def loopback(monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    config = load_model_config(model_dir)
+    return drafts_of(model_dir, ParallelLayout(GroupInfo(rank, 2, None, (0, 1)), GroupInfo.alone(),
+                                               (config.num_layers,)))
 
 
 @pytest.mark.slow
 def test_tp2_ranks_draft_the_same_tokens_as_one_process(ckpt):
     model_dir = ckpt(KIND, add_mtp=True)
     expected = drafts_of(model_dir)
-    out = run_ranks(tp_rank, 2, model_dir, timeout=600)
+    out = run_in_gloo_world(tp_rank, 2, model_dir, timeout=600)
     assert [d for _, _, d, _ in out[0]] == [d for _, _, d, _ in out[1]]
     for rank in (0, 1):
         assert len(out[rank]) == len(expected)

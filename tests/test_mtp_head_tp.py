@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.spawned_ranks import run_ranks
+from support.spawned_ranks import run_in_gloo_world
 
 CHECKPOINT = ("qwen3_5_moe", dict(add_mtp=True, multimodal=True, fused_experts=True))
 IDS = [5, 77, 301, 12, 9]
@@ -43,29 +43,16 @@ def _single(config):
     return ParallelLayout.single(config.num_layers)
 
 
-def tp_rank(rank: int, port: int, model_dir, results) -> None:
-    import torch.distributed as dist
-
+def tp_rank(rank: int, model_dir) -> dict:
     from tandem.parallel.layout import GroupInfo, ParallelLayout
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
-    try:
-        tp = GroupInfo(rank, 2, None, (0, 1))  # the whole world is the TP group
-        out = {}
-        for name, pp in (("one stage", GroupInfo.alone()), ("last of two stages", GroupInfo(1, 2, None, (0, 1)))):
-            partition = (4,) if pp.size == 1 else (2, 2)
-            logits, read = head_logits(model_dir, ParallelLayout(tp, pp, partition))
-            # plain lists: a tensor in a Queue is shared through a socket that dies with this process
-            out[name] = (logits.tolist(), sorted(n for n in read if n.startswith("mtp.") or "embed_tokens" in n))
-        results.put((rank, out))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(autouse=True)
-def loopback(monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    tp = GroupInfo(rank, 2, None, (0, 1))  # the whole world is the TP group
+    out = {}
+    for name, pp in (("one stage", GroupInfo.alone()), ("last of two stages", GroupInfo(1, 2, None, (0, 1)))):
+        partition = (4,) if pp.size == 1 else (2, 2)
+        logits, read = head_logits(model_dir, ParallelLayout(tp, pp, partition))
+        out[name] = (logits.tolist(), sorted(n for n in read if n.startswith("mtp.") or "embed_tokens" in n))
+    return out
 
 
 @pytest.mark.slow
@@ -73,7 +60,7 @@ def test_tp2_head_matches_one_process(ckpt):
     kind, kw = CHECKPOINT
     model_dir = ckpt(kind, **kw)
     expected, _ = head_logits(model_dir, None)
-    out = run_ranks(tp_rank, 2, model_dir, timeout=300)
+    out = run_in_gloo_world(tp_rank, 2, model_dir, timeout=300)
     for rank in (0, 1):
         for name in ("one stage", "last of two stages"):
             logits, read = out[rank][name]

@@ -3,53 +3,27 @@
 nodes resolving an automatic partition on different machines could be, both fail with PartitionError; given
 the same split, both build their stage."""
 
-import multiprocessing as mp
-import socket
-
-import pytest
+from support.spawned_ranks import run_ranks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def join_world(rank: int, partition: list[int], port: int, results) -> None:
+def join_world(rank: int, port: int, partitions: list[list[int]], results) -> None:
     import torch.distributed as dist
 
     from tandem.errors import PartitionError
     from tandem.parallel.layout import init_process_groups
 
     try:
-        layout = init_process_groups(1, partition, rank, "gloo", f"tcp://127.0.0.1:{port}", timeout_s=60)
-        results.put((rank, "ok", list(layout.partition)))
+        layout = init_process_groups(1, partitions[rank], rank, "gloo", f"tcp://127.0.0.1:{port}", timeout_s=60)
+        results.put((rank, ("ok", list(layout.partition))))
     except PartitionError as exc:
-        results.put((rank, "PartitionError", str(exc)))
+        results.put((rank, ("PartitionError", str(exc))))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def run_world(partitions: list[list[int]]) -> dict[int, tuple[str, object]]:
-    context = mp.get_context("spawn")
-    results, port = context.Queue(), free_port()
-    procs = [context.Process(target=join_world, args=(rank, partition, port, results))
-             for rank, partition in enumerate(partitions)]
-    for proc in procs:
-        proc.start()
-    out = {}
-    for _ in procs:
-        rank, kind, detail = results.get(timeout=120)
-        out[rank] = (kind, detail)
-    for proc in procs:
-        proc.join(timeout=30)
-    return out
-
-
-@pytest.fixture(autouse=True)
-def loopback(monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    return run_ranks(join_world, len(partitions), partitions, timeout=120)
 
 
 def test_ranks_with_different_partitions_refuse_to_start():
