@@ -13,18 +13,21 @@ asymmetric per group of g input features, w ~ (q - 8) * scale + zero (q in [0, 1
 int8 scales stored in the model dtype, int4 scales and zeros in bf16 (the int4 kernel's). Quantization rounds
 with those stored (rounded) scales, so every path computes with exactly the same weight values.
 
-Kernels. int8 products of up to `INT8_KERNEL_MAX_ROWS` rows (decode) take `layers/int8_kernel.py`, a small
-compiled AVX2 kernel that widens the int8 weights once and applies the scale once per output (torch 2.13's
-`_weight_int8pack_mm` scales every weight before its FMA and runs compute-bound at about 3 G weights/s on one
-AVX2 core, no faster than the bf16 matrix-vector kernel: bench/results/profile.md, "Weight-only decode"); where
-that kernel cannot be built, bf16 rows take `_weight_int8pack_mm` (its float32 / float16 inputs take a slow
-reference loop, so those dtypes then take the block path). Larger products take the float32 block path (the
-int8 weight converted a block at a time, as `matmul`'s upcast path does for bf16), which reuses each converted
-block across the rows. `_weight_int4pack_mm_for_cpu` has AVX2/AVX512 code for bf16 activations only: other
-dtypes are rounded to bf16 around it. torchao itself adds no faster CPU kernel for these formats (its int8
-weight-only CPU path converts the whole weight to the activation dtype per call), so it is not a dependency.
-The row threshold is a constant, not a per-process measurement, so that every rank and every run takes the
-same path for the same step (pp runs stay bit-identical to pp=1)."""
+Kernels, measured on this project's 2-core AMD EPYC VM without avx512 (AVX2; bench/weight_only_kernels.py,
+one [4864, 896] linear, one thread): torch's `_weight_int8pack_mm` with bf16 activations reads the int8
+weight once per product and takes 0.2-0.55x the bf16 upcast path's time at 1 row, but its cost grows
+linearly with the rows (it does not reuse the weight across rows); the float32 block path (the int8 weight
+converted a block at a time, as `matmul`'s upcast path does for bf16) overtakes it between 8 and 12 rows.
+So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path. (Unquantized
+bf16 products of 1-2 rows now take torch's matrix-vector kernel, `matmul.GEMV_MAX_ROWS`, which on that VM
+runs at about the int8 kernel's weights per second: both are compute-bound on one core, so int8wo halves
+the bytes but not the batch-1 time there; bench/results/profile.md, "Weight-only decode".) The
+kernel's float32 / float16 inputs take a slow reference loop, so those dtypes always take the block path.
+`_weight_int4pack_mm_for_cpu` has AVX2/AVX512 code for bf16 activations only: other dtypes are rounded to
+bf16 around it. torchao itself adds no faster CPU kernel for these formats (its int8 weight-only CPU path
+converts the whole weight to the activation dtype per call), so it is not a dependency. The row threshold
+is a constant, not a per-process measurement, so that every rank and every
+run takes the same path for the same step (pp runs stay bit-identical to pp=1)."""
 
 from __future__ import annotations
 
@@ -37,7 +40,6 @@ import torch.nn.functional as F
 
 from tandem.config import WeightOnlySpec
 from tandem.errors import ConfigError
-from tandem.layers import int8_kernel
 from tandem.layers.linear import RowParallelLinear, _LocalLinear
 
 logger = logging.getLogger("tandem")
@@ -71,7 +73,6 @@ class Int8WeightOnly(nn.Module):
         q = torch.round(w / scale.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
         self.qweight = _param(q)  # [out, in]
         self.scales = _param(scale)  # [out]
-        self.register_buffer("scales32", scale.float(), persistent=False)  # what int8_kernel takes
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float().unsqueeze(1)
@@ -79,9 +80,7 @@ class Int8WeightOnly(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [rows, in]
-        if x2.shape[0] <= INT8_KERNEL_MAX_ROWS and int8_kernel.available():
-            out = int8_kernel.int8_matmul(x2.float().contiguous(), self.qweight, self.scales32).to(x.dtype)
-        elif x.dtype == torch.bfloat16 and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        if x.dtype == torch.bfloat16 and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:
             n, k = self.qweight.shape
