@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,21 +73,40 @@ def int4_by_hand(w: torch.Tensor, group: int) -> torch.Tensor:
     return ((q - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
+@pytest.mark.parametrize("out_features", [320, 318, 323])  # 318, 323: not a multiple of torch's 4-channel blocks
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 1, 40])
-def test_int8_matmul_against_hand_dequantized(dtype, rows):
+def test_int8_matmul_against_hand_dequantized(dtype, rows, out_features):
     gen = torch.Generator().manual_seed(rows)
-    w = torch.randn(320, 192, generator=gen).to(dtype)
+    w = torch.randn(out_features, 192, generator=gen).to(dtype)
     x = torch.randn(rows, 192, generator=gen).to(dtype)
-    bias = torch.randn(320, generator=gen).to(dtype)
+    bias = torch.randn(out_features, generator=gen).to(dtype)
     module = Int8WeightOnly(w)
     q, w_hat = int8_by_hand(w)
     assert torch.equal(module.qweight, q) and module.qweight.dtype == torch.int8
     ref = F.linear(x.float(), w_hat) + bias.float()
     out = module(x, bias)
-    assert out.dtype == dtype and out.shape == (rows, 320)
+    assert out.dtype == dtype and out.shape == (rows, out_features)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_int8_decode_rows_of_any_output_size_run_in_a_process_that_survives():
+    """torch 2.13's `_weight_int8pack_mm` crashes (SIGSEGV) on these shapes: out % 4 in (2, 3); run in a
+    child process so that a crash is a failure, not the end of the test session."""
+    code = (
+        "import torch\n"
+        "from tandem.layers.weight_only import Int8WeightOnly\n"
+        "for n in (6, 1026, 1027):\n"
+        "    w = torch.randn(n, 1000, generator=torch.Generator().manual_seed(n)).bfloat16()\n"
+        "    m = Int8WeightOnly(w)\n"
+        "    x = torch.randn(1, 1000).bfloat16()\n"
+        "    ref = x.float() @ m.dequantize().T\n"
+        "    out = m(x).float()\n"
+        "    assert (out - ref).abs().max() <= 2e-2 * ref.abs().max(), n\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
 
 
 @pytest.mark.parametrize("group", [32, 64])

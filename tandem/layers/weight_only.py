@@ -80,7 +80,8 @@ class Int8WeightOnly(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [rows, in]
-        if x.dtype == torch.bfloat16 and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        # the kernel reads past the weight when out % 4 is 2 or 3 (torch 2.13: a segfault at [6 | 1026, 1000])
+        if x.dtype == torch.bfloat16 and x2.shape[0] <= INT8_KERNEL_MAX_ROWS and self.qweight.shape[0] % 4 == 0:
             out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:
             n, k = self.qweight.shape
