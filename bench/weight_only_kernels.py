@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tandem.bench import machine_info
-from tandem.layers import weight_only
+from tandem.layers import int8_kernel, weight_only
 from tandem.layers.matmul import linear
 
 N, K = 4864, 896
@@ -39,13 +39,17 @@ def best_times(fns: dict, repeats: int) -> dict:
 
 
 def products(x, w, int8, int4) -> dict:
-    n, k = int8.qweight.shape
-    return {
+    n, k = int8.out_features, int8.in_features
+    plain = int8.int8_rows(0, n).contiguous()  # torch's kernel takes the [out, in] layout
+    fns = {
         "bf16_path": lambda: linear(x, w),
-        "int8_kernel": lambda: torch.ops.aten._weight_int8pack_mm(x, int8.qweight, int8.scales),
-        "int8_block_path": lambda: weight_only._blockwise(x.float(), n, k, lambda s, r: int8.qweight[s:s + r].float()),
+        "int8_kernel": lambda: torch.ops.aten._weight_int8pack_mm(x, plain, int8.scales),
+        "int8_block_path": lambda: weight_only._blockwise(x.float(), n, k, lambda s, r: plain[s:s + r].float()),
         "int4_kernel": lambda: int4(x),
     }
+    if int8.packed:
+        fns["int8_packed_kernel"] = lambda: int8_kernel.int8_packed_matmul(x.float(), int8.qweight, int8.scales32)
+    return fns
 
 
 def main() -> int:

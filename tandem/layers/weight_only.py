@@ -13,21 +13,19 @@ asymmetric per group of g input features, w ~ (q - 8) * scale + zero (q in [0, 1
 int8 scales stored in the model dtype, int4 scales and zeros in bf16 (the int4 kernel's). Quantization rounds
 with those stored (rounded) scales, so every path computes with exactly the same weight values.
 
-Kernels, measured on this project's 2-core AMD EPYC VM without avx512 (AVX2; bench/weight_only_kernels.py,
-one [4864, 896] linear, one thread): torch's `_weight_int8pack_mm` with bf16 activations reads the int8
-weight once per product and takes 0.2-0.55x the bf16 upcast path's time at 1 row, but its cost grows
-linearly with the rows (it does not reuse the weight across rows); the float32 block path (the int8 weight
-converted a block at a time, as `matmul`'s upcast path does for bf16) overtakes it between 8 and 12 rows.
-So bf16 products of up to `INT8_KERNEL_MAX_ROWS` rows take the kernel, larger ones the block path. (Unquantized
-bf16 products of 1-2 rows now take torch's matrix-vector kernel, `matmul.GEMV_MAX_ROWS`, which on that VM
-runs at about the int8 kernel's weights per second: both are compute-bound on one core, so int8wo halves
-the bytes but not the batch-1 time there; bench/results/profile.md, "Weight-only decode".) The
-kernel's float32 / float16 inputs take a slow reference loop, so those dtypes always take the block path.
-`_weight_int4pack_mm_for_cpu` has AVX2/AVX512 code for bf16 activations only: other dtypes are rounded to
+Kernels. Where `layers/int8_kernel.py` runs (an AVX2 CPU with a C compiler), an int8 weight whose sizes allow
+it is stored in that module's interleaved layout (the same bytes), and products of up to `INT8_KERNEL_MAX_ROWS`
+rows (decode) take its kernel: 2.6-2.8x torch's `_weight_int8pack_mm` at one row on cold [8192 | 2048, 1024]
+weights, the weight streamed once in order. Elsewhere bf16 rows take `_weight_int8pack_mm` (at one row it
+converts and scales every weight before its FMA, compute-bound on an AVX2 core at about 3 G weights/s:
+bench/results/profile.md, "Weight-only decode"; its float32 / float16 inputs take a slow reference loop, so
+those dtypes take the block path). Larger products take the float32 block path (the int8 weight converted a
+block of rows at a time, as `matmul`'s upcast path does for bf16), which reuses each converted block across the
+rows. `_weight_int4pack_mm_for_cpu` has AVX2/AVX512 code for bf16 activations only: other dtypes are rounded to
 bf16 around it. torchao itself adds no faster CPU kernel for these formats (its int8 weight-only CPU path
-converts the whole weight to the activation dtype per call), so it is not a dependency. The row threshold
-is a constant, not a per-process measurement, so that every rank and every
-run takes the same path for the same step (pp runs stay bit-identical to pp=1)."""
+converts the whole weight to the activation dtype per call), so it is not a dependency. The row threshold is a
+constant, not a per-process measurement, so that every rank and every run takes the same path for the same step
+(pp runs stay bit-identical to pp=1)."""
 
 from __future__ import annotations
 
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 
 from tandem.config import WeightOnlySpec
 from tandem.errors import ConfigError
+from tandem.layers import int8_kernel
 from tandem.layers.linear import RowParallelLinear, _LocalLinear
 
 logger = logging.getLogger("tandem")
@@ -55,7 +54,7 @@ def _param(t: torch.Tensor) -> nn.Parameter:
 
 def _blockwise(x32: torch.Tensor, n: int, k: int, block_fn) -> torch.Tensor:
     """x32 [rows, k] times the [n, k] weight whose rows [s, s+r) `block_fn(s, r)` returns in float32."""
-    rows = max(64, BLOCK_BYTES // (4 * k))
+    rows = max(64, BLOCK_BYTES // (4 * k) // 4 * 4)  # a multiple of 4: whole groups of a packed int8 weight
     out = torch.empty(x32.shape[0], n, dtype=torch.float32, device=x32.device)
     for start in range(0, n, rows):
         size = min(rows, n - start)
@@ -71,21 +70,34 @@ class Int8WeightOnly(nn.Module):
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(weight.dtype)
         q = torch.round(w / scale.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
-        self.qweight = _param(q)  # [out, in]
+        self.out_features, self.in_features = q.shape
+        # the interleaved layout where int8_kernel runs (the same bytes), else [out, in]
+        self.packed = int8_kernel.available() and int8_kernel.packable(*q.shape)
+        self.qweight = _param(int8_kernel.pack(q) if self.packed else q)
         self.scales = _param(scale)  # [out]
+        self.register_buffer("scales32", scale.float(), persistent=False)  # what int8_kernel takes
+
+    def int8_rows(self, start: int, count: int) -> torch.Tensor:
+        """Rows [start, start + count) of the [out, in] int8 weight, whatever its layout."""
+        if self.packed:
+            return int8_kernel.unpack_rows(self.qweight, start, count)
+        return self.qweight[start:start + count]
 
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.float().unsqueeze(1)
+        return self.int8_rows(0, self.out_features).float() * self.scales.float().unsqueeze(1)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [rows, in]
-        # the kernel reads past the weight when out % 4 is 2 or 3 (torch 2.13: a segfault at [6 | 1026, 1000])
-        if x.dtype == torch.bfloat16 and x2.shape[0] <= INT8_KERNEL_MAX_ROWS and self.qweight.shape[0] % 4 == 0:
+        decode = x2.shape[0] <= INT8_KERNEL_MAX_ROWS
+        if decode and self.packed:
+            out = int8_kernel.int8_packed_matmul(x2.float().contiguous(), self.qweight, self.scales32).to(x.dtype)
+        # torch's kernel reads past the weight when out % 4 is 2 or 3 (torch 2.13: a segfault at [6 | 1026, 1000])
+        elif decode and x.dtype == torch.bfloat16 and self.out_features % 4 == 0:
             out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:
-            n, k = self.qweight.shape
-            out = _blockwise(x2.float(), n, k, lambda s, r: self.qweight[s:s + r].float())
+            n, k = self.out_features, self.in_features
+            out = _blockwise(x2.float(), n, k, lambda s, r: self.int8_rows(s, r).float())
             out = (out * self.scales.float()).to(x.dtype)
         if bias is not None:
             out = out + bias
