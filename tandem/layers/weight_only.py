@@ -14,17 +14,18 @@ int8 scales stored in the model dtype, int4 scales and zeros in bf16 (the int4 k
 with those stored (rounded) scales, so every path computes with exactly the same weight values.
 
 Kernels. Where `layers/int8_kernel.py` runs (an AVX2 CPU with a C compiler), an int8 weight whose sizes allow
-it is stored in that module's interleaved layout (the same bytes), and products of up to `INT8_KERNEL_MAX_ROWS`
-rows (decode) take its kernel: 2.6-2.8x torch's `_weight_int8pack_mm` at one row on cold [8192 | 2048, 1024]
-weights, the weight streamed once in order. Elsewhere bf16 rows take `_weight_int8pack_mm` (at one row it
+it is stored in that module's interleaved layout (the same bytes), and products of up to `PACKED_KERNEL_MAX_ROWS`
+rows take its kernel: 2.6-2.8x torch's `_weight_int8pack_mm` at one row on cold [8192 | 2048, 1024] weights,
+the weight streamed once in order, and still ahead of the block path at 32 rows. Elsewhere bf16 products of
+up to `INT8_KERNEL_MAX_ROWS` rows take `_weight_int8pack_mm` (at one row it
 converts and scales every weight before its FMA, compute-bound on an AVX2 core at about 3 G weights/s:
 bench/results/profile.md, "Weight-only decode"; its float32 / float16 inputs take a slow reference loop, so
 those dtypes take the block path). Larger products take the float32 block path (the int8 weight converted a
 block of rows at a time, as `matmul`'s upcast path does for bf16), which reuses each converted block across the
 rows. `_weight_int4pack_mm_for_cpu` has AVX2/AVX512 code for bf16 activations only: other dtypes are rounded to
 bf16 around it. torchao itself adds no faster CPU kernel for these formats (its int8 weight-only CPU path
-converts the whole weight to the activation dtype per call), so it is not a dependency. The row threshold is a
-constant, not a per-process measurement, so that every rank and every run takes the same path for the same step
+converts the whole weight to the activation dtype per call), so it is not a dependency. The row thresholds are
+constants, not per-process measurements, so that every rank and every run takes the same path for the same step
 (pp runs stay bit-identical to pp=1)."""
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from tandem.layers.linear import RowParallelLinear, _LocalLinear
 
 logger = logging.getLogger("tandem")
 
-INT8_KERNEL_MAX_ROWS = 8  # int8 kernel up to this many rows, the float32 block path above (crossover measured)
+INT8_KERNEL_MAX_ROWS = 8  # torch's int8 kernel up to this many rows, the float32 block path above (crossover measured)
+PACKED_KERNEL_MAX_ROWS = 32  # int8_kernel's: 2.3x the block path at 16 rows, 1.1-1.5x at 32 ([8192 | 1024, 1024 | 4096])
 BLOCK_BYTES = 1 << 20  # float32 bytes of weight converted at a time on the block path
 KEEP_UNQUANTIZED = ("in_proj_a", "in_proj_b")
 
@@ -89,11 +91,11 @@ class Int8WeightOnly(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [rows, in]
-        decode = x2.shape[0] <= INT8_KERNEL_MAX_ROWS
-        if decode and self.packed:
+        rows = x2.shape[0]
+        if self.packed and rows <= PACKED_KERNEL_MAX_ROWS:
             out = int8_kernel.int8_packed_matmul(x2.float().contiguous(), self.qweight, self.scales32).to(x.dtype)
         # torch's kernel reads past the weight when out % 4 is 2 or 3 (torch 2.13: a segfault at [6 | 1026, 1000])
-        elif decode and x.dtype == torch.bfloat16 and self.out_features % 4 == 0:
+        elif rows <= INT8_KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and self.out_features % 4 == 0:
             out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:
             n, k = self.out_features, self.in_features
