@@ -4,6 +4,7 @@ row left over), the layout's round trip, and the fallback when the kernel cannot
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -13,9 +14,12 @@ from tandem.layers import int8_kernel
 from tandem.layers.weight_only import Int8WeightOnly
 
 
+def machine_can_build() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("cc") is not None
+
+
 def test_the_kernel_is_built_where_the_machine_can_build_it():
-    can = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("cc") is not None
-    assert int8_kernel.available() == can
+    assert int8_kernel.available() == machine_can_build()
 
 
 def weights(out_features: int, in_features: int, seed: int):
@@ -65,8 +69,23 @@ def test_bad_inputs_are_refused():
         int8_kernel.int8_packed_matmul(torch.zeros(1, 16), torch.zeros(4, 16, dtype=torch.int8), scales)
 
 
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(blocked / "cache"))
+    monkeypatch.setattr(int8_kernel.tempfile, "gettempdir", lambda: str(tmp_path))
+    int8_kernel._library.cache_clear()
+    try:
+        assert int8_kernel.available() == machine_can_build()
+        built = list((tmp_path / f"tandem-cache-{os.getuid()}").glob("*.so"))
+        assert len(built) == (1 if machine_can_build() else 0)
+    finally:
+        int8_kernel._library.cache_clear()
+
+
 def test_without_a_compiler_it_is_unavailable(monkeypatch, tmp_path):
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(int8_kernel.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(int8_kernel.shutil, "which", lambda name: None)
     int8_kernel._library.cache_clear()
     try:

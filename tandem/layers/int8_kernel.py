@@ -87,9 +87,11 @@ void int8_packed_matmul(const float *x, const int8_t *w, const float *scale, flo
 """
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tandem")
-    return Path(base)
+def _cache_dirs() -> list[Path]:
+    """Where the built library may live: TANDEM_CACHE_DIR, else ~/.cache/tandem, then a per-user folder in the
+    temporary directory (a home that cannot be written to must not cost the kernel)."""
+    first = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tandem")
+    return [Path(first), Path(tempfile.gettempdir()) / f"tandem-cache-{os.getuid()}"]
 
 
 def _build(target: Path) -> None:
@@ -112,13 +114,18 @@ def _library():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"int8_packed_matmul-{digest}.so"
-    try:
-        if not target.exists():
-            _build(target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
-        logger.warning("int8 weight-only kernel unavailable (%s): int8wo keeps torch's kernels", exc)
+    problems = []
+    for folder in _cache_dirs():
+        target = folder / f"int8_packed_matmul-{digest}.so"
+        try:
+            if not target.exists():
+                _build(target)
+            lib = ctypes.CDLL(str(target))
+            break
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            problems.append(f"{folder}: {exc}")
+    else:
+        logger.warning("int8 weight-only kernel unavailable (%s): int8wo keeps torch's kernels", "; ".join(problems))
         return None
     fn = lib.int8_packed_matmul
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
