@@ -201,8 +201,6 @@ def recurrent_gated_delta_rule_step(
 ) -> torch.Tensor:
     """One decode token per sequence.  q, k: [B, H, Dk]; v: [B, H, Dv]; g, beta: [B, H];
     state: [B, H, Dk, Dv] float32, updated IN PLACE.  Returns out [B, H, Dv] in v's dtype."""
-    if state.dtype != torch.float32:
-        raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
     batch, heads, _ = k.shape
     out = _rule_tokens(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], state, use_qk_l2norm)[0]
     return out.view(batch, heads, -1).to(v.dtype)
@@ -221,8 +219,6 @@ def recurrent_gated_delta_rule_tokens(
     on the state (l2norm, scaling, decays, q . k) once for all n, then the n state updates.
     q, k: [B, n, H, Dk]; v: [B, n, H, Dv]; g, beta: [B, n, H]; state: [B, H, Dk, Dv] float32, updated IN PLACE.
     Returns out [B, n, H, Dv] in v's dtype."""
-    if state.dtype != torch.float32:
-        raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
     batch, num_tokens, heads, _ = k.shape
     out = torch.stack(_rule_tokens(q, k, v, g, beta, state, use_qk_l2norm), dim=1)  # [B*H, n, Dv]
     return out.view(batch, heads, num_tokens, -1).transpose(1, 2).to(v.dtype)
@@ -232,6 +228,8 @@ def _rule_tokens(q, k, v, g, beta, state: torch.Tensor, use_qk_l2norm: bool) -> 
     """The rule over [B, n, ...] inputs (the `_tokens` layout), token by token; returns n float32 [B*H, Dv].
     What a token's update reads is cut into per-token views once (`unbind`), so that each update is a handful
     of kernels."""
+    if state.dtype != torch.float32:
+        raise TypeError(f"gated delta rule state must be float32, got {state.dtype}")
     batch, num_tokens, heads, k_dim = k.shape
     rows = batch * heads
     q, k = _prepare_qk(q, k, use_qk_l2norm)
